@@ -1,0 +1,400 @@
+"""The Zarr v3 feature cache: schema, per-shard commit, consolidation, and the reader API.
+
+Layout (a Zarr v3 group, a directory)::
+
+    zarr.json                 manifest in the group attributes (see `Cache.manifest`)
+    images/features (N, D)    float16, L2-normalised rows
+    images/labels   (N,)      int32, the given label, -1 when missing
+    images/true_labels (N,)   int32, ground truth for evaluation, -1 when unknown
+    images/keys     (N,)      str, the WebDataset __key__, unique in the cache
+    images/shard    (N,)      int32, index into manifest["shards"]
+    images/position (N,)      int32, sample position within its shard
+    text/features (C, P, D) float16, text/mask (C, P) bool, text/prompts (C, P) str
+    staging/<id>/             one shard's rows while they are being committed
+    selection/, index/, train/, diagnostics/   results of later stages
+
+Commit protocol. A shard's rows are first written to `staging/<id>/` (arrays of its own, so
+concurrent writers never share a chunk), then marked committed by one atomic attribute
+write. A single consolidator (the process holding the cache lock; rank 0 under
+torch.distributed) appends committed staged shards to `images/*` at row `rows` and only then
+records the shard as done with one atomic manifest write. Rows beyond `manifest["rows"]` are
+never read and are overwritten by the next append, so a kill at any moment leaves either the
+old or the new state, never half a shard.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import zarr
+
+from engine.runtime import EngineError
+
+_logger = logging.getLogger(__name__)
+
+FORMAT = "engine-cache"
+VERSION = 1
+CHUNK_ROWS = 8192
+MAX_BAD_RECORDED = 100       # per shard, in the manifest; the count is always exact
+_ROW_ARRAYS = {"labels": "int32", "true_labels": "int32", "shard": "int32", "position": "int32"}
+
+
+def _engine_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("engine")
+    except Exception:  # not installed (running from a checkout)
+        return "0+unknown"
+
+
+def _feature_codec():
+    """Blosc-lz4 with 2-byte shuffle: ~5-10% smaller fp16 features, negligible CPU, and padded
+    partial chunks cost nothing on disk (see benchmarks/bench_embed.py for the measurement)."""
+    from zarr.codecs import BloscCodec
+
+    return [BloscCodec(cname="lz4", clevel=3, shuffle="shuffle", typesize=2)]
+
+
+def as_strings(values) -> np.ndarray:
+    """Variable-length UTF-8 strings (Zarr v3's `string` type, no fixed-width padding)."""
+    return np.asarray(values, dtype=np.dtypes.StringDType())
+
+
+def shard_id(url: str) -> str:
+    return hashlib.sha1(url.encode()).hexdigest()[:16]
+
+
+def is_local(path: str) -> bool:
+    return "://" not in str(path)
+
+
+class Cache:
+    """A feature cache opened read-only (`mode="r"`) or for writing (`mode="a"`)."""
+
+    def __init__(self, path: str | os.PathLike, *, mode: str = "r"):
+        self.path = str(path)
+        self.mode = mode
+        if mode == "r":
+            if is_local(self.path) and not Path(self.path, "zarr.json").is_file():
+                raise EngineError(f"cache: {self.path!r} is not a feature cache (no zarr.json); "
+                                  "create one with `engine embed` or `engine import`")
+            self.root = zarr.open_group(self.path, mode="r")
+        else:
+            self.root = zarr.open_group(self.path, mode="a")
+        attrs = dict(self.root.attrs)
+        if attrs and attrs.get("format") != FORMAT:
+            raise EngineError(f"cache: {self.path!r} is a Zarr group but not an engine cache")
+        if attrs.get("version", VERSION) > VERSION:
+            raise EngineError(f"cache: {self.path!r} has format version {attrs['version']}; "
+                              f"this engine reads up to {VERSION}; upgrade the engine")
+        self._key_rows: dict | None = None
+
+    # ------------------------------------------------------------ manifest
+    @property
+    def manifest(self) -> dict:
+        return dict(self.root.attrs)
+
+    def _write_manifest(self, manifest: dict) -> None:
+        self.root.attrs.put(manifest)  # one atomic write of zarr.json
+
+    def initialise(self, identity: dict, *, dim: int, precision: str, source: str = "embed") -> None:
+        """Create the schema for a new cache, or check the model of an existing one."""
+        manifest = self.manifest
+        if manifest.get("model"):
+            from engine.models import describe, same_model
+
+            if not same_model(manifest["model"], identity):
+                raise EngineError(
+                    f"cache: {self.path} holds features of {describe(manifest['model'])}, but this run uses "
+                    f"{describe(identity)}; use another --cache or the same --model/--pretrained")
+            if manifest.get("precision") not in (None, precision):
+                _logger.warning("cache was embedded with precision %s, this run uses %s",
+                                manifest.get("precision"), precision)
+            return
+        images = self.root.require_group("images")
+        images.create_array("features", shape=(0, dim), chunks=(CHUNK_ROWS, dim), dtype="float16",
+                            compressors=_feature_codec(), overwrite=True)
+        images.create_array("keys", shape=(0,), chunks=(CHUNK_ROWS * 4,), dtype=str, overwrite=True)
+        for name, dtype in _ROW_ARRAYS.items():
+            images.create_array(name, shape=(0,), chunks=(CHUNK_ROWS * 4,), dtype=dtype,
+                                fill_value=-1, overwrite=True)
+        self._write_manifest({"format": FORMAT, "version": VERSION, "engine_version": _engine_version(),
+                              "source": source, "model": identity, "precision": precision, "dim": dim,
+                              "rows": 0, "shards": [], "bad_samples": 0, "missing_labels": 0,
+                              "has_true_labels": False, "created": time.time()})
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Exclusive lock for manifest and array-shape changes (local caches; remote: rank 0 only)."""
+        if not is_local(self.path):
+            yield
+            return
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDONLY)  # flock on the directory itself: no extra file
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def register_shards(self, urls: list[str]) -> dict[str, int]:
+        """Add unseen shard urls to the manifest; return url → shard index for all of `urls`."""
+        with self.lock():
+            manifest = self.manifest
+            known = {s["url"]: i for i, s in enumerate(manifest["shards"])}
+            for url in urls:
+                if url not in known:
+                    known[url] = len(manifest["shards"])
+                    manifest["shards"].append({"url": url, "id": shard_id(url), "status": "pending", "rows": 0})
+            self._write_manifest(manifest)
+        return {url: known[url] for url in urls}
+
+    def shard_status(self) -> dict[str, str]:
+        return {s["url"]: s["status"] for s in self.manifest.get("shards", [])}
+
+    # ------------------------------------------------------------ staging and commit
+    def stage_shard(self, index: int, *, features: np.ndarray, keys: list, labels: np.ndarray,
+                    true_labels: np.ndarray, positions: np.ndarray, outcome: dict) -> None:
+        """Write one whole shard into its own staging group, then mark it committed."""
+        if len(set(keys)) != len(keys):
+            seen, dup = set(), None
+            for k in keys:
+                if k in seen:
+                    dup = k
+                    break
+                seen.add(k)
+            raise EngineError(f"duplicate key {dup!r} twice within shard {outcome['url']}")
+        sid = shard_id(outcome["url"])
+        staging = self.root.require_group("staging")
+        if sid in staging:
+            del staging[sid]
+        group = staging.create_group(sid)
+        n = len(keys)
+        rows = max(1, n)
+        group.create_array("features", data=features.astype(np.float16, copy=False).reshape(n, -1),
+                           chunks=(rows, features.shape[-1]), compressors=_feature_codec())
+        group.create_array("keys", data=as_strings(keys).reshape(n), chunks=(rows,))
+        for name, data in (("labels", labels), ("true_labels", true_labels), ("shard", np.full(n, index)),
+                           ("position", positions)):
+            group.create_array(name, data=np.asarray(data, dtype=np.int32).reshape(n), chunks=(rows,))
+        group.attrs.put({"committed": True, "shard": index, "rows": n, "outcome": outcome})
+
+    def mark_failed(self, index: int, outcome: dict) -> None:
+        with self.lock():
+            manifest = self.manifest
+            entry = manifest["shards"][index]
+            entry.update(status="failed", error=outcome.get("error"), rows=0)
+            self._write_manifest(manifest)
+
+    def consolidate(self) -> list[dict]:
+        """Append every committed staged shard to images/* (in shard order); returns their outcomes."""
+        done = []
+        with self.lock():
+            if "staging" not in self.root:
+                return done
+            staging = self.root["staging"]
+            staged = []
+            for sid in list(staging.group_keys()):
+                attrs = dict(staging[sid].attrs)
+                if attrs.get("committed"):
+                    staged.append((attrs["shard"], sid))
+                else:  # a writer died mid-stage: nothing of it was ever visible
+                    del staging[sid]
+            for index, sid in sorted(staged):
+                done.append(self._append_staged(staging, sid, index))
+        return [d for d in done if d]
+
+    def _append_staged(self, staging, sid: str, index: int) -> dict | None:
+        group = staging[sid]
+        manifest = self.manifest
+        entry = manifest["shards"][index]
+        if entry["status"] == "done":  # appended before a crash that left staging behind
+            del staging[sid]
+            return None
+        keys = group["keys"][:]
+        clash = self._find_duplicates(keys)
+        if clash is not None:
+            key, row = clash
+            other = manifest["shards"][int(self.root["images/shard"][row])]["url"]
+            entry.update(status="failed", error=f"duplicate key {key!r}: already in shard {other}")
+            self._write_manifest(manifest)
+            del staging[sid]
+            raise EngineError(f"duplicate key {key!r} in shard {entry['url']} is already in shard {other}")
+        start, n = manifest["rows"], len(keys)
+        images = self.root["images"]
+        for name in ("features", "keys", *_ROW_ARRAYS):
+            arr = images[name]
+            if arr.shape[0] < start + n:
+                arr.resize((start + n, *arr.shape[1:]))
+            if n:
+                arr[start:start + n] = group[name][:]
+        outcome = dict(group.attrs)["outcome"]
+        bad = outcome.get("bad", [])
+        entry.update(status="done", rows=n, offset=start, bad_count=len(bad), bad=bad[:MAX_BAD_RECORDED],
+                     missing_labels=outcome.get("missing_labels", 0), samples=outcome.get("samples", n),
+                     error=None)
+        manifest["rows"] = start + n
+        manifest["bad_samples"] = manifest.get("bad_samples", 0) + len(bad)
+        manifest["missing_labels"] = manifest.get("missing_labels", 0) + outcome.get("missing_labels", 0)
+        manifest["has_true_labels"] = bool(manifest.get("has_true_labels")) or bool(
+            n and (group["true_labels"][:] >= 0).any())
+        self._write_manifest(manifest)
+        if self._key_rows is not None:
+            self._key_rows.update(zip(keys.tolist(), range(start, start + n)))
+        del staging[sid]
+        return outcome
+
+    def _find_duplicates(self, keys: np.ndarray):
+        lookup = self.key_rows()
+        for key in keys.tolist():
+            row = lookup.get(key)
+            if row is not None:
+                return key, row
+        return None
+
+    def trim(self) -> None:
+        """Shrink images/* to exactly `rows` rows (drops leftovers of an interrupted append)."""
+        with self.lock():
+            rows = self.manifest["rows"]
+            for name in ("features", "keys", *_ROW_ARRAYS):
+                arr = self.root["images"][name]
+                if arr.shape[0] != rows:
+                    arr.resize((rows, *arr.shape[1:]))
+
+    # ------------------------------------------------------------ text features
+    def write_text(self, class_set, features: np.ndarray, mask: np.ndarray) -> None:
+        """Replace text/* with (C, P, D) features, (C, P) mask, prompts and class names."""
+        if "text" in self.root:
+            del self.root["text"]
+        text = self.root.create_group("text")
+        text.create_array("features", data=features.astype(np.float16))
+        text.create_array("mask", data=mask.astype(bool))
+        prompts = np.full(mask.shape, "", dtype=object)
+        for c, ps in enumerate(class_set.prompts):
+            prompts[c, :len(ps)] = ps
+        text.create_array("prompts", data=as_strings(prompts))
+        text.create_array("class_names", data=as_strings(class_set.class_names))
+        text.attrs.put({"classes": class_set.name, "fingerprint": class_set.fingerprint(),
+                        "num_classes": class_set.num_classes, "complete": True})
+        with self.lock():
+            manifest = self.manifest
+            manifest["class_names"] = list(class_set.class_names)
+            self._write_manifest(manifest)
+
+    def has_text(self) -> bool:
+        return "text" in self.root and dict(self.root["text"].attrs).get("complete", False)
+
+    def text_fingerprint(self) -> str | None:
+        return dict(self.root["text"].attrs).get("fingerprint") if self.has_text() else None
+
+    def text_features(self) -> tuple[np.ndarray, np.ndarray]:
+        """(C, P, D) float16 and (C, P) bool; an error naming `engine prompts` when absent."""
+        if not self.has_text():
+            raise EngineError(f"cache: {self.path} has no text features; run "
+                              f"`engine prompts --cache {self.path} --classes FILE|NAME` first")
+        return self.root["text/features"][:], self.root["text/mask"][:]
+
+    # ------------------------------------------------------------ reader API
+    @property
+    def num_rows(self) -> int:
+        return int(self.manifest.get("rows", 0))
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def identity(self) -> dict:
+        return self.manifest.get("model", {})
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.manifest.get("class_names")
+
+    @property
+    def has_true_labels(self) -> bool:
+        return bool(self.manifest.get("has_true_labels"))
+
+    def _column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        stop = self.num_rows if stop is None else min(stop, self.num_rows)
+        if stop <= start:
+            shape = (0, self.dim) if name == "features" else (0,)
+            return np.zeros(shape, dtype="float16" if name == "features" else "int32")
+        return self.root[f"images/{name}"][start:stop]
+
+    def labels(self) -> np.ndarray:
+        return self._column("labels").astype(np.int32)
+
+    def true_labels(self) -> np.ndarray | None:
+        return self._column("true_labels").astype(np.int32) if self.has_true_labels else None
+
+    def keys(self) -> np.ndarray:
+        return np.asarray(self._column("keys"), dtype=object)
+
+    def provenance(self) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index (N,), position within shard (N,)); shard urls in manifest['shards']."""
+        return self._column("shard"), self._column("position")
+
+    def read_features(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) as (n, D) float16."""
+        return self._column("features", start, stop)
+
+    def load_features(self) -> np.ndarray:
+        """All rows (N, D) float16 in memory (N * D * 2 bytes: 1 GB for 1M x 512)."""
+        return self.read_features(0, self.num_rows)
+
+    def iter_features(self, block_rows: int = CHUNK_ROWS * 8) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, (b, D) float16) blocks in row order with memory bounded by `block_rows`."""
+        for start in range(0, self.num_rows, block_rows):
+            yield start, self.read_features(start, start + block_rows)
+
+    def features_at(self, rows: np.ndarray) -> np.ndarray:
+        """Random access: (len(rows), D) float16 for the given row indices."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise EngineError(f"rows: expected indices in [0, {self.num_rows}), got {rows.min()}..{rows.max()}")
+        return self.root["images/features"].get_orthogonal_selection((rows, slice(None)))
+
+    def key_rows(self) -> dict:
+        """key → row, built once per Cache object."""
+        if self._key_rows is None:
+            self._key_rows = {k: i for i, k in enumerate(self.keys().tolist())}
+        return self._key_rows
+
+    def row_of(self, key: str) -> int:
+        row = self.key_rows().get(key)
+        if row is None:
+            raise EngineError(f"key: {key!r} is not in cache {self.path}")
+        return row
+
+    # ------------------------------------------------------------ results of later stages
+    def write_group(self, name: str, arrays: dict, attrs: dict) -> None:
+        """Replace the result group `name` with `arrays`; `complete` is set last."""
+        if name in ("images", "text", "staging"):
+            raise EngineError(f"cache: cannot overwrite the {name!r} group")
+        if name in self.root:
+            del self.root[name]
+        group = self.root.create_group(name)
+        for key, value in arrays.items():
+            value = np.asarray(value)
+            is_text = value.dtype == object or value.dtype.kind in "UT"
+            group.create_array(key, data=as_strings(value) if is_text else value)
+        group.attrs.put({**attrs, "complete": True, "written": time.time()})
+
+    def read_group(self, name: str) -> tuple[dict, dict]:
+        """(arrays, attrs) of a complete result group; an error when missing."""
+        if name not in self.root or not dict(self.root[name].attrs).get("complete"):
+            raise EngineError(f"cache: {self.path} has no {name!r} results")
+        group = self.root[name]
+        return {k: group[k][:] for k in group.array_keys()}, dict(group.attrs)
+
+    def has_group(self, name: str) -> bool:
+        return name in self.root and dict(self.root[name].attrs).get("complete", False)

@@ -1,0 +1,162 @@
+"""Class files (names, aliases, descriptions, templates, suffix) → prompts → text features.
+
+A class file is JSON (or YAML when PyYAML is installed)::
+
+    {"name": "shapes",
+     "templates": ["a photo of a {name}"],          # `{name}` is replaced by the class name
+     "suffix": ".",                                 # appended to every prompt
+     "classes": [{"index": 0, "name": "red circle",
+                  "aliases": ["scarlet disc"],      # optional: more names, same prompts
+                  "descriptions": ["which is perfectly round"]}]}   # optional
+
+Prompts follow METHOD.md §1: every template x every description, `"{template} {description}{suffix}"`;
+a class with no descriptions gets the plain templates, `"{template}{suffix}"`. Aliases add the
+same prompts with the alias in place of the name.
+
+Built-in class sets: `imagenet1k` (open_clip's names and OpenAI templates) and `shapes` /
+`shapes:N` (the first N classes of the procedural shapes dataset; default 20).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.runtime import EngineError
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClassSet:
+    """Class names and the prompts of each class (ragged: classes may differ in prompt count)."""
+
+    name: str
+    class_names: tuple[str, ...]
+    prompts: tuple[tuple[str, ...], ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def max_prompts(self) -> int:
+        return max(len(p) for p in self.prompts)
+
+    def fingerprint(self) -> str:
+        """sha256 of names and prompts: changes whenever the text features would."""
+        body = json.dumps([self.class_names, self.prompts]).encode()
+        return hashlib.sha256(body).hexdigest()
+
+
+def _builtin_imagenet() -> dict:
+    from open_clip import zero_shot_metadata as meta
+
+    templates = [t("{name}") for t in meta.OPENAI_IMAGENET_TEMPLATES]
+    return {"name": "imagenet1k", "templates": templates, "suffix": "",
+            "classes": [{"index": i, "name": n} for i, n in enumerate(meta.IMAGENET_CLASSNAMES)]}
+
+
+def _builtin_shapes(spec: str) -> dict:
+    from engine import synthetic
+
+    _, _, count = spec.partition(":")
+    try:
+        num = int(count) if count else 20
+    except ValueError:
+        raise EngineError(f"classes: got {spec!r}, expected shapes or shapes:N") from None
+    return synthetic.class_file(num)
+
+
+BUILTIN = {"imagenet1k": _builtin_imagenet, "shapes": _builtin_shapes}
+
+
+def load_class_document(spec: str) -> dict:
+    """The raw class document for a path (JSON/YAML) or a built-in name."""
+    base = spec.split(":", 1)[0]
+    path = Path(spec)
+    if path.suffix.lower() in (".json", ".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise EngineError(f"classes: file {spec!r} does not exist")
+        text = path.read_text()
+        if path.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise EngineError(f"classes: {spec!r} is YAML but PyYAML is not installed; "
+                                  "use JSON or `pip install pyyaml`") from None
+            return yaml.safe_load(text)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise EngineError(f"classes: {spec!r} is not valid JSON ({err})") from None
+    if base in BUILTIN:
+        return BUILTIN[base](spec) if base == "shapes" else BUILTIN[base]()
+    raise EngineError(f"classes: got {spec!r}, expected a .json/.yaml file or one of {', '.join(BUILTIN)}")
+
+
+def _class_prompts(entry: dict, templates: list[str], suffix: str) -> tuple[str, ...]:
+    names = [entry["name"], *entry.get("aliases", [])]
+    descriptions = entry.get("descriptions") or []
+    prompts = []
+    for name in names:
+        for template in templates:
+            head = template.format(name=name)
+            if descriptions:
+                prompts.extend(f"{head} {d}{suffix}" for d in descriptions)
+            else:
+                prompts.append(f"{head}{suffix}")
+    return tuple(dict.fromkeys(prompts))  # de-duplicated, order kept
+
+
+def parse_class_document(doc: dict, *, source: str = "<document>") -> ClassSet:
+    """Validate a class document and expand it into prompts."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("classes"), list) or not doc["classes"]:
+        raise EngineError(f"classes: {source} needs a non-empty list under 'classes'")
+    templates = doc.get("templates") or ["a photo of a {name}"]
+    if any("{name}" not in t for t in templates):
+        raise EngineError(f"classes: {source}: every template must contain {{name}}; got {templates}")
+    suffix = doc.get("suffix", ".")
+    entries = doc["classes"]
+    indices = [e.get("index", i) for i, e in enumerate(entries)]
+    if sorted(indices) != list(range(len(entries))):
+        raise EngineError(f"classes: {source}: indices must be 0..{len(entries) - 1} exactly once; "
+                          f"got {sorted(indices)[:10]}...")
+    ordered = [entries[indices.index(k)] for k in range(len(entries))]
+    for k, entry in enumerate(ordered):
+        if not isinstance(entry.get("name"), str) or not entry["name"].strip():
+            raise EngineError(f"classes: {source}: class {k} has no name")
+    return ClassSet(name=str(doc.get("name", source)),
+                    class_names=tuple(e["name"] for e in ordered),
+                    prompts=tuple(_class_prompts(e, templates, suffix) for e in ordered))
+
+
+def load_classes(spec: str) -> ClassSet:
+    """A ClassSet from a class file path or a built-in name (`imagenet1k`, `shapes[:N]`)."""
+    return parse_class_document(load_class_document(spec), source=spec)
+
+
+@torch.inference_mode()
+def encode_prompts(class_set: ClassSet, model, tokenizer, *, device: torch.device,
+                   batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Text features (C, P, D) float16, unit rows, zero-padded, and mask (C, P) bool."""
+    flat = [p for prompts in class_set.prompts for p in prompts]
+    chunks = []
+    for start in range(0, len(flat), batch_size):
+        tokens = tokenizer(flat[start:start + batch_size]).to(device)
+        chunks.append(model.encode_text(tokens, normalize=True).float().cpu())
+    encoded = torch.cat(chunks).numpy()
+    c, p = class_set.num_classes, class_set.max_prompts
+    features = np.zeros((c, p, encoded.shape[1]), dtype=np.float16)
+    mask = np.zeros((c, p), dtype=bool)
+    counts = np.array([len(x) for x in class_set.prompts])
+    rows = np.repeat(np.arange(c), counts)
+    cols = np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)
+    features[rows, cols] = encoded.astype(np.float16)
+    mask[rows, cols] = True
+    return features, mask

@@ -1,0 +1,200 @@
+"""Streaming WebDataset reader: shard specs → sorted shard list → per-shard decoded batches.
+
+Shards are the unit of work and of commit: a DataLoader worker reads whole shards (shard i
+goes to worker i mod W; ranks split the list first), decodes and preprocesses images, and
+yields batches that never span two shards. The last batch of a shard carries the shard's
+outcome (samples read, bad samples with reasons, or the error that stopped it).
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.runtime import EngineError
+
+_logger = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+_REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://")
+
+
+def expand_shards(specs: list[str] | tuple[str, ...]) -> list[str]:
+    """Brace ranges, globs, several arguments, `pipe:` and URLs → a sorted, de-duplicated list.
+
+    Local paths must exist (an error names the first missing one before any work starts).
+    """
+    import braceexpand
+
+    if not specs:
+        raise EngineError("shards: no shard given; expected paths like shards/{000..099}.tar")
+    urls: list[str] = []
+    for spec in specs:
+        for url in braceexpand.braceexpand(spec):
+            if url.startswith(_REMOTE):
+                urls.append(url)
+            elif glob.has_magic(url):
+                found = glob.glob(url)
+                if not found:
+                    raise EngineError(f"shards: the pattern {url!r} matches no file")
+                urls.extend(os.path.abspath(p) for p in found)
+            else:
+                if not os.path.isfile(url):
+                    raise EngineError(f"shards: {url!r} does not exist")
+                urls.append(os.path.abspath(url))
+    return sorted(dict.fromkeys(urls))
+
+
+def split_for_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
+    """Deterministic split of the sorted shard list across torch.distributed ranks."""
+    return urls[rank::world_size]
+
+
+def parse_label(sample: dict, key: str | None) -> int | None:
+    """The integer label under `key` (`cls`, or `json:FIELD`); None when absent or unreadable."""
+    if not key:
+        return None
+    if key.startswith("json:"):
+        raw = sample.get("json")
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+            for part in key[5:].split("."):
+                value = value[part]
+            return int(value)
+        except (ValueError, KeyError, TypeError):
+            return None
+    raw = sample.get(key)
+    if raw is None:
+        return None
+    try:
+        return int(raw.decode() if isinstance(raw, bytes) else raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def decode_image(sample: dict) -> Image.Image:
+    """The first present of jpg/jpeg/png/webp decoded to RGB; raises ValueError with a reason."""
+    for ext in IMAGE_KEYS:
+        if ext in sample:
+            try:
+                image = Image.open(io.BytesIO(sample[ext]))
+                image.load()
+                return image.convert("RGB")
+            except Exception as err:  # PIL raises many types for bad data
+                raise ValueError(f"cannot decode {ext}: {type(err).__name__}: {err}") from None
+    raise ValueError(f"no image under any of {', '.join(IMAGE_KEYS)}")
+
+
+@dataclass
+class ShardOutcome:
+    """What happened to one shard: rows read, bad samples, or the error that stopped it."""
+
+    shard: int
+    url: str
+    samples: int = 0
+    bad: list = field(default_factory=list)        # [(key, reason)]
+    missing_labels: int = 0
+    error: str | None = None
+    read_seconds: float = 0.0
+
+
+@dataclass
+class Batch:
+    """Preprocessed images of one shard, with their metadata; `outcome` set on the shard's last batch."""
+
+    shard: int
+    images: torch.Tensor            # (B, 3, H, W) float32
+    keys: list
+    positions: np.ndarray           # (B,) int32 sample position within the shard
+    labels: np.ndarray              # (B,) int32, -1 = missing
+    true_labels: np.ndarray         # (B,) int32, -1 = missing
+    outcome: ShardOutcome | None = None
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    label_key: str | None = "cls"
+    true_label_key: str | None = None
+    batch_size: int = 256
+    strict: bool = False
+
+
+class ShardReader(torch.utils.data.IterableDataset):
+    """Yields `Batch`es for `shards` [(index, url)], each DataLoader worker taking whole shards."""
+
+    def __init__(self, shards: list[tuple[int, str]], preprocess: Callable, config: ReaderConfig):
+        super().__init__()
+        self.shards = shards
+        self.preprocess = preprocess
+        self.config = config
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        mine = self.shards if info is None else self.shards[info.id::info.num_workers]
+        for index, url in mine:
+            yield from self._read_shard(index, url)
+
+    def _read_shard(self, index: int, url: str) -> Iterator[Batch]:
+        import time
+
+        import webdataset as wds
+
+        outcome = ShardOutcome(shard=index, url=url)
+        pending: list = []
+        start = time.perf_counter()
+        position = -1
+        try:
+            for position, sample in enumerate(wds.tariterators.tarfile_samples([{"url": url}])):
+                item = self._prepare(sample, position, outcome)
+                if item is not None:
+                    pending.append(item)
+                if len(pending) == self.config.batch_size:
+                    outcome.read_seconds += time.perf_counter() - start
+                    yield self._collate(index, pending)
+                    pending, start = [], time.perf_counter()
+        except Exception as err:  # a truncated or unreadable tar: the shard fails as a whole
+            if isinstance(err, EngineError):
+                raise
+            first = str(err).split(" @ ")[0].splitlines()[0] if str(err) else ""
+            outcome.error = f"{type(err).__name__}: {first}"[:300] + f" (after sample {position + 1})"
+        outcome.samples = position + 1
+        outcome.read_seconds += time.perf_counter() - start
+        batch = self._collate(index, pending)
+        batch.outcome = outcome
+        yield batch
+
+    def _prepare(self, sample: dict, position: int, outcome: ShardOutcome):
+        key = sample.get("__key__", f"#{position}")
+        try:
+            image = self.preprocess(decode_image(sample))
+        except ValueError as err:
+            if self.config.strict:
+                raise EngineError(f"bad sample {key} in {outcome.url}: {err} (--strict)") from None
+            outcome.bad.append((key, str(err)[:200]))
+            return None
+        label = parse_label(sample, self.config.label_key)
+        if label is None:
+            outcome.missing_labels += 1
+            label = -1
+        true_label = parse_label(sample, self.config.true_label_key)
+        return key, image, position, label, -1 if true_label is None else true_label
+
+    @staticmethod
+    def _collate(index: int, items: list) -> Batch:
+        if not items:
+            return Batch(shard=index, images=torch.empty(0), keys=[], positions=np.zeros(0, np.int32),
+                         labels=np.zeros(0, np.int32), true_labels=np.zeros(0, np.int32))
+        keys, images, positions, labels, true_labels = zip(*items)
+        return Batch(shard=index, images=torch.stack(images), keys=list(keys),
+                     positions=np.asarray(positions, np.int32), labels=np.asarray(labels, np.int32),
+                     true_labels=np.asarray(true_labels, np.int32))
