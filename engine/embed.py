@@ -4,6 +4,7 @@ mode and autocast → a writer thread that stages and commits each shard into th
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -21,6 +22,7 @@ from engine.runtime import EngineError, Timer, autocast, progress, resolve_devic
     worker_init_single_thread
 
 _logger = logging.getLogger(__name__)
+_SLOW_WRITE = float(os.environ.get("ENGINE_TEST_SLOW_WRITE", "0") or 0)
 _PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -84,6 +86,8 @@ class _Writer(threading.Thread):
         cat = (lambda name: np.concatenate([getattr(p[1], name) for p in parts]) if parts
                else np.zeros(0, np.int32))
         keys = [k for p in parts for k in p[1].keys]
+        if _SLOW_WRITE:  # testing aid: widen the window in which a kill lands mid-run
+            time.sleep(_SLOW_WRITE)
         self.cache.stage_shard(shard, features=feats, keys=keys, labels=cat("labels"),
                                true_labels=cat("true_labels"), positions=cat("positions"), outcome=record)
         if self.consolidate:

@@ -95,6 +95,22 @@ def decode_image(sample: dict) -> Image.Image:
     raise ValueError(f"no image under any of {', '.join(IMAGE_KEYS)}")
 
 
+def check_end_of_archive(url: str) -> None:
+    """Raise ValueError when a local tar lacks the end-of-archive marker (two zero blocks).
+
+    Python's tarfile treats a file cut exactly between two members as a complete archive; a
+    truncated shard would then lose its tail silently. Remote streams are not checked.
+    """
+    if url.startswith(_REMOTE) or not os.path.isfile(url):
+        return
+    size = os.path.getsize(url)
+    with open(url, "rb") as handle:
+        handle.seek(max(0, size - 1024))
+        tail = handle.read()
+    if size % 512 or len(tail) < 1024 or any(tail):
+        raise ValueError(f"truncated: no end-of-archive marker ({size} bytes)")
+
+
 @dataclass
 class ShardOutcome:
     """What happened to one shard: rows read, bad samples, or the error that stopped it."""
@@ -162,6 +178,7 @@ class ShardReader(torch.utils.data.IterableDataset):
                     outcome.read_seconds += time.perf_counter() - start
                     yield self._collate(index, pending)
                     pending, start = [], time.perf_counter()
+            check_end_of_archive(url)
         except Exception as err:  # a truncated or unreadable tar: the shard fails as a whole
             if isinstance(err, EngineError):
                 raise

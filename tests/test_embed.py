@@ -1,0 +1,187 @@
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from engine.cache import Cache
+from engine.embed import EmbedConfig, embed_shards, write_prompts
+from engine.runtime import EngineError
+
+CFG = EmbedConfig(classes="shapes:20", true_label_key="true_cls", batch_size=16, workers=0)
+
+
+def _embed(shards, cache, **kw):
+    cfg = EmbedConfig(**{**CFG.__dict__, **kw})
+    return embed_shards(list(shards), str(cache), cfg, show_progress=False)
+
+
+def _rows(cache_path):
+    c = Cache(cache_path)
+    keys = c.keys().tolist()
+    order = np.argsort(keys)
+    return (np.asarray(keys)[order], c.load_features()[order], c.labels()[order], c.true_labels()[order])
+
+
+@pytest.fixture(scope="module")
+def clean_cache(tmp_path_factory, shard_paths):
+    path = tmp_path_factory.mktemp("clean") / "feats.zarr"
+    summary = _embed(shard_paths, path)
+    return path, summary
+
+
+def test_round_trip(clean_cache, shard_paths):
+    path, summary = clean_cache
+    assert summary["rows"] == 120 and summary["shards"]["done"] == 3 and not summary["failed"]
+    cache = Cache(path)
+    samples = {s["__key__"]: s for s in wds.WebDataset(shard_paths, shardshuffle=False)}
+    keys = cache.keys()
+    assert set(keys) == set(samples)
+    assert [int(samples[k]["cls"]) for k in keys] == cache.labels().tolist()
+    assert [int(samples[k]["true_cls"]) for k in keys] == cache.true_labels().tolist()
+    feats = cache.load_features().astype(np.float32)
+    assert feats.dtype == np.float32 and np.allclose(np.linalg.norm(feats, axis=1), 1, atol=2e-3)
+    shard, position = cache.provenance()
+    urls = [s["url"] for s in cache.manifest["shards"]]
+    first = list(wds.WebDataset(urls[shard[5]], shardshuffle=False))[position[5]]
+    assert first["__key__"] == keys[5]
+    text, mask = cache.text_features()
+    assert text.shape[:2] == mask.shape and text.shape[0] == 20
+
+
+def test_features_match_direct_model_call(clean_cache, shard_paths):
+    import torch
+
+    from engine.models import load_model
+    from engine.reader import decode_image
+
+    m = load_model("shapes-tiny")
+    sample = next(iter(wds.WebDataset(shard_paths[0], shardshuffle=False)))
+    with torch.inference_mode():
+        ref = m.model.encode_image(m.preprocess(decode_image(sample))[None], normalize=True)[0].numpy()
+    cache = Cache(clean_cache[0])
+    got = cache.read_features(cache.row_of(sample["__key__"]), cache.row_of(sample["__key__"]) + 1)[0]
+    assert np.abs(got.astype(np.float32) - ref).max() < 2e-3
+
+
+def test_rerun_skips_and_appends(clean_cache, tmp_path, shard_paths):
+    path = tmp_path / "c.zarr"
+    _embed(shard_paths[:2], path)
+    again = _embed(shard_paths[:2], path)
+    assert again["new_rows"] == 0 and again["shards"]["skipped"] == 2 and again["seconds"]["total"] < 1.0
+    more = _embed(shard_paths, path)
+    assert more["new_rows"] == 40 and more["rows"] == 120
+    for a, b in zip(_rows(path), _rows(clean_cache[0])):
+        assert np.array_equal(a, b)
+
+
+def _write_shard(path, samples):
+    with wds.TarWriter(str(path)) as sink:
+        for s in samples:
+            sink.write(s)
+
+
+def test_bad_samples_are_counted_and_skipped(tmp_path, shard_paths):
+    samples = list(wds.WebDataset(shard_paths[0], shardshuffle=False))[:10]
+    clean = [{k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"} for s in samples]
+    clean[2]["jpg"] = b"not a jpeg at all"
+    del clean[4]["cls"]
+    clean[6] = {"__key__": clean[6]["__key__"], "cls": b"1"}  # no image at all
+    shard = tmp_path / "bad.tar"
+    _write_shard(shard, clean)
+    summary = _embed([str(shard)], tmp_path / "c.zarr")
+    assert summary["bad_samples"] == 2 and summary["rows"] == 8 and summary["missing_labels"] == 1
+    reasons = {b["key"]: b["reason"] for b in summary["bad_examples"]}
+    assert "cannot decode jpg" in reasons[clean[2]["__key__"]] and "no image" in reasons[clean[6]["__key__"]]
+    cache = Cache(tmp_path / "c.zarr")
+    assert cache.labels()[cache.row_of(clean[4]["__key__"])] == -1
+    assert cache.manifest["shards"][0]["bad_count"] == 2
+    with pytest.raises(EngineError, match="--strict"):
+        _embed([str(shard)], tmp_path / "strict.zarr", strict=True)
+
+
+def test_truncated_shard_fails_alone_and_is_retried(tmp_path, shard_paths):
+    data = open(shard_paths[1], "rb").read()
+    broken = tmp_path / "b-1.tar"
+    broken.write_bytes(data[: len(data) // 2])
+    good = tmp_path / "a-0.tar"
+    good.write_bytes(open(shard_paths[0], "rb").read())
+    path = tmp_path / "c.zarr"
+    summary = _embed([str(good), str(broken)], path)
+    assert summary["shards"]["done"] == 1 and len(summary["failed"]) == 1
+    assert summary["failed"][0]["url"].endswith("b-1.tar") and summary["rows"] == 40
+    assert Cache(path).manifest["shards"][1]["status"] == "failed"
+    broken.write_bytes(data)  # the user fixes the file and reruns
+    retry = _embed([str(good), str(broken)], path)
+    assert retry["shards"]["done"] == 1 and retry["rows"] == 80 and not retry["failed"]
+
+
+def test_missing_shard_and_empty_spec_fail_before_work(tmp_path):
+    with pytest.raises(EngineError, match="does not exist"):
+        _embed([str(tmp_path / "nope.tar")], tmp_path / "c.zarr")
+    with pytest.raises(EngineError, match="no shard"):
+        _embed([], tmp_path / "c.zarr")
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_duplicate_keys_name_both_shards(tmp_path, shard_paths):
+    copy = tmp_path / "copy.tar"
+    copy.write_bytes(open(shard_paths[0], "rb").read())
+    path = tmp_path / "c.zarr"
+    _embed([shard_paths[0]], path)
+    with pytest.raises(EngineError, match=r"already in shard .*shapes-000000\.tar"):
+        _embed([str(copy)], path)
+    assert Cache(path).num_rows == 40
+
+
+def test_other_model_is_refused(tmp_path, shard_paths):
+    import shutil
+
+    from engine.models import BUNDLED
+
+    path = tmp_path / "c.zarr"
+    _embed([shard_paths[0]], path)
+    other = tmp_path / "other.safetensors"
+    shutil.copy(BUNDLED["shapes-tiny"] / "open_clip_model.safetensors", other)
+    with pytest.raises(EngineError, match="holds features of shapes-tiny"):
+        _embed([shard_paths[1]], path, pretrained=str(other))
+    assert Cache(path).num_rows == 40
+
+
+def test_prompts_leave_image_features_untouched(tmp_path, shard_paths):
+    path = tmp_path / "c.zarr"
+    _embed([shard_paths[0]], path)
+    before = Cache(path).load_features().copy()
+    summary = write_prompts(str(path), "shapes:12", device="cpu")
+    cache = Cache(path)
+    assert summary["classes"] == 12 and cache.text_features()[0].shape[0] == 12
+    assert np.array_equal(before, cache.load_features())
+
+
+def test_killed_run_resumes_to_the_same_cache(tmp_path, clean_cache, shard_paths):
+    path = tmp_path / "killed.zarr"
+    cmd = [sys.executable, "-m", "engine", "embed", *shard_paths, "--cache", str(path), "--classes", "shapes:20",
+           "--true-label-key", "true_cls", "--batch-size", "8", "--workers", "0"]
+    env = {**os.environ, "ENGINE_TEST_SLOW_WRITE": "0.3"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once at least one shard is committed and another is underway
+        if (path / "zarr.json").exists() and Cache(path).num_rows >= 40:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = Cache(path).num_rows
+    assert 0 < partial < 120, partial
+    subprocess.run(cmd, check=True, capture_output=True)
+    for a, b in zip(_rows(path), _rows(clean_cache[0])):
+        assert np.array_equal(a, b)
+    cache = Cache(path)
+    assert cache.num_rows == 120 and len(set(cache.keys())) == 120
+    assert all(s["status"] == "done" for s in cache.manifest["shards"])
