@@ -199,6 +199,27 @@ def models_(as_json):
     _emit({"bundled": sorted(BUNDLED), "models": names}, as_json, lambda s: s["models"])
 
 
+# ---------------------------------------------------------------- demo
+@cli.command("demo")
+@click.option("--workdir", default="demo-run", show_default=True, type=click.Path(file_okay=False),
+              help="Where shards, caches, selection, report and head are written.")
+@click.option("--classes", "num_classes", type=int, default=20, show_default=True)
+@click.option("--epochs", type=int, default=30, show_default=True, help="MixFix epochs.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def demo(workdir, num_classes, epochs, as_json):
+    """Run the whole job offline on the shapes dataset with the bundled tiny CLIP.
+
+    \b
+    Example:
+      engine demo --workdir demo-run
+    """
+    from engine.demo import DemoConfig, run_demo, summary_lines
+
+    summary = run_demo(workdir, DemoConfig(classes=num_classes, epochs=epochs))
+    _emit(summary, as_json, summary_lines)
+
+
 def main() -> None:
     cli(prog_name="engine")
 

@@ -165,17 +165,21 @@ def embed_shards(specs: list[str], cache_path: str, config: EmbedConfig, *, rank
                                                "skipped": len(mine) - len(pending)}}
     if not pending and not needs_text:
         return _finish(summary, cache, Timer(), [], [], started, new_rows=0, device=device, dtype=dtype)
-    loaded = models.load_model(config.model, config.pretrained, device=device)
+    timer = Timer()
+    with timer("load_model"):
+        loaded = models.load_model(config.model, config.pretrained, device=device)
     cache.initialise(loaded.identity, dim=loaded.embed_dim, precision=_PRECISION_NAMES[dtype])
     summary["prompts_updated"] = _update_prompts(cache, config.classes, loaded, device) if config.classes else False
     index = cache.register_shards(pending)
-    timer = Timer()
     writer = _Writer(cache, consolidate=rank == 0, timer=timer)
     writer.start()
-    new_rows = _run_loop([(index[u], u) for u in pending], loaded, config, device, dtype, writer, timer,
-                         show_progress)
-    writer.inbox.put(None)
-    writer.join()
+    with timer("embed_loop"):  # until the last shard is committed
+        try:
+            new_rows = _run_loop([(index[u], u) for u in pending], loaded, config, device, dtype, writer,
+                                 timer, show_progress)
+        finally:
+            writer.inbox.put(None)
+            writer.join()
     if writer.error is not None:
         raise writer.error
     if rank == 0:
@@ -228,7 +232,7 @@ def _finish(summary, cache, timer, done, failed, started, *, new_rows, device, d
         "bad_samples": len(bad), "bad_examples": [{"key": k, "reason": r} for k, r in bad[:10]],
         "missing_labels": sum(d.get("missing_labels", 0) for d in done),
         "failed": [{"url": f["url"], "error": f["error"]} for f in failed],
-        "images_per_s": round(new_rows / seconds, 1) if seconds > 0 and new_rows else 0.0,
+        "images_per_s": round(new_rows / timer.seconds["embed_loop"], 1) if new_rows else 0.0,
         "seconds": {"total": round(seconds, 3), "read_decode_workers": round(read, 3), **timer.rounded()},
         "model": models.describe(cache.identity) if cache.identity else None,
         "device": str(device), "precision": _PRECISION_NAMES[dtype]})

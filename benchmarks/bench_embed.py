@@ -1,0 +1,171 @@
+"""Embedding throughput on the same shards, in one run:
+
+  (a) decode + preprocess only, same DataLoader workers: the input limit of this machine
+  (b) a naive loop: PIL decode → model → np.save per batch, no workers, no overlap
+  (c) `engine embed` (workers, inference mode, background writer, per-shard commit)
+
+Prints c/a and c/b (targets: c/a >= 0.8, c/b >= 2), plus the two measurements behind the
+defaults: bf16 vs fp32 autocast on this CPU, and feature-array compression (size, write time).
+
+    python benchmarks/bench_embed.py                     # shapes-tiny on this CPU
+    python benchmarks/bench_embed.py --gpu               # ViT-B-32 (random weights, timing only), bf16
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import write_result  # noqa: E402
+from engine.embed import EmbedConfig, embed_shards  # noqa: E402
+from engine.models import load_model  # noqa: E402
+from engine.reader import ReaderConfig, ShardReader, decode_image  # noqa: E402
+from engine.runtime import set_threads, worker_init_single_thread  # noqa: E402
+from engine.synthetic import ShapesConfig, write_shards  # noqa: E402
+
+
+def input_only(shards, preprocess, *, workers, batch):
+    reader = ShardReader(list(enumerate(shards)), preprocess, ReaderConfig(batch_size=batch))
+    loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=workers,
+                                         worker_init_fn=worker_init_single_thread)
+    start, n = time.perf_counter(), 0
+    for b in loader:
+        n += len(b.keys)
+    return n / (time.perf_counter() - start)
+
+
+def naive(shards, loaded, out_dir, *, batch, device):
+    import webdataset as wds
+
+    start, n, images, part = time.perf_counter(), 0, [], 0
+
+    def flush():
+        nonlocal images, part
+        with torch.no_grad():
+            f = loaded.model.encode_image(torch.stack(images).to(device), normalize=True)
+        np.save(Path(out_dir) / f"part{part}.npy", f.cpu().numpy())
+        images, part = [], part + 1
+
+    for sample in wds.WebDataset(shards, shardshuffle=False):
+        images.append(loaded.preprocess(decode_image(sample)))
+        n += 1
+        if len(images) == batch:
+            flush()
+    if images:
+        flush()
+    return n / (time.perf_counter() - start)
+
+
+def engine_run(shards, cache, *, model, pretrained, workers, batch, precision, device):
+    cfg = EmbedConfig(model=model, pretrained=pretrained, workers=workers, batch_size=batch,
+                      precision=precision, device=device)
+    summary = embed_shards(shards, str(cache), cfg, show_progress=False)
+    return summary["images_per_s"], summary  # steady state: model loading excluded, as in (a) and (b)
+
+
+def precision_probe(loaded, device, sizes=(16, 64, 256)):
+    """Images/s of the model alone under fp32 and bf16 autocast, and the max feature difference."""
+    out = {}
+    size = loaded.identity["preprocess"]["size"]
+    size = size[0] if isinstance(size, list) else size
+    for batch in sizes:
+        x = torch.randn(batch, 3, size, size, device=device)
+        row = {}
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            times = []
+            with torch.inference_mode():
+                for _ in range(4):
+                    start = time.perf_counter()
+                    if dtype is None:
+                        f = loaded.model.encode_image(x, normalize=True)
+                    else:
+                        with torch.autocast(device.type, dtype=dtype):
+                            f = loaded.model.encode_image(x, normalize=True)
+                    times.append(time.perf_counter() - start)
+            row[name] = round(batch / statistics.median(times[1:]), 1)
+            row[f"{name}_features"] = f.float()
+        row["max_abs_diff"] = round(float((row.pop("fp32_features") - row.pop("bf16_features")).abs().max()), 4)
+        out[batch] = row
+    return out
+
+
+def compression_probe(features: np.ndarray):
+    """Bytes on disk and write seconds of (N, D) float16 features with and without Blosc-lz4."""
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    out = {}
+    for name, codec in (("none", None), ("blosc-lz4-shuffle", [BloscCodec(cname="lz4", clevel=3, shuffle="shuffle",
+                                                                          typesize=2)])):
+        d = tempfile.mkdtemp()
+        start = time.perf_counter()
+        arr = zarr.create_array(f"{d}/a.zarr", shape=features.shape, chunks=(8192, features.shape[1]),
+                                dtype="float16", compressors=codec)
+        arr[:] = features
+        seconds = time.perf_counter() - start
+        size = sum(p.stat().st_size for p in Path(d).rglob("*") if p.is_file())
+        out[name] = {"bytes": size, "ratio_vs_raw": round(size / features.nbytes, 3), "write_s": round(seconds, 3)}
+        shutil.rmtree(d)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--per-shard", type=int, default=500)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--gpu", action="store_true", help="ViT-B-32 random weights, bf16, on CUDA")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    if args.quick:
+        args.shards, args.per_shard = 2, 100
+    set_threads(args.threads)
+    device = torch.device("cuda" if args.gpu else "cpu")
+    model, pretrained, precision = ("ViT-B-32", "random", "bf16") if args.gpu else ("shapes-tiny", None, "auto")
+    work = Path(tempfile.mkdtemp(prefix="bench-embed-"))
+    write_shards(work / "shards", ShapesConfig(classes=20, per_shard=args.per_shard, shards=args.shards, seed=1))
+    shards = sorted(str(s) for s in (work / "shards").glob("*.tar"))
+    loaded = load_model(model, pretrained, device=device)
+    rows = {}
+    rows["a_input_only"] = input_only(shards, loaded.preprocess, workers=args.workers, batch=args.batch)
+    rows["b_naive"] = naive(shards, loaded, tempfile.mkdtemp(dir=work), batch=args.batch, device=device)
+    rows["c_engine"], summary = engine_run(shards, work / "c.zarr", model=model, pretrained=pretrained,
+                                           workers=args.workers, batch=args.batch, precision=precision,
+                                           device=str(device))
+    ratios = {"c/a": rows["c_engine"] / rows["a_input_only"], "c/b": rows["c_engine"] / rows["b_naive"]}
+    result = {"images": len(shards) * args.per_shard, "model": model, "device": str(device),
+              "workers": args.workers, "batch": args.batch, "images_per_s": {k: round(v, 1) for k, v in rows.items()},
+              "ratios": {k: round(v, 2) for k, v in ratios.items()}, "engine_seconds": summary["seconds"]}
+    if not args.gpu:
+        result["precision_cpu"] = precision_probe(loaded, device)
+        from engine.cache import Cache
+
+        result["compression"] = compression_probe(Cache(work / "c.zarr").load_features())
+    else:
+        s = summary["seconds"]
+        result["decode_share"] = round(s.get("wait_input", 0) / max(s["total"], 1e-9), 3)
+    print(f"{'stage':<16}{'img/s':>10}")
+    for k, v in rows.items():
+        print(f"{k:<16}{v:>10.1f}")
+    print(f"c/a = {ratios['c/a']:.2f} (target >= 0.8)   c/b = {ratios['c/b']:.2f} (target >= 2)")
+    if "precision_cpu" in result:
+        print("precision (model only, img/s):", result["precision_cpu"])
+        print("compression:", result["compression"])
+    print("wrote", write_result("embed-gpu" if args.gpu else "embed", result))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from engine.reader import (ReaderConfig, ShardReader, check_end_of_archive, expand_shards, parse_label,
+                           split_for_rank)
+from engine.runtime import EngineError
+
+
+def test_expand_braces_globs_pipes_sorted_and_deduplicated(shapes_dir, shard_paths):
+    a = expand_shards([f"{shapes_dir}/shapes-{{000000..000002}}.tar"])
+    b = expand_shards([f"{shapes_dir}/*.tar", shard_paths[0]])
+    assert a == b == sorted(shard_paths)
+    assert expand_shards(["pipe:cat x.tar"]) == ["pipe:cat x.tar"]
+    with pytest.raises(EngineError, match="matches no file"):
+        expand_shards([f"{shapes_dir}/*.zip"])
+
+
+def test_split_for_rank_covers_every_shard_once():
+    urls = [f"s{i}" for i in range(7)]
+    parts = [split_for_rank(urls, r, 3) for r in range(3)]
+    assert sorted(sum(parts, [])) == urls
+
+
+def test_labels_from_cls_and_json_fields():
+    assert parse_label({"cls": b"7"}, "cls") == 7
+    assert parse_label({"cls": b"x"}, "cls") is None
+    assert parse_label({}, "cls") is None
+    sample = {"json": json.dumps({"label": 3, "meta": {"y": 4}}).encode()}
+    assert parse_label(sample, "json:label") == 3
+    assert parse_label(sample, "json:meta.y") == 4
+    assert parse_label(sample, "json:missing") is None
+
+
+def test_workers_take_whole_shards_and_batches_never_span_shards(shard_paths):
+    identity = lambda img: torch.zeros(3, 4, 4)  # noqa: E731
+    reader = ShardReader(list(enumerate(shard_paths)), identity, ReaderConfig(batch_size=16))
+    loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=2)
+    per_shard, outcomes = {}, {}
+    for batch in loader:
+        per_shard.setdefault(batch.shard, []).extend(batch.keys)
+        if batch.outcome is not None:
+            outcomes[batch.shard] = batch.outcome
+    assert sorted(per_shard) == [0, 1, 2] and all(len(v) == 40 for v in per_shard.values())
+    assert all(o.samples == 40 and o.error is None for o in outcomes.values())
+
+
+def test_pipe_urls_and_img2dataset_layout(tmp_path):
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(buf, format="PNG")
+    path = tmp_path / "i2d.tar"
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"{i:09d}", "png": buf.getvalue(), "txt": "a red square",
+                        "json": {"label": i}})
+    reader = ShardReader([(0, f"pipe:cat {path}")], lambda img: torch.zeros(3), ReaderConfig(label_key="json:label"))
+    batches = list(reader)
+    assert batches[-1].outcome.error is None
+    assert np.concatenate([b.labels for b in batches]).tolist() == [0, 1, 2]
+
+
+def test_end_of_archive_check(tmp_path, shard_paths):
+    check_end_of_archive(shard_paths[0])
+    data = open(shard_paths[0], "rb").read()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[:-10240])
+    with pytest.raises(ValueError, match="truncated"):
+        check_end_of_archive(str(cut))
