@@ -171,9 +171,11 @@ def prompts(cache, classes, device, as_json):
 @cli.command("import")
 @click.argument("npz", type=click.Path(exists=True, dir_okay=False))
 @click.option("--cache", required=True, help="New cache to create.")
+@click.option("--model-name", default=None,
+              help="Name of the backbone that made the features; imports with the same name count as one model.")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def import_(npz, cache, as_json):
+def import_(npz, cache, model_name, as_json):
     """Create a cache from your own features (.npz with features, labels[, keys, true_labels,
     text_features, text_mask, class_names]).
 
@@ -183,7 +185,7 @@ def import_(npz, cache, as_json):
     """
     from engine.importer import import_npz
 
-    summary = import_npz(npz, cache)
+    summary = import_npz(npz, cache, model_name=model_name)
     _emit(summary, as_json, lambda s: [
         f"imported {s['rows']} rows of dim {s['dim']} into {s['cache']}"
         + (f" ({s['renormalised']} rows were not unit length and were normalised)" if s["renormalised"] else "")])
@@ -197,6 +199,82 @@ def models_(as_json):
 
     names = list_model_names()
     _emit({"bundled": sorted(BUNDLED), "models": names}, as_json, lambda s: s["models"])
+
+
+# ---------------------------------------------------------------- train / predict
+@cli.command("train")
+@click.option("--cache", default="feats.zarr", show_default=True)
+@click.option("--eval-cache", default=None, help="Held-out cache (same model) to report accuracy on; never used to choose.")
+@click.option("--head", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True)
+@click.option("--hidden", type=int, default=1024, show_default=True, help="MLP hidden width.")
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=0.02, show_default=True)
+@click.option("--milestones", default=None, help="Comma-separated epochs where lr drops x0.1 (default: 50% and 75%).")
+@click.option("--theta-r", type=float, default=0.8, show_default=True, help="Absorb: prediction = label and confidence >= this.")
+@click.option("--theta-r2", type=float, default=0.8, show_default=True, help="Relabel: prediction != label and confidence >= this.")
+@click.option("--beta", type=float, default=1.0, show_default=True, help="Mixup Beta(beta, beta).")
+@click.option("--no-mixfix", is_flag=True, help="Train on the selection only (no absorb/relabel).")
+@click.option("--baselines", is_flag=True, help="Also train on all noisy labels and on the selection alone; print all three.")
+@click.option("--val-fraction", type=float, default=0.0, show_default=True,
+              help="Hold out this share of the selection to pick the best epoch (written as OUT.best.pt).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT.state.")
+@click.option("--out", default="head.pt", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def train(cache, eval_cache, head, hidden, epochs, batch_size, lr, milestones, theta_r, theta_r2, beta, no_mixfix,
+          baselines, val_fraction, seed, device, resume, out, as_json):
+    """Train a head with MixFix on the cached features and the latest selection.
+
+    \b
+    Example:
+      engine train --cache feats.zarr --eval-cache test.zarr --head linear --epochs 30 --baselines --out head.pt
+    """
+    from engine.stages import train_from_cache
+    from engine.train import TrainConfig
+
+    try:
+        stones = tuple(int(x) for x in milestones.split(",")) if milestones else None
+    except ValueError:
+        raise EngineError(f"milestones: got {milestones!r}, expected comma-separated integers like 80,120") from None
+    config = TrainConfig(head=head, hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr, milestones=stones,
+                         theta_r=theta_r, theta_r2=theta_r2, beta=beta, mixfix=not no_mixfix,
+                         val_fraction=val_fraction, seed=seed, device=device)
+    summary = train_from_cache(cache, config, eval_cache=eval_cache, out=out, baselines=baselines, resume=resume)
+    _emit(summary, as_json, _train_lines)
+
+
+def _train_lines(s: dict):
+    yield (f"trained {s['epochs']} epochs: selection {s['initial_selected']} -> training set {s['final_set']}, "
+           f"relabelled {s['relabelled']} (correct: {s['relabel_correct']}) | head {s['head']}, metrics {s['metrics']}")
+    for row in s["table"]:
+        acc = row.get("eval_acc")
+        yield f"  {row['run']:<10} test accuracy (last epoch): {'n/a' if acc is None else f'{acc:.4f}'}"
+
+
+@cli.command("predict")
+@click.option("--head", "head_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--cache", default="feats.zarr", show_default=True)
+@click.option("--out", default=None, help="CSV/Parquet with key,label,pred,conf[,true_label].")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def predict(head_path, cache, out, device, as_json):
+    """Apply a trained head to every row of a cache (made by the same feature model).
+
+    \b
+    Example:
+      engine predict --head head.pt --cache other.zarr --out preds.csv
+    """
+    from engine.stages import predict_from_cache
+
+    summary = predict_from_cache(head_path, cache, out=out, device=device)
+    _emit(summary, as_json, lambda s: [
+        f"predicted {s['rows']} rows of {s['cache']}"
+        + (f"; accuracy vs true labels {s['accuracy']:.4f}" if s.get("accuracy") is not None else "")
+        + (f"; written to {s['out']}" if s.get("out") else "")])
 
 
 # ---------------------------------------------------------------- demo

@@ -69,8 +69,13 @@ def _validate_text(data, dim: int, labels: np.ndarray) -> dict:
     return {"text": text * mask[..., None], "mask": mask, "class_names": names}
 
 
-def import_npz(path: str, cache_path: str) -> dict:
-    """Create `cache_path` from the .npz at `path`; rows are L2-normalised (and counted if they weren't)."""
+def import_npz(path: str, cache_path: str, *, model_name: str | None = None) -> dict:
+    """Create `cache_path` from the .npz at `path`; rows are L2-normalised (and counted if they weren't).
+
+    `model_name` names the backbone that made the features: caches imported with the same name
+    count as the same feature model (e.g. a train and a test split); without it each import is
+    its own model, identified by the file's sha256.
+    """
     if Path(cache_path, "zarr.json").exists():
         raise EngineError(f"import: {cache_path} already exists; import into a new cache path")
     with np.load(path, allow_pickle=False) as npz:
@@ -81,8 +86,9 @@ def import_npz(path: str, cache_path: str) -> dict:
     renormalised = int((np.abs(norms - 1) > 1e-3).sum())
     features = (features / norms[:, None]).astype(np.float16)
     cache = Cache(cache_path, mode="a")
-    identity = {"model": f"import:{Path(path).name}", "pretrained": "imported",
-                "sha256": _sha256(path), "embed_dim": int(features.shape[1])}
+    identity = {"model": model_name, "pretrained": "imported", "embed_dim": int(features.shape[1])}
+    if not model_name:
+        identity.update(model=f"import:{Path(path).name}", sha256=_sha256(path))
     cache.initialise(identity, dim=features.shape[1], precision="imported", source="import")
     index = cache.register_shards([f"{IMPORT_SHARD}{Path(path).resolve()}"])
     (url, shard), = index.items()

@@ -1,0 +1,148 @@
+"""Cache-level entry points of the stages after `embed`: read the cache, call the array-level
+core (`select`, `index`, `train`), and write the results back into the cache's result groups
+(`selection/`, `index/`, `diagnostics/`, `train/`) with the configuration and timings.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engine.cache import Cache
+from engine.runtime import EngineError, Timer
+
+_logger = logging.getLogger(__name__)
+
+
+def _class_names(cache: Cache, labels: np.ndarray) -> list[str]:
+    names = cache.class_names
+    if names:
+        return list(names)
+    count = int(labels.max()) + 1 if labels.size and labels.max() >= 0 else 0
+    return [f"class {k}" for k in range(count)]
+
+
+def _same_features(a: Cache, b: Cache, what: str) -> None:
+    from engine.models import describe, same_model
+
+    if not same_model(a.identity, b.identity):
+        raise EngineError(f"{what}: {b.path} holds features of {describe(b.identity)}, but {a.path} holds "
+                          f"{describe(a.identity)}; embed both with the same model")
+
+
+def read_selection(cache: Cache) -> np.ndarray:
+    """The final selected mask (N,) bool; an error naming `engine select` when absent."""
+    if not cache.has_group("selection"):
+        raise EngineError(f"cache: {cache.path} has no selection; run `engine select --cache {cache.path}` first")
+    selected = cache.root["selection/selected"][:]
+    if selected.shape != (cache.num_rows,):
+        raise EngineError(f"cache: the selection in {cache.path} covers {selected.shape[0]} rows but the cache "
+                          f"has {cache.num_rows}; rerun `engine select`")
+    return selected.astype(bool)
+
+
+# ---------------------------------------------------------------- train / predict
+def train_from_cache(cache_path: str, config, *, eval_cache: str | None = None, out: str = "head.pt",
+                     baselines: bool = False, resume: bool = False, on_epoch=None) -> dict:
+    """MixFix (and optionally the two baselines) on the cache's features and latest selection."""
+    from engine.train import save_head, train_head, train_with_baselines
+
+    cache = Cache(cache_path, mode="a")
+    selected = read_selection(cache)
+    timer = Timer()
+    with timer("load"):
+        features, labels = cache.load_features(), cache.labels()
+    names = _class_names(cache, labels)
+    evaluation = {}
+    if eval_cache:
+        other = Cache(eval_cache)
+        _same_features(cache, other, "eval-cache")
+        eval_labels = other.true_labels() if other.has_true_labels else other.labels()
+        evaluation = {"eval_features": other.load_features(), "eval_labels": eval_labels}
+    metrics_path = Path(out).with_suffix(".metrics.jsonl")
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(metrics_path, "a" if resume else "w") as metrics:
+        def record(row: dict) -> None:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            if on_epoch is not None:
+                on_epoch(row)
+
+        common = dict(config=config, num_classes=len(names), true_labels=cache.true_labels(), on_epoch=record,
+                      **evaluation)
+        with timer("train"):
+            if baselines:
+                runs = train_with_baselines(features, labels, selected, **common)
+                result, table = runs.mixfix, runs.table
+            else:
+                result = train_head(features, labels, selected, state_path=str(out) + ".state", resume=resume,
+                                    **common)
+                table = [{"run": "mixfix" if config.mixfix else "selection", "eval_acc": result.eval_acc}]
+    save_head(out, result, class_names=names, feature_identity=cache.identity, config=config)
+    if result.best_state is not None:
+        save_head(Path(out).with_suffix(".best.pt"), result, class_names=names, feature_identity=cache.identity,
+                  config=config, which="best")
+    cache.write_group("train", {"labels": result.labels, "selection": result.selection},
+                      {"config": config.to_dict(), "eval_acc": result.eval_acc, "table": table,
+                       "head": str(out), "seconds": timer.rounded()})
+    last = result.log[-1] if result.log else {}
+    return {"cache": cache_path, "head": str(out), "metrics": str(metrics_path), "epochs": len(result.log),
+            "initial_selected": int(selected.sum()), "final_set": int(result.selection.sum()),
+            "relabelled": last.get("relabelled"), "relabel_correct": last.get("relabel_correct"),
+            "eval_acc": result.eval_acc, "best_val_acc": result.best_val_acc, "table": table,
+            "seconds": timer.rounded()}
+
+
+def predict_from_cache(head_path: str, cache_path: str, *, out: str | None = None, device: str = "auto") -> dict:
+    """Apply a trained head to every row of a cache; optional CSV `key,label,pred,conf[,true_label]`."""
+    from engine.train import load_head, predict
+
+    cache = Cache(cache_path)
+    head = load_head(head_path, feature_dim=cache.dim, feature_identity=cache.identity)
+    pred, conf, _ = predict(head, cache.load_features(), device=device)
+    labels, true = cache.labels(), cache.true_labels()
+    summary = {"cache": cache_path, "head": head_path, "rows": int(len(pred)),
+               "agree_with_given": float((pred == labels)[labels >= 0].mean()) if (labels >= 0).any() else None}
+    if true is not None and (true >= 0).any():
+        summary["accuracy"] = float((pred == true)[true >= 0].mean())
+    if out:
+        columns = {"key": cache.keys(), "label": labels, "pred": pred, "conf": np.round(conf, 5)}
+        if true is not None:
+            columns["true_label"] = true
+        write_table(out, columns)
+        summary["out"] = out
+    return summary
+
+
+# ---------------------------------------------------------------- tables
+def write_table(path: str, columns: dict) -> None:
+    """Write equal-length columns as CSV, or Parquet when `path` ends in .parquet (needs pyarrow)."""
+    path = str(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise EngineError("out: Parquet needs pyarrow (`pip install 'engine[parquet]'`); or use a .csv path") from None
+        pq.write_table(pa.table({k: np.asarray(v).tolist() if np.asarray(v).dtype == object else np.asarray(v)
+                                 for k, v in columns.items()}), path)
+        return
+    if not path.endswith(".csv"):
+        raise EngineError(f"out: got {path!r}, expected a .csv or .parquet path")
+    names = list(columns)
+    arrays = [np.asarray(columns[n]) for n in names]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(names)
+        block = 65536
+        for start in range(0, len(arrays[0]), block):
+            writer.writerows(zip(*(a[start:start + block].tolist() for a in arrays)))
+
+
+def elapsed(start: float) -> float:
+    return round(time.perf_counter() - start, 3)

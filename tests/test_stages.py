@@ -1,0 +1,80 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.common import clip_like_features
+from engine.cache import Cache
+from engine.importer import import_npz
+from engine.runtime import EngineError
+from engine.stages import predict_from_cache, read_selection, train_from_cache, write_table
+from engine.train import TrainConfig, load_head
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cache(tmp_path, name, n, seed, noise="sym", rate=0.4):
+    feats, labels, true, text, _ = clip_like_features(n, 8, 32, noise=noise, rate=rate, seed=0, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    pick = rng.permutation(n)
+    path = tmp_path / f"{name}.npz"
+    np.savez(path, features=feats[pick], labels=labels[pick], true_labels=true[pick], text_features=text,
+             keys=np.array([f"{name}{i}" for i in range(n)]))
+    import_npz(str(path), str(tmp_path / f"{name}.zarr"), model_name="synthetic-backbone")
+    return str(tmp_path / f"{name}.zarr")
+
+
+def test_train_needs_a_selection(tmp_path):
+    path = _cache(tmp_path, "a", 200, 0)
+    with pytest.raises(EngineError, match="engine select"):
+        read_selection(Cache(path))
+
+
+def test_train_predict_round_trip_with_baselines(tmp_path):
+    train = _cache(tmp_path, "train", 1500, 0)
+    test = _cache(tmp_path, "test", 400, 1, noise="none", rate=0.0)
+    cache = Cache(train, mode="a")
+    selected = cache.labels() == cache.true_labels()  # an oracle selection is enough for plumbing
+    cache.write_group("selection", {"selected": selected}, {"config": {}})
+    out = tmp_path / "head.pt"
+    cfg = TrainConfig(epochs=3, lr=0.1, seed=0, device="cpu")
+    summary = train_from_cache(train, cfg, eval_cache=test, out=str(out), baselines=True)
+    assert [row["run"] for row in summary["table"]] == ["noisy", "selection", "mixfix"]
+    assert summary["eval_acc"] > 0.5
+    lines = [json.loads(x) for x in open(tmp_path / "head.metrics.jsonl")]
+    assert len(lines) == 9 and {x["run"] for x in lines} == {"noisy", "selection", "mixfix"}
+    head = load_head(out)
+    assert head.num_classes == 8 and head.feature_identity == Cache(train).identity
+    arrays, attrs = Cache(train).read_group("train")
+    assert arrays["labels"].shape == (1500,) and attrs["eval_acc"] == summary["eval_acc"]
+    pred = predict_from_cache(str(out), test, out=str(tmp_path / "p.csv"))
+    assert abs(pred["accuracy"] - summary["eval_acc"]) < 1e-6
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert len(rows) == 400 and set(rows[0]) == {"key", "label", "pred", "conf", "true_label"}
+
+
+def test_eval_cache_from_another_model_is_refused(tmp_path):
+    train = _cache(tmp_path, "train", 300, 0)
+    other_feats = np.random.default_rng(0).standard_normal((50, 32))
+    np.savez(tmp_path / "o.npz", features=other_feats, labels=np.zeros(50, int))
+    import_npz(str(tmp_path / "o.npz"), str(tmp_path / "o.zarr"))
+    cache = Cache(train, mode="a")
+    cache.write_group("selection", {"selected": np.ones(300, bool)}, {})
+    with pytest.raises(EngineError, match="same model"):
+        train_from_cache(train, TrainConfig(epochs=1, device="cpu"), eval_cache=str(tmp_path / "o.zarr"),
+                         out=str(tmp_path / "h.pt"))
+
+
+def test_write_table_csv_and_bad_suffix(tmp_path):
+    write_table(str(tmp_path / "t.csv"), {"key": np.array(["a", "b"], dtype=object), "x": np.array([1, 2])})
+    assert open(tmp_path / "t.csv").read().splitlines() == ["key,x", "a,1", "b,2"]
+    with pytest.raises(EngineError, match="csv or .parquet"):
+        write_table(str(tmp_path / "t.txt"), {"x": np.array([1])})
