@@ -201,6 +201,87 @@ def models_(as_json):
     _emit({"bundled": sorted(BUNDLED), "models": names}, as_json, lambda s: s["models"])
 
 
+# ---------------------------------------------------------------- index / diagnose / neighbors
+@cli.command("index")
+@click.option("--cache", default="feats.zarr", show_default=True)
+@click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "hnsw"]), default="auto", show_default=True,
+              help="auto: exact up to 50,000 rows, else IVF with fp16 codes and calibrated nprobe.")
+@click.option("--nlist", type=int, default=None, help="IVF lists (default 2^round(log2(2*sqrt(N)))).")
+@click.option("--target-recall", type=float, default=0.9, show_default=True,
+              help="nprobe/efSearch is the smallest reaching this recall@10 on a sample.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def index(cache, kind, nlist, target_recall, device, as_json):
+    """Build the FAISS inner-product index over the cache's image features (stored in the cache).
+
+    \b
+    Example:
+      engine index --cache feats.zarr --kind auto
+    """
+    from engine.index import IndexConfig
+    from engine.stages import index_from_cache
+
+    summary = index_from_cache(cache, IndexConfig(kind=kind, nlist=nlist, target_recall=target_recall), device=device)
+    _emit(summary, as_json, lambda s: [
+        f"{s['kind']} index over {s['rows']} rows on {s['device']}: {s['params'].get('factory')} "
+        f"(recall@10 {s['params'].get('recall_at_10', 1.0)}) in {s['seconds'].get('build')} s"])
+
+
+@cli.command("diagnose")
+@click.option("--cache", default="feats.zarr", show_default=True)
+@click.option("-k", "k", type=int, default=10, show_default=True, help="Neighbours per sample.")
+@click.option("--top", type=int, default=10, show_default=True, help="Pairs and swaps to list.")
+@click.option("--export-knn", default=None, help="Write the kNN graph (.npz, distances) for cleanlab's Datalab.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def diagnose(cache, k, top, export_knn, device, as_json):
+    """Confusable class pairs, kNN label agreement and which classes swap labels.
+
+    \b
+    Example:
+      engine diagnose --cache feats.zarr -k 10 --export-knn knn.npz
+    """
+    from engine.stages import diagnose_from_cache
+
+    summary = diagnose_from_cache(cache, k=k, top=top, device=device, export_knn=export_knn)
+    _emit(summary, as_json, _diagnose_lines)
+
+
+def _diagnose_lines(s: dict):
+    yield f"kNN label agreement (k={s['k']}, {s['index']} index): {s['agreement_mean']:.3f} on average"
+    if s["confusable_text"]:
+        yield "most confusable classes by prompts: " + ", ".join(
+            f"{p['a']}/{p['b']} ({p['similarity']:.2f})" for p in s["confusable_text"][:5])
+    yield "most confusable classes by images:  " + ", ".join(
+        f"{p['a']}/{p['b']} ({p['similarity']:.2f})" for p in s["confusable_image"][:5])
+    yield "labels whose neighbours disagree (given -> neighbours' majority):"
+    for w in s["swaps"][:10]:
+        yield f"  {w['label']:>20} -> {w['neighbours_say']:<20} {w['count']}"
+
+
+@cli.command("neighbors")
+@click.argument("key")
+@click.option("--cache", default="feats.zarr", show_default=True)
+@click.option("-k", "k", type=int, default=10, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def neighbors(key, cache, k, device, as_json):
+    """List a sample's nearest neighbours with keys, labels and similarity.
+
+    \b
+    Example:
+      engine neighbors shapes0_00003_00017 --cache feats.zarr -k 10
+    """
+    from engine.stages import neighbors_from_cache
+
+    summary = neighbors_from_cache(cache, key, k=k, device=device)
+    _emit(summary, as_json, lambda s: [f"{s['key']} (label {s['label']} {s['class']}):"] + [
+        f"  {n['similarity']:.4f}  {n['key']}  {n['label']} {n['class']}" for n in s["neighbors"]])
+
+
 # ---------------------------------------------------------------- train / predict
 @cli.command("train")
 @click.option("--cache", default="feats.zarr", show_default=True)

@@ -553,7 +553,11 @@ def load_index(path, *, device="cpu") -> FeatureIndex:
         info = IndexInfo.from_dict(json.loads(meta.read_text()))
     except (ValueError, KeyError) as exc:
         raise EngineError(f"index metadata: {str(meta)!r} is not valid ({exc})") from None
-    index = faiss.read_index(str(path))
+    return _place(faiss.read_index(str(path)), info, device)
+
+
+def _place(index, info: IndexInfo, device) -> FeatureIndex:
+    """A CPU index read back: moved to the GPU when asked and possible, search parameter restored."""
     where = _resolve_faiss_device(device, info.kind)
     resources = None
     if where == "cuda":
@@ -841,3 +845,17 @@ def save_knn_graph(graph, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     sp.save_npz(path, graph, compressed=False)
     return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
+def index_to_bytes(index: FeatureIndex) -> np.ndarray:
+    """The index serialised as (nbytes,) uint8 (a GPU index is copied to CPU first), for storing
+    inside the cache next to its `IndexInfo`."""
+    faiss = _faiss()
+    cpu = faiss.index_gpu_to_cpu(index.index) if index.device == "cuda" else index.index
+    return faiss.serialize_index(cpu)
+
+
+def index_from_bytes(data: np.ndarray, info: IndexInfo, *, device="cpu") -> FeatureIndex:
+    """Inverse of `index_to_bytes`; moved to the GPU when `device` asks for it and faiss can."""
+    cpu = _faiss().deserialize_index(np.ascontiguousarray(data, dtype=np.uint8))
+    return _place(cpu, info, device)

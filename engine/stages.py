@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +117,107 @@ def predict_from_cache(head_path: str, cache_path: str, *, out: str | None = Non
     return summary
 
 
+# ---------------------------------------------------------------- index / diagnose / neighbors
+def index_from_cache(cache_path: str, config, *, device: str = "auto") -> dict:
+    """Build the FAISS index over the cache's features and store it in `index/` (bytes + info)."""
+    from engine.index import build_index, index_to_bytes
+
+    cache = Cache(cache_path, mode="a")
+    if cache.num_rows < 2:
+        raise EngineError(f"cache: {cache_path} has {cache.num_rows} rows; an index needs at least 2")
+    timer = Timer()
+    with timer("load"):
+        features, keys = cache.load_features(), cache.keys()
+    with timer("build"):
+        index = build_index(features, config, keys=keys, device=device)
+    cache.write_group("index", {"faiss": index_to_bytes(index)},
+                      {"info": index.info.to_dict(), "config": _asdict(config), "seconds": timer.rounded()})
+    return {"cache": cache_path, "kind": index.info.kind, "rows": index.info.rows, "params": index.info.params,
+            "device": index.device, "seconds": timer.rounded()}
+
+
+def load_cached_index(cache: Cache, features, *, device: str = "auto", build_config=None):
+    """The cache's stored index when it is current; else one is built (and stored when writable)."""
+    from engine.index import IndexConfig, IndexInfo, index_from_bytes, index_is_stale
+
+    if cache.has_group("index"):
+        info = IndexInfo.from_dict(dict(cache.root["index"].attrs)["info"])
+        if not index_is_stale(info, features, keys=cache.keys()):
+            return index_from_bytes(cache.root["index/faiss"][:], info, device=device)
+        _logger.warning("the stored index is stale (rows changed); rebuilding")
+    index_from_cache(cache.path, build_config or IndexConfig(), device=device)
+    return load_cached_index(Cache(cache.path), features, device=device)
+
+
+def _pairs(pairs, names, value: str) -> list[dict]:
+    return [{"a": names[a], "b": names[b], value: round(float(v), 4)} for a, b, v in pairs]
+
+
+def diagnose_from_cache(cache_path: str, *, k: int = 10, top: int = 10, device: str = "auto",
+                        export_knn: str | None = None) -> dict:
+    """Confusable class pairs (text and image), kNN label agreement and the swap table; written
+    into `knn/` (neighbour ids and similarities, reused by `select --classifiers ...,knn`) and
+    `diagnostics/`."""
+    from engine import index as ix
+
+    cache = Cache(cache_path, mode="a")
+    timer = Timer()
+    with timer("load"):
+        features, labels = cache.load_features(), cache.labels()
+    names = _class_names(cache, labels)
+    with timer("index"):
+        index = load_cached_index(cache, features, device=device)
+    with timer("knn"):
+        sims, ids = ix.knn_all(index, features, k=k)
+    cache.write_group("knn", {"ids": ids, "similarities": sims},
+                      {"k": k, "fingerprint": index.info.fingerprint, "index": index.info.kind})
+    with timer("diagnostics"):
+        report = ix.knn_diagnostics(ids, labels, len(names), top=top)
+        image_sim = ix.image_class_similarity(features, labels, len(names))
+        text_pairs = []
+        if cache.has_text():
+            text_pairs = ix.top_confusable_pairs(ix.text_class_similarity(*cache.text_features()), top=top)
+    summary = {"cache": cache_path, "k": k, "index": index.info.kind,
+               "confusable_text": _pairs(text_pairs, names, "similarity"),
+               "confusable_image": _pairs(ix.top_confusable_pairs(np.nan_to_num(image_sim, nan=-1.0), top=top),
+                                          names, "similarity"),
+               "swaps": [{"label": names[a], "neighbours_say": names[b], "count": int(c)} for a, b, c in report.swaps],
+               "agreement_mean": round(float(report.mean_agreement), 4),
+               "class_agreement": {names[c]: round(float(v), 4) for c, v in enumerate(report.class_agreement)
+                                   if np.isfinite(v)}}
+    cache.write_group("diagnostics", {"agreement": report.agreement, "majority": report.majority,
+                                      "class_agreement": report.class_agreement, "image_similarity": image_sim},
+                      {key: summary[key] for key in ("confusable_text", "confusable_image", "swaps", "k")})
+    if export_knn:
+        ix.save_knn_graph(ix.knn_graph(sims, ids), export_knn)
+        summary["knn_graph"] = export_knn
+    summary["seconds"] = timer.rounded()
+    return summary
+
+
+def neighbors_from_cache(cache_path: str, key: str, *, k: int = 10, device: str = "auto") -> dict:
+    """A sample's k nearest neighbours: keys, labels, similarity."""
+    from engine.index import query_neighbors
+
+    cache = Cache(cache_path)
+    row = cache.row_of(key)
+    features = cache.load_features()
+    index = load_cached_index(cache, features, device=device)
+    sims, ids = query_neighbors(index, features, row, k=k)
+    labels, keys, names = cache.labels(), cache.keys(), _class_names(cache, cache.labels())
+    label_name = lambda y: names[y] if 0 <= y < len(names) else None  # noqa: E731
+    found = [{"key": keys[i], "label": int(labels[i]), "class": label_name(int(labels[i])),
+              "similarity": round(float(s), 4)} for s, i in zip(sims, ids) if i >= 0]
+    return {"key": key, "row": row, "label": int(labels[row]), "class": label_name(int(labels[row])),
+            "neighbors": found}
+
+
+def _asdict(config) -> dict:
+    from dataclasses import asdict
+
+    return asdict(config)
+
+
 # ---------------------------------------------------------------- tables
 def write_table(path: str, columns: dict) -> None:
     """Write equal-length columns as CSV, or Parquet when `path` ends in .parquet (needs pyarrow)."""
@@ -142,7 +242,3 @@ def write_table(path: str, columns: dict) -> None:
         block = 65536
         for start in range(0, len(arrays[0]), block):
             writer.writerows(zip(*(a[start:start + block].tolist() for a in arrays)))
-
-
-def elapsed(start: float) -> float:
-    return round(time.perf_counter() - start, 3)
