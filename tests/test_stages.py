@@ -78,3 +78,52 @@ def test_write_table_csv_and_bad_suffix(tmp_path):
     assert open(tmp_path / "t.csv").read().splitlines() == ["key,x", "a,1", "b,2"]
     with pytest.raises(EngineError, match="csv or .parquet"):
         write_table(str(tmp_path / "t.txt"), {"x": np.array([1])})
+
+
+@pytest.fixture(scope="module")
+def hard_noise_cache(tmp_path_factory):
+    """A real shapes cache: 10 classes, 40% hard noise (flips to the close partner only)."""
+    from engine.embed import EmbedConfig, embed_shards
+    from engine.synthetic import ShapesConfig, write_shards
+
+    root = tmp_path_factory.mktemp("hard")
+    made = write_shards(root / "shards", ShapesConfig(classes=10, per_shard=150, shards=2, noise="hard",
+                                                      rate=0.4, seed=3))
+    cache = str(root / "c.zarr")
+    embed_shards(made["shards"], cache, EmbedConfig(classes="shapes:10", true_label_key="true_cls", workers=0),
+                 show_progress=False)
+    return cache
+
+
+def test_diagnose_recovers_planted_hard_noise_pairs(hard_noise_cache, tmp_path):
+    from engine.stages import diagnose_from_cache, neighbors_from_cache
+    from engine.synthetic import class_names, partners
+
+    summary = diagnose_from_cache(hard_noise_cache, k=10, top=6, export_knn=str(tmp_path / "knn.npz"))
+    names = class_names(10)
+    partner = {names[a]: names[b] for a, b in enumerate(partners(10))}
+    swaps = summary["swaps"][:4]
+    assert swaps and all(partner[s["label"]] == s["neighbours_say"] for s in swaps), swaps
+    assert 0 < summary["agreement_mean"] < 1
+    arrays, attrs = Cache(hard_noise_cache).read_group("knn")
+    assert arrays["ids"].shape == (300, 10) and attrs["k"] == 10
+    import scipy.sparse
+
+    graph = scipy.sparse.load_npz(tmp_path / "knn.npz")
+    assert graph.shape == (300, 300) and graph.nnz == 3000
+    key = Cache(hard_noise_cache).keys()[7]
+    near = neighbors_from_cache(hard_noise_cache, key, k=5)
+    assert len(near["neighbors"]) == 5 and key not in [n["key"] for n in near["neighbors"]]
+    sims = [n["similarity"] for n in near["neighbors"]]
+    assert sims == sorted(sims, reverse=True)
+
+
+def test_stored_index_is_reused_until_rows_change(hard_noise_cache):
+    from engine.index import IndexConfig
+    from engine.stages import index_from_cache, load_cached_index
+
+    index_from_cache(hard_noise_cache, IndexConfig(kind="flat"))
+    cache = Cache(hard_noise_cache)
+    written = cache.read_group("index")[1]["written"]
+    load_cached_index(cache, cache.load_features())
+    assert Cache(hard_noise_cache).read_group("index")[1]["written"] == written  # not rebuilt
