@@ -201,6 +201,62 @@ def models_(as_json):
     _emit({"bundled": sorted(BUNDLED), "models": names}, as_json, lambda s: s["models"])
 
 
+# ---------------------------------------------------------------- select
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in value.split(",") if x.strip())
+
+
+@cli.command("select")
+@click.option("--cache", default="feats.zarr", show_default=True)
+@click.option("--criteria", default="consistency,loss", show_default=True, help="Comma-separated: consistency, loss.")
+@click.option("--classifiers", default="zeroshot,linear", show_default=True,
+              help="Comma-separated: zeroshot, linear, knn (knn uses the neighbours from `engine diagnose`).")
+@click.option("--theta-cons", type=float, default=0.8, show_default=True, help="Consistency threshold.")
+@click.option("--theta-gmm", type=float, default=0.5, show_default=True, help="Loss-mixture posterior threshold.")
+@click.option("--linear-folds", type=int, default=0, show_default=True,
+              help="0: in-sample linear classifier (the paper); K >= 2: out-of-fold probabilities.")
+@click.option("--knn-k", type=int, default=10, show_default=True, help="Neighbours for the knn classifier.")
+@click.option("--no-fill", is_flag=True, help="Do not fill classes left empty by the intersection.")
+@click.option("--out", default=None, help="selection.csv or selection.parquet: one row per sample in cache order.")
+@click.option("--export-probs", default=None, type=click.Path(file_okay=False),
+              help="Folder for probs_<classifier>.npy, (N, C) float32 (cleanlab pred_probs, FiftyOne).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def select(cache, criteria, classifiers, theta_cons, theta_gmm, linear_folds, knn_k, no_fill, out, export_probs,
+           device, seed, as_json):
+    """Select the samples whose given labels look clean (CLIPCleaner) from the cached features.
+
+    \b
+    Example:
+      engine select --cache feats.zarr --criteria consistency,loss --classifiers zeroshot,linear \
+          --theta-cons 0.8 --theta-gmm 0.5 --out selection.csv --json
+    """
+    from engine.select import SelectConfig
+    from engine.stages import select_from_cache
+
+    config = SelectConfig(criteria=_names(criteria), classifiers=_names(classifiers), theta_cons=theta_cons,
+                          theta_gmm=theta_gmm, linear_folds=linear_folds, fill_empty=not no_fill, device=device,
+                          seed=seed)
+    summary = select_from_cache(cache, config, out=out, probs_dir=export_probs, knn_k=knn_k)
+    _emit(summary, as_json, _select_lines)
+
+
+def _select_lines(s: dict):
+    c = s["counts"]
+    yield f"selected {c['final']} of {s['rows']} samples ({c['final'] / max(1, s['rows']):.1%}); unlabelled: {s['unlabelled']}"
+    yield "  passing each test: " + ", ".join(f"{k} {v}" for k, v in c.items() if "/" in k)
+    yield f"  intersection {c.get('intersection')}, filled in {c.get('filled')} | per class min/median/max: " + \
+        "/".join(str(s["per_class"].get(k)) for k in ("min", "median", "max"))
+    m = s.get("metrics")
+    if m:
+        yield (f"  vs true labels: precision {m['precision']:.3f}, recall {m['recall']:.3f}, F1 {m['f1']:.3f}; "
+               "classifier accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in m["accuracy"].items()))
+    if s.get("out"):
+        yield f"  table: {s['out']}"
+
+
 # ---------------------------------------------------------------- index / diagnose / neighbors
 @cli.command("index")
 @click.option("--cache", default="feats.zarr", show_default=True)

@@ -58,7 +58,21 @@ def run_demo(workdir: str | Path, config: DemoConfig = DemoConfig(), *, show_pro
                                    [str(p) for p in sorted((work / "test-shards").glob("*.tar"))],
                                    test_cache, embed_cfg, show_progress=show_progress)
     summary["caches"] = {"train": train_cache, "test": test_cache}
+    _later_stages(summary, config, work, train_cache, test_cache)
     return summary
+
+
+def _later_stages(summary: dict, config: DemoConfig, work: Path, train_cache: str, test_cache: str) -> None:
+    from engine.select import SelectConfig
+    from engine.stages import diagnose_from_cache, select_from_cache, train_from_cache
+    from engine.train import TrainConfig
+
+    summary["diagnose"] = _stage(summary, "diagnose", diagnose_from_cache, train_cache, k=10, top=5)
+    summary["select"] = _stage(summary, "select", select_from_cache, train_cache, SelectConfig(),
+                               out=str(work / "selection.csv"))
+    train_cfg = TrainConfig(epochs=config.epochs, seed=config.seed)
+    summary["train"] = _stage(summary, "train", train_from_cache, train_cache, train_cfg, eval_cache=test_cache,
+                              out=str(work / "head.pt"), baselines=True)
 
 
 def summary_lines(s: dict):
@@ -67,4 +81,20 @@ def summary_lines(s: dict):
            f"{d['noisy_labels']} with a wrong label ({d['noise_rate']:.1%}); {d['test_images']} clean test images")
     e = s["embed"]
     yield f"embed: {e['rows']} rows at {e['images_per_s']} img/s ({e['model']}, {e['precision']}) -> {s['caches']['train']}"
+    if "diagnose" in s:
+        g = s["diagnose"]
+        yield "diagnose: most confusable classes (image centroids): " + ", ".join(
+            f"{p['a']}/{p['b']}" for p in g["confusable_image"][:4])
+        yield "          labels whose neighbours disagree most: " + ", ".join(
+            f"{w['label']} -> {w['neighbours_say']} ({w['count']})" for w in g["swaps"][:4])
+    if "select" in s:
+        c, m = s["select"]["counts"], s["select"].get("metrics") or {}
+        yield (f"select: kept {c['final']} of {s['select']['rows']} samples; precision {m.get('precision', 0):.3f}, "
+               f"recall {m.get('recall', 0):.3f} (of the correctly labelled), F1 {m.get('f1', 0):.3f}")
+        yield "        classifier accuracy vs true labels: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in m.get("accuracy", {}).items())
+    if "train" in s:
+        t = {row["run"]: row.get("eval_acc") for row in s["train"]["table"]}
+        yield (f"train (linear head, {s['train']['epochs']} epochs) - test accuracy: all noisy labels "
+               f"{t.get('noisy', 0):.3f} | selection only {t.get('selection', 0):.3f} | MixFix {t.get('mixfix', 0):.3f}")
     yield f"time per stage (s): {s['seconds']}"

@@ -44,6 +44,69 @@ def read_selection(cache: Cache) -> np.ndarray:
     return selected.astype(bool)
 
 
+# ---------------------------------------------------------------- select
+def _knn_source(cache: Cache, features, labels, num_classes: int, *, k: int, device: str):
+    """The kNN classifier over the cache's stored neighbour lists (computed when missing or stale)."""
+    from engine import index as ix
+
+    if cache.has_group("knn"):
+        arrays, attrs = cache.read_group("knn")
+        if attrs.get("k") == k and not ix.index_is_stale(
+                ix.IndexInfo(kind="", params={}, rows=cache.num_rows, dim=cache.dim, fingerprint=attrs["fingerprint"]),
+                features, keys=cache.keys()):
+            sims, ids = arrays["similarities"], arrays["ids"]
+            return _wrap_knn(ix.knn_classifier(sims, ids, labels, num_classes))
+    index = load_cached_index(cache, features, device=device)
+    sims, ids = ix.knn_all(index, features, k=k)
+    cache.write_group("knn", {"ids": ids, "similarities": sims},
+                      {"k": k, "fingerprint": index.info.fingerprint, "index": index.info.kind})
+    return _wrap_knn(ix.knn_classifier(sims, ids, labels, num_classes))
+
+
+def _wrap_knn(fn):
+    import torch
+
+    return lambda start, stop: torch.from_numpy(np.asarray(fn(start, stop)))
+
+
+def select_from_cache(cache_path: str, config, *, out: str | None = None, probs_dir: str | None = None,
+                      knn_k: int = 10, show_progress: bool | None = None) -> dict:
+    """CLIPCleaner selection on the cache; results into `selection/`, optional table and P matrices."""
+    from engine.select import select_samples
+
+    cache = Cache(cache_path, mode="a")
+    if cache.num_rows == 0:
+        raise EngineError(f"cache: {cache_path} has no rows; embed or import features first")
+    timer = Timer()
+    with timer("load"):
+        features, labels, true = cache.load_features(), cache.labels(), cache.true_labels()
+    text, mask = cache.text_features() if cache.has_text() else (None, None)
+    num_classes = text.shape[0] if text is not None else len(_class_names(cache, labels))
+    extra = {}
+    if "knn" in config.classifiers:
+        with timer("knn"):
+            extra["knn"] = _knn_source(cache, features, labels, num_classes, k=knn_k, device=config.device)
+    if probs_dir:
+        Path(probs_dir).mkdir(parents=True, exist_ok=True)
+    with timer("select"):
+        result = select_samples(features, labels, text_features=text, text_mask=mask, config=config,
+                                num_classes=num_classes, extra_classifiers=extra, true_labels=true,
+                                probs_dir=probs_dir, show_progress=show_progress)
+    columns = result.columns()
+    summary = {"cache": cache_path, **result.summary(), "seconds": {**timer.rounded(), **result.timings}}
+    cache.write_group("selection", {name.replace("/", "__"): value for name, value in columns.items()},
+                      {k: v for k, v in summary.items() if k != "cache"})
+    if out:
+        table = {"key": cache.keys(), "label": labels, **columns}
+        if true is not None:
+            table["true_label"] = true
+        write_table(out, table)
+        summary["out"] = out
+    if probs_dir:
+        summary["probs"] = sorted(str(p) for p in Path(probs_dir).glob("probs_*.npy"))
+    return summary
+
+
 # ---------------------------------------------------------------- train / predict
 def train_from_cache(cache_path: str, config, *, eval_cache: str | None = None, out: str = "head.pt",
                      baselines: bool = False, resume: bool = False, on_epoch=None) -> dict:

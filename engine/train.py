@@ -71,23 +71,55 @@ def _mlp_head(in_dim: int, num_classes: int, hidden: int) -> nn.Module:
 HEADS = {"linear": _linear_head, "mlp": _mlp_head}
 
 
+class Standardize(nn.Module):
+    """(x - mean) * scale per feature dimension; buffers, so they travel with the head's state.
+
+    Identity until `fit` sets them. L2-normalised CLIP features have per-dimension spreads of
+    about 1/sqrt(D): a head on raw features stays unconfident under the METHOD.md learning rate
+    and weight decay, and MixFix's confidence thresholds are then never reached."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) * self.scale
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor, rows: torch.Tensor, *, block_rows: int = 65536) -> None:
+        """Mean and 1/std over `features[rows]` (rows (M,) int64), accumulated in float64 blocks."""
+        total = torch.zeros(features.shape[1], dtype=torch.float64, device=features.device)
+        square = torch.zeros_like(total)
+        for start in range(0, len(rows), block_rows):
+            block = features[rows[start:start + block_rows]].double()
+            total += block.sum(0)
+            square += (block * block).sum(0)
+        count = max(1, len(rows))
+        mean = total / count
+        std = (square / count - mean * mean).clamp_min(0).sqrt()
+        self.mean.copy_(mean.float())
+        self.scale.copy_(torch.where(std > 1e-8, 1.0 / std.clamp_min(1e-8), torch.ones_like(std)).float())
+
+
 def build_head(kind: str, in_dim: int, num_classes: int, *, hidden: int = 1024,
                generator: torch.Generator | None = None) -> nn.Module:
-    """A head mapping (B, in_dim) float32 features to (B, num_classes) logits, on CPU.
+    """A head mapping (B, in_dim) float32 features to (B, num_classes) logits, on CPU: a
+    `Standardize` layer (identity until fitted) followed by the linear or MLP core.
 
     Linear layers get PyTorch's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and
     bias, drawn from `generator` (a CPU generator; never the global RNG)."""
     if kind not in HEADS:
         raise EngineError(f"head: got {kind!r}, expected one of {', '.join(HEADS)}")
-    head = HEADS[kind](in_dim, num_classes, hidden)
+    core = HEADS[kind](in_dim, num_classes, hidden)
     generator = generator if generator is not None else make_generator(0)
     with torch.no_grad():
-        for layer in head.modules():
+        for layer in core.modules():
             if isinstance(layer, nn.Linear):
                 bound = 1.0 / math.sqrt(layer.in_features)
                 layer.weight.uniform_(-bound, bound, generator=generator)
                 layer.bias.uniform_(-bound, bound, generator=generator)
-    return head
+    return nn.Sequential(Standardize(in_dim), core)
 
 
 def _head_dims(head: nn.Module) -> tuple[int, int]:
@@ -121,6 +153,7 @@ class TrainConfig:
     theta_r: float = 0.8
     theta_r2: float = 0.8
     mixfix: bool = True
+    standardize: bool = True          # per-dimension standardisation fitted on the labelled rows
     relabel_unlabelled: bool = False
     val_fraction: float = 0.0
     block_rows: int = 65536
@@ -472,6 +505,8 @@ def _new_run(data: _Data, config: TrainConfig, device: torch.device) -> _Run:
     generator = make_generator(config.seed)
     head = build_head(config.head, data.features.shape[1], data.num_classes, hidden=config.hidden,
                       generator=generator).to(device)
+    if config.standardize:
+        head[0].fit(data.features, torch.nonzero(data.labels >= 0).squeeze(1), block_rows=config.block_rows)
     optimizer = torch.optim.SGD(head.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay, fused=device.type == "cuda" or None)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.resolved_milestones()),
