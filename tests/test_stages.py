@@ -127,3 +127,55 @@ def test_stored_index_is_reused_until_rows_change(hard_noise_cache):
     written = cache.read_group("index")[1]["written"]
     load_cached_index(cache, cache.load_features())
     assert Cache(hard_noise_cache).read_group("index")[1]["written"] == written  # not rebuilt
+
+
+def test_select_on_a_real_shapes_cache_then_cli_table(hard_noise_cache, tmp_path):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    out = tmp_path / "selection.csv"
+    r = CliRunner().invoke(cli, ["select", "--cache", hard_noise_cache, "--out", str(out), "--json",
+                                "--export-probs", str(tmp_path / "probs")])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    m = summary["metrics"]
+    assert m["precision"] > 0.8 and m["recall"] > 0.5, m
+    assert summary["counts"]["final"] <= min(v for k, v in summary["counts"].items() if "/" in k) + \
+        summary["counts"].get("filled", 0)
+    rows = list(csv.DictReader(open(out)))
+    cache = Cache(hard_noise_cache)
+    assert [row["key"] for row in rows] == cache.keys().tolist()
+    assert list(rows[0])[:3] == ["key", "label", "selected"]
+    selected = read_selection(cache)
+    assert [row["selected"] == "True" for row in rows] == selected.tolist()
+    probs = np.load(tmp_path / "probs" / "probs_zeroshot.npy")
+    assert probs.shape == (300, 10) and np.allclose(probs.sum(1), 1, atol=1e-4)
+
+
+def test_select_with_knn_and_bad_options(hard_noise_cache):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    r = CliRunner().invoke(cli, ["select", "--cache", hard_noise_cache, "--classifiers", "zeroshot,linear,knn",
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    assert "knn/consistency" in json.loads(r.stdout)["counts"]
+    r = CliRunner().invoke(cli, ["select", "--cache", hard_noise_cache, "--classifiers", "zeroshot,forest"])
+    assert r.exit_code == 2 and "forest" in r.stderr and "zeroshot" in r.stderr
+    r = CliRunner().invoke(cli, ["select", "--cache", hard_noise_cache, "--theta-cons", "1.5"])
+    assert r.exit_code == 2 and "theta_cons" in r.stderr
+
+
+def test_select_without_text_names_engine_prompts(tmp_path):
+    np.savez(tmp_path / "f.npz", features=np.random.default_rng(0).standard_normal((40, 8)),
+             labels=np.arange(40) % 4)
+    import_npz(str(tmp_path / "f.npz"), str(tmp_path / "c.zarr"))
+    from engine.select import SelectConfig
+    from engine.stages import select_from_cache
+
+    with pytest.raises(EngineError, match="engine prompts"):
+        select_from_cache(str(tmp_path / "c.zarr"), SelectConfig())
+    summary = select_from_cache(str(tmp_path / "c.zarr"), SelectConfig(classifiers=("linear",)))
+    assert summary["rows"] == 40
