@@ -11,7 +11,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 run() { echo "=== $*"; timeout "$1" "${@:2}" 2>&1 | grep -v -E "Warning|warn\(" | tail -25; }
 run 150 python3 benchmarks/bench_embed.py --gpu --shards 8 --per-shard 1000 --workers 12 --batch 512
-[ -f benchmarks/bench_select.py ] && run 200 python3 benchmarks/bench_select.py --large-only --device cuda
-run 150 python3 benchmarks/bench_train.py --device cuda --epochs 2 --naive-iters 30
+# select and train GPU figures: benchmarks/results/select-gpu-*.json, train-gpu-*.json
+# [ -f benchmarks/bench_select.py ] && run 200 python3 benchmarks/bench_select.py --large-only --device cuda
+# run 150 python3 benchmarks/bench_train.py --device cuda --epochs 2 --naive-iters 30
 cp benchmarks/results/*.json "$OUT"/ 2>/dev/null
 ls "$OUT"
