@@ -123,7 +123,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--per-shard", type=int, default=500)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None, help="default: the engine's own choice")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--gpu", action="store_true", help="ViT-B-32 random weights, bf16, on CUDA")
@@ -139,14 +139,17 @@ def main() -> None:
     shards = sorted(str(s) for s in (work / "shards").glob("*.tar"))
     loaded = load_model(model, pretrained, device=device)
     rows = {}
-    rows["a_input_only"] = input_only(shards, loaded.preprocess, workers=args.workers, batch=args.batch)
+    from engine.embed import plan_cpu_split
+
+    workers = plan_cpu_split(args.workers, device)[0]
+    rows["a_input_only"] = input_only(shards, loaded.preprocess, workers=workers, batch=args.batch)
     rows["b_naive"] = naive(shards, loaded, tempfile.mkdtemp(dir=work), batch=args.batch, device=device)
     rows["c_engine"], summary = engine_run(shards, work / "c.zarr", model=model, pretrained=pretrained,
                                            workers=args.workers, batch=args.batch, precision=precision,
                                            device=str(device))
     ratios = {"c/a": rows["c_engine"] / rows["a_input_only"], "c/b": rows["c_engine"] / rows["b_naive"]}
     result = {"images": len(shards) * args.per_shard, "model": model, "device": str(device),
-              "workers": args.workers, "batch": args.batch, "images_per_s": {k: round(v, 1) for k, v in rows.items()},
+              "workers": workers, "model_threads": summary.get("model_threads"), "precision": summary["precision"], "batch": args.batch, "images_per_s": {k: round(v, 1) for k, v in rows.items()},
               "ratios": {k: round(v, 2) for k, v in ratios.items()}, "engine_seconds": summary["seconds"]}
     if not args.gpu:
         result["precision_cpu"] = precision_probe(loaded, device)

@@ -106,7 +106,8 @@ def make_shards(out_dir, num_classes, per_shard, shards, noise, rate, seed, pref
 @click.option("--label-key", default="cls", show_default=True, help="Sample field with the label, or json:FIELD.")
 @click.option("--true-label-key", default=None, help="Sample field with the true label (evaluation only).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True, help="DataLoader workers decoding images.")
+@click.option("--workers", type=int, default=None,
+              help="DataLoader workers decoding images (default: half the cores on CPU, up to 8 on GPU).")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad sample instead of skipping it.")

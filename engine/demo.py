@@ -27,7 +27,7 @@ class DemoConfig:
     rate: float = 0.4
     seed: int = 0
     epochs: int = 30
-    workers: int = 2
+    workers: int | None = None
 
 
 def _stage(summary: dict, name: str, fn, *args, **kwargs):

@@ -34,7 +34,7 @@ class EmbedConfig:
     label_key: str | None = "cls"
     true_label_key: str | None = None
     batch_size: int = 256
-    workers: int = 2
+    workers: int | None = None        # None: half the cores on CPU (at least 1), up to 8 on GPU
     precision: str = "auto"
     device: str = "auto"
     strict: bool = False
@@ -42,8 +42,22 @@ class EmbedConfig:
     def __post_init__(self):
         if self.batch_size < 1:
             raise EngineError(f"batch-size: got {self.batch_size}, expected a positive integer")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise EngineError(f"workers: got {self.workers}, expected 0 or more")
+
+
+def plan_cpu_split(workers: int | None, device: torch.device) -> tuple[int, int | None]:
+    """(DataLoader workers, torch threads for the model or None to leave as is).
+
+    On CPU the decoding workers and the model share the cores: measured on 2 cores, 1 worker
+    and 1 model thread embedded 1.6x faster than 2 workers and 2 threads (oversubscription).
+    So the default is half the cores for workers, and the model gets the cores they leave."""
+    cores = max(1, len(os.sched_getaffinity(0)))
+    if workers is None:
+        workers = min(8, cores) if device.type == "cuda" else max(1, cores // 2)
+    if device.type != "cpu":
+        return workers, None
+    return workers, max(1, min(torch.get_num_threads(), cores - workers))
 
 
 class _Writer(threading.Thread):
@@ -173,13 +187,19 @@ def embed_shards(specs: list[str], cache_path: str, config: EmbedConfig, *, rank
     index = cache.register_shards(pending)
     writer = _Writer(cache, consolidate=rank == 0, timer=timer)
     writer.start()
+    workers, threads = plan_cpu_split(config.workers, device)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    summary["workers"], summary["model_threads"] = workers, torch.get_num_threads()
     with timer("embed_loop"):  # until the last shard is committed
         try:
             new_rows = _run_loop([(index[u], u) for u in pending], loaded, config, device, dtype, writer,
-                                 timer, show_progress)
+                                 timer, show_progress, workers=workers)
         finally:
             writer.inbox.put(None)
             writer.join()
+            torch.set_num_threads(before)
     if writer.error is not None:
         raise writer.error
     if rank == 0:
@@ -189,14 +209,14 @@ def embed_shards(specs: list[str], cache_path: str, config: EmbedConfig, *, rank
                    device=device, dtype=dtype)
 
 
-def _run_loop(shards, loaded, config, device, dtype, writer, timer, show_progress) -> int:
+def _run_loop(shards, loaded, config, device, dtype, writer, timer, show_progress, *, workers: int) -> int:
     reader = ShardReader(shards, loaded.preprocess, ReaderConfig(
         label_key=config.label_key, true_label_key=config.true_label_key,
         batch_size=config.batch_size, strict=config.strict))
     loader = torch.utils.data.DataLoader(
-        reader, batch_size=None, num_workers=min(config.workers, len(shards)),
+        reader, batch_size=None, num_workers=min(workers, len(shards)),
         worker_init_fn=worker_init_single_thread, pin_memory=device.type == "cuda",
-        persistent_workers=False, prefetch_factor=4 if config.workers else None)
+        persistent_workers=False, prefetch_factor=4 if min(workers, len(shards)) else None)
     rows = 0
     bar = progress(desc="embed", unit="img", disable=None if show_progress is None else not show_progress)
     batches = iter(loader)

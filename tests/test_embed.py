@@ -55,19 +55,34 @@ def test_round_trip(clean_cache, shard_paths):
     assert text.shape[:2] == mask.shape and text.shape[0] == 20
 
 
-def test_features_match_direct_model_call(clean_cache, shard_paths):
+@pytest.mark.parametrize("precision,atol", [("fp32", 2e-3), ("bf16", 2e-2)])
+def test_features_match_direct_model_call(tmp_path, shard_paths, precision, atol):
     import torch
 
     from engine.models import load_model
     from engine.reader import decode_image
 
+    path = tmp_path / "c.zarr"
+    _embed([shard_paths[0]], path, precision=precision)
+    cache = Cache(path)
+    assert cache.manifest["precision"] == precision
     m = load_model("shapes-tiny")
     sample = next(iter(wds.WebDataset(shard_paths[0], shardshuffle=False)))
-    with torch.inference_mode():
+    with torch.inference_mode():  # the reference always in fp32: bf16 must stay close to it
         ref = m.model.encode_image(m.preprocess(decode_image(sample))[None], normalize=True)[0].numpy()
-    cache = Cache(clean_cache[0])
-    got = cache.read_features(cache.row_of(sample["__key__"]), cache.row_of(sample["__key__"]) + 1)[0]
-    assert np.abs(got.astype(np.float32) - ref).max() < 2e-3
+    row = cache.row_of(sample["__key__"])
+    assert np.abs(cache.read_features(row, row + 1)[0].astype(np.float32) - ref).max() < atol
+
+
+def test_cpu_split_leaves_the_model_the_cores_the_workers_do_not_use():
+    import torch
+
+    from engine.embed import plan_cpu_split
+
+    cores = len(__import__("os").sched_getaffinity(0))
+    workers, threads = plan_cpu_split(None, torch.device("cpu"))
+    assert workers == max(1, cores // 2) and 1 <= threads <= max(1, cores - workers)
+    assert plan_cpu_split(3, torch.device("cuda"))[1] is None
 
 
 def test_rerun_skips_and_appends(clean_cache, tmp_path, shard_paths):
