@@ -237,6 +237,9 @@ def select(cache, criteria, classifiers, theta_cons, theta_gmm, linear_folds, kn
     from engine.select import SelectConfig
     from engine.stages import select_from_cache
 
+    from engine.stages import check_table_path
+
+    check_table_path(out)
     config = SelectConfig(criteria=_names(criteria), classifiers=_names(classifiers), theta_cons=theta_cons,
                           theta_gmm=theta_gmm, linear_folds=linear_folds, fill_empty=not no_fill, device=device,
                           seed=seed)

@@ -78,16 +78,15 @@ def is_local(path: str) -> bool:
 class Cache:
     """A feature cache opened read-only (`mode="r"`) or for writing (`mode="a"`)."""
 
-    def __init__(self, path: str | os.PathLike, *, mode: str = "r"):
+    def __init__(self, path: str | os.PathLike, *, mode: str = "r", create: bool = False):
+        """`mode` "r" (read-only) or "a" (read-write); only `create=True` (embed, import) may
+        make a new cache, so a mistyped path is an error, not a stray directory."""
         self.path = str(path)
         self.mode = mode
-        if mode == "r":
-            if is_local(self.path) and not Path(self.path, "zarr.json").is_file():
-                raise EngineError(f"cache: {self.path!r} is not a feature cache (no zarr.json); "
-                                  "create one with `engine embed` or `engine import`")
-            self.root = zarr.open_group(self.path, mode="r")
-        else:
-            self.root = zarr.open_group(self.path, mode="a")
+        if not create and is_local(self.path) and not Path(self.path, "zarr.json").is_file():
+            raise EngineError(f"cache: {self.path!r} is not a feature cache (no zarr.json); "
+                              "create one with `engine embed` or `engine import`")
+        self.root = zarr.open_group(self.path, mode="r" if mode == "r" else "a")
         attrs = dict(self.root.attrs)
         if attrs and attrs.get("format") != FORMAT:
             raise EngineError(f"cache: {self.path!r} is a Zarr group but not an engine cache")
@@ -141,6 +140,7 @@ class Cache:
         fd = os.open(self.path, os.O_RDONLY)  # flock on the directory itself: no extra file
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            self.root = zarr.open_group(self.path, mode="a")  # another process may have changed it
             yield
         finally:
             os.close(fd)  # closing releases the lock
@@ -179,8 +179,9 @@ class Cache:
         group = staging.create_group(sid)
         n = len(keys)
         rows = max(1, n)
-        group.create_array("features", data=features.astype(np.float16, copy=False).reshape(n, -1),
-                           chunks=(rows, features.shape[-1]), compressors=_feature_codec())
+        dim = int(self.manifest["dim"])
+        group.create_array("features", data=features.astype(np.float16, copy=False).reshape(n, dim),
+                           chunks=(rows, dim), compressors=_feature_codec())
         group.create_array("keys", data=as_strings(keys).reshape(n), chunks=(rows,))
         for name, data in (("labels", labels), ("true_labels", true_labels), ("shard", np.full(n, index)),
                            ("position", positions)):

@@ -119,10 +119,19 @@ def parse_class_document(doc: dict, *, source: str = "<document>") -> ClassSet:
     if not isinstance(doc, dict) or not isinstance(doc.get("classes"), list) or not doc["classes"]:
         raise EngineError(f"classes: {source} needs a non-empty list under 'classes'")
     templates = doc.get("templates") or ["a photo of a {name}"]
-    if any("{name}" not in t for t in templates):
-        raise EngineError(f"classes: {source}: every template must contain {{name}}; got {templates}")
+    for t in templates:
+        try:
+            ok = isinstance(t, str) and "{name}" in t and t.format(name="x") is not None
+        except (KeyError, IndexError, ValueError):
+            ok = False
+        if not ok:
+            raise EngineError(f"classes: {source}: every template must be a string with {{name}} as its only "
+                              f"placeholder; got {t!r}")
     suffix = doc.get("suffix", ".")
     entries = doc["classes"]
+    if not all(isinstance(e, dict) for e in entries):
+        bad = next(e for e in entries if not isinstance(e, dict))
+        raise EngineError(f"classes: {source}: each class must be an object like {{\"name\": ...}}, got {bad!r}")
     indices = [e.get("index", i) for i, e in enumerate(entries)]
     if sorted(indices) != list(range(len(entries))):
         raise EngineError(f"classes: {source}: indices must be 0..{len(entries) - 1} exactly once; "
@@ -131,6 +140,11 @@ def parse_class_document(doc: dict, *, source: str = "<document>") -> ClassSet:
     for k, entry in enumerate(ordered):
         if not isinstance(entry.get("name"), str) or not entry["name"].strip():
             raise EngineError(f"classes: {source}: class {k} has no name")
+        for field in ("aliases", "descriptions"):
+            value = entry.get(field, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise EngineError(f"classes: {source}: class {k} ({entry['name']}): {field} must be a list of "
+                                  f"strings, got {value!r}")
     return ClassSet(name=str(doc.get("name", source)),
                     class_names=tuple(e["name"] for e in ordered),
                     prompts=tuple(_class_prompts(e, templates, suffix) for e in ordered))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.embed import EmbedConfig, embed_shards
+from engine.runtime import EngineError
 from engine.synthetic import ShapesConfig, write_shards
 
 _logger = logging.getLogger(__name__)
@@ -37,9 +38,32 @@ def _stage(summary: dict, name: str, fn, *args, **kwargs):
     return result
 
 
+_MARKER = ".engine-demo"
+_OUTPUTS = ("shards", "test-shards", "train.zarr", "test.zarr", "selection.csv", "head.pt", "head.metrics.jsonl",
+            "head.pt.state")
+
+
+def _fresh_workdir(work: Path) -> Path:
+    """An empty or earlier-demo folder, emptied of the demo's own outputs (cached shards of an
+    earlier run with other settings would otherwise be skipped as done)."""
+    import shutil
+
+    if work.exists() and any(work.iterdir()) and not (work / _MARKER).exists():
+        raise EngineError(f"workdir: {work} exists and is not a demo folder; give an empty or new --workdir")
+    for name in _OUTPUTS:
+        target = work / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / _MARKER).write_text("made by engine demo\n")
+    return work
+
+
 def run_demo(workdir: str | Path, config: DemoConfig = DemoConfig(), *, show_progress: bool | None = None) -> dict:
     """Run every stage into `workdir`; returns a summary of what was found."""
-    work = Path(workdir)
+    work = _fresh_workdir(Path(workdir))
     summary: dict = {"workdir": str(work)}
     train = ShapesConfig(classes=config.classes, per_shard=config.per_shard, shards=config.train_shards,
                          noise=config.noise, rate=config.rate, seed=config.seed, prefix="train")

@@ -96,7 +96,7 @@ class _Writer(threading.Thread):
             self.cache.mark_failed(shard, record)
             self.failed.append(record)
             return
-        feats = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 1), np.float16)
+        feats = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, self.cache.dim), np.float16)
         cat = (lambda name: np.concatenate([getattr(p[1], name) for p in parts]) if parts
                else np.zeros(0, np.int32))
         keys = [k for p in parts for k in p[1].keys]
@@ -124,6 +124,9 @@ def write_prompts(cache_path: str, classes: str, *, device: str = "auto") -> dic
     identity = cache.identity
     if not identity:
         raise EngineError(f"cache: {cache_path} has no model recorded; embed or import features first")
+    if identity.get("pretrained") == "imported":
+        raise EngineError(f"cache: {cache_path} holds imported features; their text features must be imported "
+                          "too (text_features in the .npz), since the model that made them is not known here")
     class_set = load_classes(classes)
     torch_device = resolve_device(device)
     loaded = models.load_model(identity["model"], _weights_spec(identity), device=torch_device)
@@ -163,10 +166,13 @@ def embed_shards(specs: list[str], cache_path: str, config: EmbedConfig, *, rank
                  world_size: int = 1, show_progress: bool | None = None) -> dict:
     """Embed every image of `specs` into `cache_path` once; returns a summary dict."""
     started = time.perf_counter()
+    if world_size > 1:
+        raise EngineError(f"embed: launched as rank {rank} of {world_size}, but this version embeds in one "
+                          "process; run it without torchrun (several processes would race on the manifest)")
     urls = expand_shards(specs)
     device = resolve_device(config.device)
     dtype = resolve_precision(config.precision, device)
-    cache = Cache(cache_path, mode="a")
+    cache = Cache(cache_path, mode="a", create=True)
     _check_identity_early(cache, config)
     if cache.identity:
         cache.consolidate()  # finish shards staged by an interrupted run
@@ -191,7 +197,7 @@ def embed_shards(specs: list[str], cache_path: str, config: EmbedConfig, *, rank
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    summary["workers"], summary["model_threads"] = workers, torch.get_num_threads()
+    summary["workers"], summary["model_threads"] = min(workers, len(pending)), torch.get_num_threads()
     with timer("embed_loop"):  # until the last shard is committed
         try:
             new_rows = _run_loop([(index[u], u) for u in pending], loaded, config, device, dtype, writer,
@@ -217,8 +223,15 @@ def _run_loop(shards, loaded, config, device, dtype, writer, timer, show_progres
         reader, batch_size=None, num_workers=min(workers, len(shards)),
         worker_init_fn=worker_init_single_thread, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if min(workers, len(shards)) else None)
-    rows = 0
     bar = progress(desc="embed", unit="img", disable=None if show_progress is None else not show_progress)
+    try:
+        return _consume(loader, loaded, device, dtype, writer, timer, bar)
+    finally:
+        bar.close()
+
+
+def _consume(loader, loaded, device, dtype, writer, timer, bar) -> int:
+    rows = 0
     batches = iter(loader)
     with torch.inference_mode():
         while True:
@@ -237,8 +250,10 @@ def _run_loop(shards, loaded, config, device, dtype, writer, timer, show_progres
                 bar.update(len(batch.keys))
             if writer.error is not None:
                 raise writer.error
+            if batch.outcome is not None and batch.outcome.fatal:
+                raise EngineError(batch.outcome.error)
+            batch.images = None  # the writer keeps only features and metadata
             writer.inbox.put((batch.shard, features, batch, batch.outcome))
-    bar.close()
     return rows
 
 

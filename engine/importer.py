@@ -43,8 +43,15 @@ def _validate(data, path: str) -> dict:
     out["keys"] = keys
     true = np.asarray(data["true_labels"]) if "true_labels" in data else np.full(n, -1)
     _require(true.shape == (n,), f"true_labels: expected shape ({n},), got {true.shape}")
+    _require(np.issubdtype(true.dtype, np.integer) and (true.size == 0 or true.min() >= -1),
+             f"true_labels: expected integers >= -1, got dtype {true.dtype}")
     out["true_labels"] = true.astype(np.int32)
     out.update(_validate_text(data, features.shape[1], labels))
+    if "class_names" in data and "class_names" not in out:
+        names = np.asarray(data["class_names"]).astype(str)
+        _require(names.ndim == 1 and labels.max() < len(names),
+                 f"class_names: expected (C,) with C > max label {labels.max()}, got {names.shape}")
+        out["class_names"] = names
     return out
 
 
@@ -85,7 +92,7 @@ def import_npz(path: str, cache_path: str, *, model_name: str | None = None) -> 
     _require((norms > 0).all(), f"features: {(norms == 0).sum()} rows are all zeros (first: row {np.argmax(norms == 0)})")
     renormalised = int((np.abs(norms - 1) > 1e-3).sum())
     features = (features / norms[:, None]).astype(np.float16)
-    cache = Cache(cache_path, mode="a")
+    cache = Cache(cache_path, mode="a", create=True)
     identity = {"model": model_name, "pretrained": "imported", "embed_dim": int(features.shape[1])}
     if not model_name:
         identity.update(model=f"import:{Path(path).name}", sha256=_sha256(path))
@@ -97,6 +104,11 @@ def import_npz(path: str, cache_path: str, *, model_name: str | None = None) -> 
                       true_labels=data["true_labels"], positions=np.arange(n, dtype=np.int32),
                       outcome={"url": url, "samples": n, "bad": [], "missing_labels": int((data["labels"] < 0).sum())})
     cache.consolidate()
+    if "class_names" in data and "text" not in data:
+        with cache.lock():
+            manifest = cache.manifest
+            manifest["class_names"] = data["class_names"].tolist()
+            cache._write_manifest(manifest)
     if "text" in data:
         class_set = ClassSet(name="imported", class_names=tuple(data["class_names"].tolist()),
                              prompts=tuple(("<imported>",) * int(m.sum()) for m in data["mask"]))

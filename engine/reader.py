@@ -21,6 +21,7 @@ from PIL import Image
 
 from engine.runtime import EngineError
 
+
 _logger = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -121,6 +122,7 @@ class ShardOutcome:
     bad: list = field(default_factory=list)        # [(key, reason)]
     missing_labels: int = 0
     error: str | None = None
+    fatal: bool = False             # --strict: the run must stop (raised in the main process)
     read_seconds: float = 0.0
 
 
@@ -135,6 +137,16 @@ class Batch:
     labels: np.ndarray              # (B,) int32, -1 = missing
     true_labels: np.ndarray         # (B,) int32, -1 = missing
     outcome: ShardOutcome | None = None
+
+    def pin_memory(self) -> "Batch":
+        """Called by the DataLoader's pin-memory thread (GPU runs): page-locked images."""
+        if self.images is not None and self.images.numel():
+            self.images = self.images.pin_memory()
+        return self
+
+
+class _StrictStop(Exception):
+    """A bad sample under --strict: ends the shard; the main process raises."""
 
 
 @dataclass(frozen=True)
@@ -179,9 +191,9 @@ class ShardReader(torch.utils.data.IterableDataset):
                     yield self._collate(index, pending)
                     pending, start = [], time.perf_counter()
             check_end_of_archive(url)
+        except _StrictStop as stop:
+            outcome.error, outcome.fatal = str(stop), True
         except Exception as err:  # a truncated or unreadable tar: the shard fails as a whole
-            if isinstance(err, EngineError):
-                raise
             first = str(err).split(" @ ")[0].splitlines()[0] if str(err) else ""
             outcome.error = f"{type(err).__name__}: {first}"[:300] + f" (after sample {position + 1})"
         outcome.samples = position + 1
@@ -196,7 +208,7 @@ class ShardReader(torch.utils.data.IterableDataset):
             image = self.preprocess(decode_image(sample))
         except ValueError as err:
             if self.config.strict:
-                raise EngineError(f"bad sample {key} in {outcome.url}: {err} (--strict)") from None
+                raise _StrictStop(f"bad sample {key} in {outcome.url}: {err} (--strict)") from None
             outcome.bad.append((key, str(err)[:200]))
             return None
         label = parse_label(sample, self.config.label_key)

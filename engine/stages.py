@@ -74,6 +74,7 @@ def select_from_cache(cache_path: str, config, *, out: str | None = None, probs_
     """CLIPCleaner selection on the cache; results into `selection/`, optional table and P matrices."""
     from engine.select import select_samples
 
+    check_table_path(out)
     cache = Cache(cache_path, mode="a")
     if cache.num_rows == 0:
         raise EngineError(f"cache: {cache_path} has no rows; embed or import features first")
@@ -113,6 +114,8 @@ def train_from_cache(cache_path: str, config, *, eval_cache: str | None = None, 
     """MixFix (and optionally the two baselines) on the cache's features and latest selection."""
     from engine.train import save_head, train_head, train_with_baselines
 
+    if resume and baselines:
+        raise EngineError("resume: --resume continues one MixFix run; it cannot be combined with --baselines")
     cache = Cache(cache_path, mode="a")
     selected = read_selection(cache)
     timer = Timer()
@@ -163,6 +166,7 @@ def predict_from_cache(head_path: str, cache_path: str, *, out: str | None = Non
     """Apply a trained head to every row of a cache; optional CSV `key,label,pred,conf[,true_label]`."""
     from engine.train import load_head, predict
 
+    check_table_path(out)
     cache = Cache(cache_path)
     head = load_head(head_path, feature_dim=cache.dim, feature_identity=cache.identity)
     pred, conf, _ = predict(head, cache.load_features(), device=device)
@@ -282,9 +286,16 @@ def _asdict(config) -> dict:
 
 
 # ---------------------------------------------------------------- tables
+def check_table_path(path: str | None) -> None:
+    """Fail before any work when an output table path has an unknown suffix."""
+    if path is not None and not str(path).endswith((".csv", ".parquet")):
+        raise EngineError(f"out: got {str(path)!r}, expected a .csv or .parquet path")
+
+
 def write_table(path: str, columns: dict) -> None:
     """Write equal-length columns as CSV, or Parquet when `path` ends in .parquet (needs pyarrow)."""
     path = str(path)
+    check_table_path(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     if path.endswith(".parquet"):
         try:
@@ -295,8 +306,6 @@ def write_table(path: str, columns: dict) -> None:
         pq.write_table(pa.table({k: np.asarray(v).tolist() if np.asarray(v).dtype == object else np.asarray(v)
                                  for k, v in columns.items()}), path)
         return
-    if not path.endswith(".csv"):
-        raise EngineError(f"out: got {path!r}, expected a .csv or .parquet path")
     names = list(columns)
     arrays = [np.asarray(columns[n]) for n in names]
     with open(path, "w", newline="") as handle:

@@ -620,7 +620,7 @@ def _check_resumable(path: Path, saved: dict, data: _Data, config: TrainConfig) 
 
 def _load_state(path: Path, run: _Run, data: _Data, config: TrainConfig) -> _State:
     """Restore head, optimizer, schedule and both RNGs from `path`; returns the saved progress."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = _read_torch_file(path, "resume state")
     _check_resumable(path, saved, data, config)
     run.head.load_state_dict(saved["head"])
     run.optimizer.load_state_dict(saved["optimizer"])
@@ -764,6 +764,13 @@ def save_head(path: str | Path, result: TrainResult, *, class_names, feature_ide
     return path
 
 
+def _read_torch_file(path: Path, what: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling raises many types for a file that isn't ours
+        raise EngineError(f"{what}: {path} is not a file this engine wrote ({type(err).__name__})") from None
+
+
 def load_head(path: str | Path, *, feature_dim: int | None = None,
               feature_identity: dict | None = None) -> HeadCheckpoint:
     """Read a head written by `save_head`. With `feature_dim` / `feature_identity`, refuse a head
@@ -771,7 +778,7 @@ def load_head(path: str | Path, *, feature_dim: int | None = None,
     path = Path(path)
     if not path.is_file():
         raise EngineError(f"head: got {str(path)!r}, expected an existing file written by save_head")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = _read_torch_file(path, "head")
     if not isinstance(saved, dict) or saved.get("format") != HEAD_FORMAT:
         raise EngineError(f"head: {path} is not an {HEAD_FORMAT} file")
     if feature_dim is not None and feature_dim != saved["in_dim"]:

@@ -62,3 +62,14 @@ def test_encode_prompts_pads_and_masks():
     assert mask.tolist() == [[True, True], [True, False]]
     assert np.allclose(np.linalg.norm(feats[mask].astype(np.float32), axis=1), 1, atol=1e-2)
     assert not feats[1, 1].any()
+
+
+@pytest.mark.parametrize("doc,match", [
+    ({"classes": ["cat", "dog"]}, "must be an object"),
+    ({"templates": ["a {label} of {name}"], "classes": [{"name": "a"}]}, "only placeholder"),
+    ({"classes": [{"name": "a", "descriptions": "round"}]}, "list of strings"),
+    ({"classes": [{"name": "a", "aliases": [3]}]}, "list of strings"),
+])
+def test_wrong_types_are_clear_errors(doc, match):
+    with pytest.raises(EngineError, match=match):
+        parse_class_document(doc)

@@ -200,3 +200,46 @@ def test_killed_run_resumes_to_the_same_cache(tmp_path, clean_cache, shard_paths
     cache = Cache(path)
     assert cache.num_rows == 120 and len(set(cache.keys())) == 120
     assert all(s["status"] == "done" for s in cache.manifest["shards"])
+
+
+def test_shard_without_any_good_sample_is_done_with_zero_rows(tmp_path, shard_paths):
+    samples = list(wds.WebDataset(shard_paths[0], shardshuffle=False))[:3]
+    bad = [{"__key__": s["__key__"], "jpg": b"garbage", "cls": b"1"} for s in samples]
+    shard = tmp_path / "allbad.tar"
+    _write_shard(shard, bad)
+    path = tmp_path / "c.zarr"
+    _embed([shard_paths[1]], path)
+    summary = _embed([str(shard)], path)
+    assert summary["bad_samples"] == 3 and summary["rows"] == 40 and not summary["failed"]
+    assert Cache(path).manifest["shards"][1]["status"] == "done"
+
+
+def test_strict_stops_with_one_line_and_commits_nothing_of_that_shard(tmp_path, shard_paths):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    samples = list(wds.WebDataset(shard_paths[0], shardshuffle=False))[:4]
+    rows = [{k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"} for s in samples]
+    rows[2]["jpg"] = b"broken"
+    shard = tmp_path / "bad.tar"
+    _write_shard(shard, rows)
+    r = CliRunner().invoke(cli, ["embed", str(shard), "--cache", str(tmp_path / "c.zarr"), "--strict",
+                                 "--workers", "1", "--classes", "shapes:20"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip().count("\n") == 0 and "--strict" in r.stderr and rows[2]["__key__"] in r.stderr
+    assert Cache(tmp_path / "c.zarr").num_rows == 0
+
+
+def test_a_mistyped_cache_path_is_an_error_not_a_new_directory(tmp_path):
+    from engine.select import SelectConfig
+    from engine.stages import select_from_cache
+
+    with pytest.raises(EngineError, match="not a feature cache"):
+        select_from_cache(str(tmp_path / "typo.zarr"), SelectConfig())
+    assert not (tmp_path / "typo.zarr").exists()
+
+
+def test_several_ranks_are_refused_before_any_work(tmp_path, shard_paths):
+    with pytest.raises(EngineError, match="one process"):
+        embed_shards(shard_paths, str(tmp_path / "c.zarr"), CFG, rank=0, world_size=2)
