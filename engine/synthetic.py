@@ -33,8 +33,8 @@ COLOURS = {
 }
 # aspect ratio range (long side / short side) and number of polygon vertices (0 = smooth)
 SHAPES = {
-    "circle": ((1.0, 1.1), 0), "ellipse": ((1.08, 1.45), 0),
-    "square": ((1.0, 1.1), 4), "rectangle": ((1.08, 1.5), 4),
+    "circle": ((1.0, 1.1), 0), "ellipse": ((1.12, 1.5), 0),
+    "square": ((1.0, 1.1), 4), "rectangle": ((1.15, 1.6), 4),
     "pentagon": ((1.0, 1.05), 5), "hexagon": ((1.0, 1.05), 6),
     "triangle": ((1.0, 1.1), 3), "star": ((1.0, 1.05), -5), "cross": ((1.0, 1.05), -4),
 }
