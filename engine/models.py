@@ -13,6 +13,7 @@ that the cache records, so features from different models are never mixed.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -50,7 +51,14 @@ class LoadedModel:
         return self
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) so large checkpoints are read once."""
+    stat = os.stat(path)
+    return _sha256_cached(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_cached(path: str, _size: int, _mtime_ns: int, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(chunk), b""):

@@ -481,23 +481,6 @@ class SelectionResult:
         return out
 
 
-def write_probs(path, log_probs_fn: LogProbsFn, *, rows: int, num_classes: int, block_rows: int,
-                show_progress: bool | None = None) -> Path:
-    """Write P = exp(log_probs_fn(start, stop)) as one (rows, num_classes) float32 .npy, block by block
-    through a memory map (the layout of cleanlab's `pred_probs` and FiftyOne); never holds N x C."""
-    path = Path(path)
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, num_classes))
-    disable = None if show_progress is None else not show_progress
-    with progress(total=rows, desc=f"probs {path.name}", unit="row", disable=disable) as bar:
-        for start in range(0, rows, block_rows):
-            stop = min(rows, start + block_rows)
-            out[start:stop] = torch.as_tensor(log_probs_fn(start, stop)).float().exp().cpu().numpy()
-            bar.update(stop - start)
-    out.flush()
-    del out
-    return path
-
-
 # ----------------------------------------------------------------------------- pipeline
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from engine.runtime import EngineError
 from engine.select import (ClassGroups, SelectConfig, classifier_accuracy, fill_empty_classes, fit_mixtures,
                            noise_scores, normalise_loss, score_block, select_samples, selection_metrics,
-                           two_means_init, write_probs)
+                           two_means_init)
 
 
 def _fixed(log_probs: np.ndarray):
@@ -256,14 +256,6 @@ def test_out_of_fold_linear_in_the_pipeline():
     assert len(res.classifier_info["linear"]["fit"]) == 3 and len(res.linear_models) == 3
     assert res.metrics["precision"] > 0.9
 
-
-def test_write_probs_in_blocks(tmp_path):
-    logp = _log(np.random.default_rng(0).random((50, 4)) + 0.1)
-    path = write_probs(tmp_path / "p.npy", _fixed(logp), rows=50, num_classes=4, block_rows=7)
-    np.testing.assert_allclose(np.load(path), np.exp(logp), rtol=1e-6)
-
-
-# ----------------------------------------------------------------------------- metrics
 
 def test_selection_metrics_and_accuracy_by_hand():
     selected = np.array([1, 1, 1, 0, 0, 0], bool)
