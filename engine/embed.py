@@ -109,8 +109,7 @@ class _Writer(threading.Thread):
         self.done.append(record)
 
 
-def _update_prompts(cache: Cache, spec: str, loaded: models.LoadedModel, device) -> bool:
-    class_set = load_classes(spec)
+def _update_prompts(cache: Cache, class_set, loaded: models.LoadedModel, device) -> bool:
     if cache.text_fingerprint() == class_set.fingerprint():
         return False
     features, mask = encode_prompts(class_set, loaded.model, loaded.tokenizer, device=device)
@@ -179,8 +178,8 @@ def embed_shards(specs: list[str], cache_path: str, config: EmbedConfig, *, rank
     status = cache.shard_status()
     mine = split_for_rank(urls, rank, world_size)
     pending = [u for u in mine if status.get(u) != "done"]
-    needs_text = config.classes is not None and (
-        cache.text_fingerprint() != load_classes(config.classes).fingerprint())
+    class_set = load_classes(config.classes) if config.classes is not None else None
+    needs_text = class_set is not None and cache.text_fingerprint() != class_set.fingerprint()
     summary = {"cache": cache_path, "shards": {"given": len(urls), "this_rank": len(mine),
                                                "skipped": len(mine) - len(pending)}}
     if not pending and not needs_text:
@@ -189,7 +188,7 @@ def embed_shards(specs: list[str], cache_path: str, config: EmbedConfig, *, rank
     with timer("load_model"):
         loaded = models.load_model(config.model, config.pretrained, device=device)
     cache.initialise(loaded.identity, dim=loaded.embed_dim, precision=_PRECISION_NAMES[dtype])
-    summary["prompts_updated"] = _update_prompts(cache, config.classes, loaded, device) if config.classes else False
+    summary["prompts_updated"] = _update_prompts(cache, class_set, loaded, device) if class_set else False
     index = cache.register_shards(pending)
     writer = _Writer(cache, consolidate=rank == 0, timer=timer)
     writer.start()
