@@ -94,6 +94,7 @@ class Cache:
             raise EngineError(f"cache: {self.path!r} has format version {attrs['version']}; "
                               f"this engine reads up to {VERSION}; upgrade the engine")
         self._key_rows: dict | None = None
+        self._keys: np.ndarray | None = None
 
     # ------------------------------------------------------------ manifest
     @property
@@ -338,7 +339,11 @@ class Cache:
         return self._column("true_labels").astype(np.int32) if self.has_true_labels else None
 
     def keys(self) -> np.ndarray:
-        return np.asarray(self._column("keys"), dtype=object)
+        """(N,) object, read once per Cache object (read-only; refreshed when rows are appended)."""
+        if self._keys is None or len(self._keys) != self.num_rows:
+            self._keys = np.asarray(self._column("keys"), dtype=object)
+            self._keys.flags.writeable = False
+        return self._keys
 
     def provenance(self) -> tuple[np.ndarray, np.ndarray]:
         """(shard index (N,), position within shard (N,)); shard urls in manifest['shards']."""

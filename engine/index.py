@@ -779,8 +779,18 @@ def knn_log_probs(similarities, ids, labels, num_classes: int, *, tau: float = K
     num_classes = _check_positive(num_classes, "num_classes")
     labels = _check_labels(labels, None, num_classes)
     ids = _check_ids(ids, labels.shape[0])
+    _check_vote_options(tau, smoothing)
+    return _knn_votes(sims, ids, labels, num_classes, tau=tau, smoothing=smoothing)
+
+
+def _check_vote_options(tau: float, smoothing: float) -> None:
     if not tau > 0 or not 0 < smoothing <= 1:
         raise EngineError(f"tau/smoothing: got {tau!r}/{smoothing!r}, expected tau > 0 and 0 < smoothing <= 1")
+
+
+def _knn_votes(sims: np.ndarray, ids: np.ndarray, labels: np.ndarray, num_classes: int, *, tau: float,
+               smoothing: float) -> np.ndarray:
+    """`knn_log_probs` on inputs already validated (the per-block hot path)."""
     neighbor = _neighbor_labels(ids, labels)
     valid = (neighbor >= 0) & np.isfinite(sims)
     top = np.max(np.where(valid, sims, -np.inf), axis=1, keepdims=True)
@@ -802,12 +812,13 @@ def knn_classifier(similarities, ids, labels, num_classes: int, *, tau: float = 
     sims, ids = _check_neighbors(similarities, ids)
     num_classes = _check_positive(num_classes, "num_classes")
     labels = _check_labels(labels, sims.shape[0], num_classes)
+    ids = _check_ids(ids, labels.shape[0])
+    _check_vote_options(tau, smoothing)
 
-    def log_probs(start: int, stop: int) -> np.ndarray:
+    def log_probs(start: int, stop: int) -> np.ndarray:  # validated once above, not per block
         if not 0 <= start <= stop <= sims.shape[0]:
             raise EngineError(f"rows: got [{start}, {stop}), expected within [0, {sims.shape[0]}]")
-        return knn_log_probs(sims[start:stop], ids[start:stop], labels, num_classes,
-                             tau=tau, smoothing=smoothing)
+        return _knn_votes(sims[start:stop], ids[start:stop], labels, num_classes, tau=tau, smoothing=smoothing)
 
     return log_probs
 

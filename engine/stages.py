@@ -271,7 +271,8 @@ def neighbors_from_cache(cache_path: str, key: str, *, k: int = 10, device: str 
     features = cache.load_features()
     index = load_cached_index(cache, features, device=device)
     sims, ids = query_neighbors(index, features, row, k=k)
-    labels, keys, names = cache.labels(), cache.keys(), _class_names(cache, cache.labels())
+    labels, keys = cache.labels(), cache.keys()
+    names = _class_names(cache, labels)
     label_name = lambda y: names[y] if 0 <= y < len(names) else None  # noqa: E731
     found = [{"key": keys[i], "label": int(labels[i]), "class": label_name(int(labels[i])),
               "similarity": round(float(s), 4)} for s, i in zip(sims, ids) if i >= 0]
