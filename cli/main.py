@@ -439,6 +439,9 @@ def demo(workdir, num_classes, epochs, as_json):
     _emit(summary, as_json, summary_lines)
 
 
+# ---------------------------------------------------------------- (new commands go above this line)
+
+
 def main() -> None:
     cli(prog_name="engine")
 
