@@ -112,6 +112,35 @@ def check_end_of_archive(url: str) -> None:
         raise ValueError(f"truncated: no end-of-archive marker ({size} bytes)")
 
 
+def read_samples(url: str, positions=None) -> Iterator[tuple[int, dict]]:
+    """Raw samples of one shard as (position, {"__key__": str, ext: bytes, ...}), in shard order.
+
+    `positions` (iterable of ints, the `images/position` provenance) limits the output to those
+    samples and stops reading after the last one; None yields every sample. Positions count
+    samples exactly as `ShardReader` did at embed time. A missing shard raises EngineError
+    naming it; an unreadable one raises ValueError with the reason.
+    """
+    import webdataset as wds
+
+    if not url.startswith(_REMOTE) and not os.path.isfile(url):
+        raise EngineError(f"shard: {url!r} is no longer there (moved or deleted since it was embedded)")
+    wanted = None if positions is None else set(int(p) for p in positions)
+    last = None if wanted is None else (max(wanted) if wanted else -1)
+    if last == -1:
+        return
+    try:
+        for position, sample in enumerate(wds.tariterators.tarfile_samples([{"url": url}])):
+            if wanted is None or position in wanted:
+                yield position, {k: v for k, v in sample.items() if k != "__url__"}
+            if last is not None and position >= last:
+                return
+    except EngineError:
+        raise
+    except Exception as err:
+        first = str(err).split(" @ ")[0].splitlines()[0] if str(err) else ""
+        raise ValueError(f"shard {url}: {type(err).__name__}: {first}"[:300]) from None
+
+
 @dataclass
 class ShardOutcome:
     """What happened to one shard: rows read, bad samples, or the error that stopped it."""
