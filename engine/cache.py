@@ -15,11 +15,17 @@ Layout (a Zarr v3 group, a directory)::
 
 Commit protocol. A shard's rows are first written to `staging/<id>/` (arrays of its own, so
 concurrent writers never share a chunk), then marked committed by one atomic attribute
-write. A single consolidator (the process holding the cache lock; rank 0 under
-torch.distributed) appends committed staged shards to `images/*` at row `rows` and only then
-records the shard as done with one atomic manifest write. Rows beyond `manifest["rows"]` are
-never read and are overwritten by the next append, so a kill at any moment leaves either the
-old or the new state, never half a shard.
+write (a failed shard is staged the same way, with its error and no rows). A single
+consolidator (the process holding the cache lock; rank 0 under torch.distributed, the only
+writer of the manifest) appends committed staged shards to `images/*` at row `rows` and only
+then records the shard as done with one atomic manifest write. Rows beyond
+`manifest["rows"]` are never read and are overwritten by the next append, so a kill at any
+moment leaves either the old or the new state, never half a shard. Uncommitted staging is
+never read; it is replaced when its shard is embedded again.
+
+Where. A local directory, or any fsspec URL (`s3://bucket/feats.zarr`, `gs://...`) through
+zarr's fsspec store: every commit point above is then one object PUT, which object stores
+make atomic. Listing caches are off, so the consolidator sees other ranks' staged shards.
 """
 from __future__ import annotations
 
@@ -75,6 +81,22 @@ def is_local(path: str) -> bool:
     return "://" not in str(path)
 
 
+def _open_group(path: str, mode: str):
+    """zarr.open_group for a directory or an fsspec URL; remote listings are never cached."""
+    if is_local(path):
+        return zarr.open_group(path, mode=mode)
+    protocol = path.split("://", 1)[0]
+    try:
+        import fsspec
+
+        fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as err:
+        hint = " (`pip install s3fs`)" if protocol in ("s3", "s3a") else ""
+        raise EngineError(f"cache: {path!r} needs an fsspec backend for {protocol}://{hint}: {err}") from None
+    options = {"use_listings_cache": False} if protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs") else {}
+    return zarr.open_group(path, mode=mode, storage_options=options)
+
+
 class Cache:
     """A feature cache opened read-only (`mode="r"`) or for writing (`mode="a"`)."""
 
@@ -83,10 +105,17 @@ class Cache:
         make a new cache, so a mistyped path is an error, not a stray directory."""
         self.path = str(path)
         self.mode = mode
-        if not create and is_local(self.path) and not Path(self.path, "zarr.json").is_file():
-            raise EngineError(f"cache: {self.path!r} is not a feature cache (no zarr.json); "
+        missing = EngineError(f"cache: {self.path!r} is not a feature cache (no zarr.json); "
                               "create one with `engine embed` or `engine import`")
-        self.root = zarr.open_group(self.path, mode="r" if mode == "r" else "a")
+        if not create and is_local(self.path) and not Path(self.path, "zarr.json").is_file():
+            raise missing
+        try:
+            if not create and not is_local(self.path):
+                _open_group(self.path, "r")  # an object store: "a" would create a group silently
+            self.root = _open_group(self.path, "r" if mode == "r" else "a")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            raise missing from None
+        self._applied: set[int] = set()   # shard indexes this object has consolidated
         attrs = dict(self.root.attrs)
         if attrs and attrs.get("format") != FORMAT:
             raise EngineError(f"cache: {self.path!r} is a Zarr group but not an engine cache")
@@ -189,38 +218,70 @@ class Cache:
             group.create_array(name, data=np.asarray(data, dtype=np.int32).reshape(n), chunks=(rows,))
         group.attrs.put({"committed": True, "shard": index, "rows": n, "outcome": outcome})
 
-    def mark_failed(self, index: int, outcome: dict) -> None:
-        with self.lock():
-            manifest = self.manifest
-            entry = manifest["shards"][index]
-            entry.update(status="failed", error=outcome.get("error"), rows=0)
-            self._write_manifest(manifest)
+    def stage_failure(self, index: int, outcome: dict) -> None:
+        """Record that shard `index` failed (its error in `outcome`); applied by the consolidator."""
+        sid = shard_id(outcome["url"])
+        staging = self.root.require_group("staging")
+        if sid in staging:
+            del staging[sid]
+        staging.create_group(sid).attrs.put({"committed": True, "failed": True, "shard": index, "rows": 0,
+                                             "outcome": outcome})
 
-    def consolidate(self) -> list[dict]:
-        """Append every committed staged shard to images/* (in shard order); returns their outcomes."""
+    def _staged(self, index: int) -> tuple[str, dict] | None:
+        """(id, attrs) of shard `index`'s committed staging group, or None."""
+        sid = self.manifest["shards"][index]["id"]
+        try:
+            attrs = dict(self.root[f"staging/{sid}"].attrs)
+        except KeyError:
+            return None
+        return (sid, attrs) if attrs.get("committed") else None
+
+    def consolidate(self, order: list[int] | None = None) -> list[dict]:
+        """Apply committed staged shards to images/* and the manifest; returns their outcomes.
+
+        `order` None: every committed staged shard, in shard order. `order` a run's plan of shard
+        indexes: only the committed prefix of the plan not yet applied, so rows land in plan
+        order however ranks and workers interleave (the same row order for any rank count).
+        Uncommitted staging (a writer still at work, or one that died) is left alone.
+        """
         done = []
         with self.lock():
             if "staging" not in self.root:
                 return done
             staging = self.root["staging"]
-            staged = []
-            for sid in list(staging.group_keys()):
-                attrs = dict(staging[sid].attrs)
-                if attrs.get("committed"):
-                    staged.append((attrs["shard"], sid))
-                else:  # a writer died mid-stage: nothing of it was ever visible
-                    del staging[sid]
-            for index, sid in sorted(staged):
-                done.append(self._append_staged(staging, sid, index))
+            if order is None:
+                staged = []
+                for sid in list(staging.group_keys()):
+                    attrs = dict(staging[sid].attrs)
+                    if attrs.get("committed"):
+                        staged.append((attrs["shard"], sid, attrs))
+                staged.sort(key=lambda t: t[0])
+            else:
+                staged = []
+                for index in order:
+                    if index in self._applied:
+                        continue
+                    found = self._staged(index)
+                    if found is None:
+                        break
+                    staged.append((index, *found))
+            for index, sid, attrs in staged:
+                self._applied.add(index)
+                done.append(self._apply_staged(staging, sid, index, attrs))
         return [d for d in done if d]
 
-    def _append_staged(self, staging, sid: str, index: int) -> dict | None:
-        group = staging[sid]
+    def _apply_staged(self, staging, sid: str, index: int, attrs: dict) -> dict | None:
         manifest = self.manifest
         entry = manifest["shards"][index]
         if entry["status"] == "done":  # appended before a crash that left staging behind
             del staging[sid]
             return None
+        if attrs.get("failed"):
+            entry.update(status="failed", error=attrs["outcome"].get("error"), rows=0)
+            self._write_manifest(manifest)
+            del staging[sid]
+            return {**attrs["outcome"], "failed": True}
+        group = staging[sid]
         keys = group["keys"][:]
         clash = self._find_duplicates(keys)
         if clash is not None:
@@ -263,13 +324,21 @@ class Cache:
         return None
 
     def trim(self) -> None:
-        """Shrink images/* to exactly `rows` rows (drops leftovers of an interrupted append)."""
+        """Shrink images/* to exactly `rows` rows (drops leftovers of an interrupted append) and
+        remove uncommitted staging of shards that are done (debris of a killed writer)."""
         with self.lock():
-            rows = self.manifest["rows"]
+            manifest = self.manifest
+            rows = manifest["rows"]
             for name in ("features", "keys", *_ROW_ARRAYS):
                 arr = self.root["images"][name]
                 if arr.shape[0] != rows:
                     arr.resize((rows, *arr.shape[1:]))
+            if "staging" in self.root:
+                done = {s["id"] for s in manifest["shards"] if s["status"] == "done"}
+                staging = self.root["staging"]
+                for sid in list(staging.group_keys()):
+                    if sid in done:
+                        del staging[sid]
 
     # ------------------------------------------------------------ text features
     def write_text(self, class_set, features: np.ndarray, mask: np.ndarray) -> None:

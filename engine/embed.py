@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from engine import models
 from engine.cache import Cache
 from engine.classes import encode_prompts, load_classes
-from engine.reader import ReaderConfig, ShardReader, expand_shards, split_for_rank
-from engine.runtime import EngineError, Timer, autocast, progress, resolve_device, resolve_precision, \
-    worker_init_single_thread
+from engine.reader import ReaderConfig, ShardReader, expand_shards
+from engine.distributed import ProcessGroup, process_group
+from engine.runtime import EngineError, Timer, autocast, distributed_context, progress, resolve_device, \
+    resolve_precision, worker_init_single_thread
 
 _logger = logging.getLogger(__name__)
 _SLOW_WRITE = float(os.environ.get("ENGINE_TEST_SLOW_WRITE", "0") or 0)
@@ -63,7 +64,9 @@ def plan_cpu_split(workers: int | None, device: torch.device) -> tuple[int, int 
 class _Writer(threading.Thread):
     """Collects each shard's rows and stages + commits the shard when its last batch arrives."""
 
-    def __init__(self, cache: Cache, *, consolidate: bool, timer: Timer):
+    def __init__(self, cache: Cache, *, consolidate: list[int] | None, timer: Timer):
+        """`consolidate`: the run's plan of shard indexes when this process is the consolidator
+        (rows are appended in plan order as shards complete), None on other ranks."""
         super().__init__(daemon=True, name="engine-writer")
         self.cache, self.consolidate, self.timer = cache, consolidate, timer
         self.inbox: queue.Queue = queue.Queue(maxsize=64)
@@ -93,8 +96,9 @@ class _Writer(threading.Thread):
         parts = self.parts.pop(shard, [])
         record = asdict(outcome)
         if outcome.error:
-            self.cache.mark_failed(shard, record)
+            self.cache.stage_failure(shard, record)
             self.failed.append(record)
+            self._consolidate()
             return
         feats = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, self.cache.dim), np.float16)
         cat = (lambda name: np.concatenate([getattr(p[1], name) for p in parts]) if parts
@@ -104,9 +108,12 @@ class _Writer(threading.Thread):
             time.sleep(_SLOW_WRITE)
         self.cache.stage_shard(shard, features=feats, keys=keys, labels=cat("labels"),
                                true_labels=cat("true_labels"), positions=cat("positions"), outcome=record)
-        if self.consolidate:
-            self.cache.consolidate()
         self.done.append(record)
+        self._consolidate()
+
+    def _consolidate(self) -> None:
+        if self.consolidate is not None:
+            self.cache.consolidate(self.consolidate)
 
 
 def _update_prompts(cache: Cache, class_set, loaded: models.LoadedModel, device) -> bool:
@@ -161,57 +168,124 @@ def _check_identity_early(cache: Cache, config: EmbedConfig) -> None:
                               f"uses {models.describe(partial)}; use another --cache or the same model")
 
 
-def embed_shards(specs: list[str], cache_path: str, config: EmbedConfig, *, rank: int = 0,
-                 world_size: int = 1, show_progress: bool | None = None) -> dict:
-    """Embed every image of `specs` into `cache_path` once; returns a summary dict."""
+def embed_shards(specs: list[str], cache_path: str, config: EmbedConfig, *, rank: int | None = None,
+                 world_size: int | None = None, show_progress: bool | None = None) -> dict:
+    """Embed every image of `specs` into `cache_path` once; returns a summary dict.
+
+    Under torch.distributed (torchrun sets RANK and WORLD_SIZE; `rank`/`world_size` default to
+    them) every rank calls this with the same arguments: rank 0 prepares the cache and the plan
+    (pending shards in sorted order), each rank embeds plan[rank::world_size] and stages its
+    shards, rank 0 appends staged shards in plan order as they complete, and all ranks meet
+    once at the end, where rank 0 completes the manifest. The summary covers all ranks.
+    """
+    if rank is None or world_size is None:
+        rank, world_size = distributed_context()
+    with process_group(rank, world_size) as group:
+        return _embed(specs, cache_path, config, group, show_progress)
+
+
+def _embed(specs, cache_path, config, group: ProcessGroup, show_progress) -> dict:
     started = time.perf_counter()
-    if world_size > 1:
-        raise EngineError(f"embed: launched as rank {rank} of {world_size}, but this version embeds in one "
-                          "process; run it without torchrun (several processes would race on the manifest)")
     urls = expand_shards(specs)
-    device = resolve_device(config.device)
+    device = resolve_device(_rank_device(config.device, group))
     dtype = resolve_precision(config.precision, device)
-    cache = Cache(cache_path, mode="a", create=True)
-    _check_identity_early(cache, config)
-    if cache.identity:
-        cache.consolidate()  # finish shards staged by an interrupted run
-    status = cache.shard_status()
-    mine = split_for_rank(urls, rank, world_size)
-    pending = [u for u in mine if status.get(u) != "done"]
     class_set = load_classes(config.classes) if config.classes is not None else None
-    needs_text = class_set is not None and cache.text_fingerprint() != class_set.fingerprint()
-    summary = {"cache": cache_path, "shards": {"given": len(urls), "this_rank": len(mine),
-                                               "skipped": len(mine) - len(pending)}}
-    if not pending and not needs_text:
+    survey = group.from_leader(lambda: _survey(cache_path, urls, config, class_set))
+    summary = {"cache": cache_path, "shards": {"given": len(urls), "skipped": len(urls) - len(survey["pending"])},
+               "ranks": group.world_size}
+    if not survey["pending"] and not survey["needs_text"]:
+        cache = Cache(cache_path, mode="r")
         return _finish(summary, cache, Timer(), [], [], started, new_rows=0, device=device, dtype=dtype)
     timer = Timer()
     with timer("load_model"):
         loaded = models.load_model(config.model, config.pretrained, device=device)
+    plan = group.from_leader(lambda: _prepare(cache_path, survey["pending"], loaded, class_set, dtype, device))
+    summary["prompts_updated"] = plan["prompts_updated"]
+    cache = Cache(cache_path, mode="a")
+    mine = plan["shards"][group.rank::group.world_size]
+    summary["shards"]["this_rank"] = len(mine)
+    writer = _Writer(cache, consolidate=[i for i, _ in plan["shards"]] if group.is_leader else None, timer=timer)
+    local, crash = {"done": [], "failed": [], "new_rows": 0, "error": None}, None
+    try:
+        local["new_rows"] = _embed_mine(mine, loaded, config, device, dtype, writer, timer, show_progress, summary)
+    except Exception as err:  # reported to every rank, so none waits forever on this one
+        crash = None if isinstance(err, EngineError) else err
+        local["error"] = str(err) if crash is None else f"rank {group.rank}: {type(err).__name__}: {err}"
+    local.update(done=writer.done, failed=writer.failed)
+    with timer("wait_ranks"):
+        results = group.gather(local)  # the one wait: every rank has staged all it will stage
+    final = group.from_leader(lambda: _complete(cache))
+    if crash is not None and group.world_size == 1:
+        raise crash  # a bug, not bad input: keep the traceback
+    errors = [r["error"] for r in results if r["error"]]
+    if errors:
+        raise EngineError(errors[0] if group.world_size == 1 else f"{len(errors)} rank(s) failed; first: {errors[0]}")
+    done = [d for r in results for d in r["done"]]
+    failed = [f for r in results for f in r["failed"]]
+    summary["rows_after"] = final["rows"]
+    return _finish(summary, Cache(cache_path, mode="r"), timer, done, failed, started,
+                   new_rows=sum(r["new_rows"] for r in results), device=device, dtype=dtype)
+
+
+def _rank_device(name: str, group: ProcessGroup) -> str:
+    """One GPU per rank on a multi-GPU node: auto/cuda → cuda:LOCAL_RANK."""
+    if group.world_size > 1 and name in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{group.local_rank % torch.cuda.device_count()}"
+    return name
+
+
+def _survey(cache_path, urls, config, class_set) -> dict:
+    """Leader: open (or create) the cache, finish what a killed run staged, list pending shards."""
+    cache = Cache(cache_path, mode="a", create=True)
+    _check_identity_early(cache, config)
+    if cache.identity:
+        cache.consolidate()  # shards staged by an interrupted run
+        cache.trim()
+    status = cache.shard_status()
+    return {"pending": [u for u in urls if status.get(u) != "done"],
+            "needs_text": class_set is not None and cache.text_fingerprint() != class_set.fingerprint()}
+
+
+def _prepare(cache_path, pending, loaded, class_set, dtype, device) -> dict:
+    """Leader: schema or model check, prompts, and the plan [(shard index, url)] in sorted order."""
+    cache = Cache(cache_path, mode="a", create=True)
     cache.initialise(loaded.identity, dim=loaded.embed_dim, precision=_PRECISION_NAMES[dtype])
-    summary["prompts_updated"] = _update_prompts(cache, class_set, loaded, device) if class_set else False
+    updated = _update_prompts(cache, class_set, loaded, device) if class_set else False
     index = cache.register_shards(pending)
-    writer = _Writer(cache, consolidate=rank == 0, timer=timer)
+    cache.root.require_group("staging")
+    return {"shards": [(index[u], u) for u in pending], "prompts_updated": updated}
+
+
+def _complete(cache: Cache) -> dict:
+    """Leader, after every rank is done: append what is still staged and trim."""
+    cache.consolidate()
+    cache.trim()
+    return {"rows": cache.num_rows}
+
+
+def _embed_mine(mine, loaded, config, device, dtype, writer, timer, show_progress, summary) -> int:
     writer.start()
     workers, threads = plan_cpu_split(config.workers, device)
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    summary["workers"], summary["model_threads"] = min(workers, len(pending)), torch.get_num_threads()
-    with timer("embed_loop"):  # until the last shard is committed
+    summary["workers"], summary["model_threads"] = min(workers, max(1, len(mine))), torch.get_num_threads()
+    new_rows = 0
+    with timer("embed_loop"):  # until the last shard is staged (and, on the leader, appended)
         try:
-            new_rows = _run_loop([(index[u], u) for u in pending], loaded, config, device, dtype, writer,
-                                 timer, show_progress, workers=workers)
+            if mine:
+                new_rows = _run_loop(mine, loaded, config, device, dtype, writer, timer, show_progress,
+                                     workers=workers)
         finally:
             writer.inbox.put(None)
             writer.join()
             torch.set_num_threads(before)
     if writer.error is not None:
-        raise writer.error
-    if rank == 0:
-        cache.consolidate()
-        cache.trim()
-    return _finish(summary, cache, timer, writer.done, writer.failed, started, new_rows=new_rows,
-                   device=device, dtype=dtype)
+        if isinstance(writer.error, EngineError):
+            raise writer.error
+        raise EngineError(f"cache: writing {writer.cache.path} failed: {type(writer.error).__name__}: "
+                          f"{writer.error}") from writer.error
+    return new_rows
 
 
 def _run_loop(shards, loaded, config, device, dtype, writer, timer, show_progress, *, workers: int) -> int:
@@ -266,7 +340,8 @@ def _finish(summary, cache, timer, done, failed, started, *, new_rows, device, d
         "bad_samples": len(bad), "bad_examples": [{"key": k, "reason": r} for k, r in bad[:10]],
         "missing_labels": sum(d.get("missing_labels", 0) for d in done),
         "failed": [{"url": f["url"], "error": f["error"]} for f in failed],
-        "images_per_s": round(new_rows / timer.seconds["embed_loop"], 1) if new_rows else 0.0,
+        "images_per_s": round(new_rows / (timer.seconds["embed_loop"] + timer.seconds.get("wait_ranks", 0.0)), 1)
+        if new_rows else 0.0,
         "seconds": {"total": round(seconds, 3), "read_decode_workers": round(read, 3), **timer.rounded()},
         "model": models.describe(cache.identity) if cache.identity else None,
         "device": str(device), "precision": _PRECISION_NAMES[dtype]})

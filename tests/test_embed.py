@@ -240,6 +240,9 @@ def test_a_mistyped_cache_path_is_an_error_not_a_new_directory(tmp_path):
     assert not (tmp_path / "typo.zarr").exists()
 
 
-def test_several_ranks_are_refused_before_any_work(tmp_path, shard_paths):
-    with pytest.raises(EngineError, match="one process"):
+def test_ranks_without_a_rendezvous_address_fail_before_any_work(tmp_path, shard_paths, monkeypatch):
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(EngineError, match="MASTER_ADDR.*torchrun"):
         embed_shards(shard_paths, str(tmp_path / "c.zarr"), CFG, rank=0, world_size=2)
+    assert not (tmp_path / "c.zarr").exists()

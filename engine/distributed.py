@@ -1,0 +1,97 @@
+"""torch.distributed, as far as the engine needs it: who leads, one broadcast from the leader,
+one gather at the end. Launched by torchrun (and so SLURM or Kubernetes launchers); a plain
+process is a group of one and needs no torch.distributed at all.
+
+Objects travel over a gloo group (CPU), whatever backend the caller's own group uses, so the
+same code runs on CPU-only machines and GPU nodes.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from engine.runtime import EngineError
+
+_logger = logging.getLogger(__name__)
+
+# A rank waits for the others only at the end of its work; a rank with more images than the
+# rest can keep them waiting for hours on a big dataset. ENGINE_DIST_TIMEOUT_S overrides it.
+DEFAULT_TIMEOUT_S = 12 * 3600
+
+
+@dataclass
+class ProcessGroup:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    group: Any = None               # a torch.distributed gloo group when world_size > 1
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    def from_leader(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on rank 0 and hand its result (or its error, raised on every rank) to all ranks."""
+        result, error = None, None
+        if self.is_leader:
+            try:
+                result = fn()
+            except EngineError as err:
+                error = str(err)
+            except Exception as err:
+                if self.world_size == 1:
+                    raise
+                error = f"rank 0: {type(err).__name__}: {err}"
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            box = [(result, error)]
+            dist.broadcast_object_list(box, src=0, group=self.group)
+            result, error = box[0]
+        if error is not None:
+            raise EngineError(error)
+        return result
+
+    def gather(self, value: Any) -> list:
+        """Every rank's `value`, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [value]
+        import torch.distributed as dist
+
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, value, group=self.group)
+        return out
+
+
+@contextlib.contextmanager
+def process_group(rank: int, world_size: int) -> Iterator[ProcessGroup]:
+    """A ProcessGroup for (rank, world_size); joins torch.distributed (env:// rendezvous, as set
+    by torchrun) when world_size > 1 and the caller has not, and leaves it again at the end."""
+    if world_size == 1:
+        yield ProcessGroup()
+        return
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    timeout = datetime.timedelta(seconds=float(os.environ.get("ENGINE_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+    owned = not dist.is_initialized()
+    if owned:
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if name not in os.environ:
+                raise EngineError(f"{name}: not set; launch with torchrun (RANK={rank}, WORLD_SIZE={world_size} "
+                                  "are set but the rendezvous address is not)")
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
+    elif dist.get_world_size() != world_size or dist.get_rank() != rank:
+        raise EngineError(f"torch.distributed: initialised as rank {dist.get_rank()} of {dist.get_world_size()}, "
+                          f"but asked to run as rank {rank} of {world_size}")
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    _logger.info("rank %d of %d (local rank %d)", rank, world_size, local_rank)
+    try:
+        yield ProcessGroup(rank=rank, world_size=world_size, local_rank=local_rank, group=group)
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,222 @@
+"""`engine embed` under torchrun: 2 gloo ranks on this CPU, into a local cache and into a real
+S3-compatible server (moto's server mode on loopback), against a 1-process reference run."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.cache import Cache
+from engine.embed import EmbedConfig, embed_shards
+from engine.synthetic import ShapesConfig, write_shards
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist-shards")
+    made = write_shards(out, ShapesConfig(classes=10, per_shard=20, shards=6, noise="mix", rate=0.4, seed=11))
+    return made
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """The 1-process run every distributed run must equal."""
+    path = str(tmp_path_factory.mktemp("dist-ref") / "ref.zarr")
+    embed_shards(shards["shards"], path, EmbedConfig(classes=shards["classes_file"], true_label_key="true_cls",
+                                                     workers=1), rank=0, world_size=1)
+    return _contents(path)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A real S3 API (moto's server) on 127.0.0.1 with one bucket; env for the ranks."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    import fsspec
+
+    before = fsspec.config.conf.get("s3")
+    fsspec.config.conf["s3"] = {"endpoint_url": endpoint}
+    fsspec.filesystem("s3", endpoint_url=endpoint).mkdir("engine-test")
+    yield {"FSSPEC_S3_ENDPOINT_URL": endpoint, **CREDENTIALS}
+    server.stop()
+    if before is None:
+        fsspec.config.conf.pop("s3", None)
+    else:
+        fsspec.config.conf["s3"] = before
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _contents(path: str) -> dict:
+    cache = Cache(path)
+    shard_urls = [s["url"] for s in cache.manifest["shards"]]
+    shard, position = cache.provenance()
+    return {"keys": np.asarray(cache.keys(), dtype=object), "features": cache.load_features(),
+            "labels": cache.labels(), "true": cache.true_labels(),
+            "source": np.asarray([f"{shard_urls[s]}#{p}" for s, p in zip(shard, position)], dtype=object),
+            "status": sorted((s["url"], s["status"]) for s in cache.manifest["shards"]),
+            "rows": cache.num_rows, "staging": _staging(cache)}
+
+
+def _staging(cache: Cache) -> list:
+    return sorted(cache.root["staging"].group_keys()) if "staging" in cache.root else []
+
+
+def _assert_same_set(got: dict, ref: dict) -> None:
+    """The set of (key, features, labels, provenance) equals the reference, without duplicates."""
+    assert got["rows"] == ref["rows"] == len(got["keys"])
+    assert len(set(got["keys"])) == len(got["keys"]), "duplicate keys"
+    order, ref_order = np.argsort(got["keys"]), np.argsort(ref["keys"])
+    assert (got["keys"][order] == ref["keys"][ref_order]).all()
+    np.testing.assert_array_equal(got["features"][order], ref["features"][ref_order])
+    np.testing.assert_array_equal(got["labels"][order], ref["labels"][ref_order])
+    np.testing.assert_array_equal(got["true"][order], ref["true"][ref_order])
+    assert (got["source"][order] == ref["source"][ref_order]).all()
+    assert got["status"] == ref["status"] and got["staging"] == []
+
+
+def _torchrun(shards: dict, cache: str, *, ranks: int = 2, env: dict | None = None, wait: bool = True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+           "-m", "engine", "embed", *shards["shards"], "--cache", cache, "--classes", shards["classes_file"],
+           "--true-label-key", "true_cls", "--workers", "1", "--json"]
+    full_env = {**os.environ, "ENGINE_THREADS": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    if not wait:
+        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    done = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int, timeout: float = 60) -> int:
+    """The pid of the worker process torchrun started for `rank` (read from its environment)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for child in _descendants(launcher.pid):
+            try:
+                environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ and b"LOCAL_RANK=%d" % rank in environ:
+                return child
+        time.sleep(0.2)
+    raise AssertionError(f"no worker with RANK={rank} under torchrun")
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        out.extend(int(k) for k in kids)
+        todo.extend(int(k) for k in kids)
+    return out
+
+
+def _kill_rank_mid_run(shards: dict, cache: str, env: dict | None = None) -> None:
+    """Start 2 ranks with slow commits, SIGKILL rank 1 once a shard is committed, let torchrun
+    tear the job down; the cache must then hold some but not all shards."""
+    launcher = _torchrun(shards, cache, env={**(env or {}), "ENGINE_TEST_SLOW_WRITE": "1.5"}, wait=False)
+    try:
+        victim = _rank_pid(launcher, 1)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if Cache(cache).num_rows > 0:
+                    break
+            except Exception:  # not created yet
+                pass
+            time.sleep(0.2)
+        os.kill(victim, signal.SIGKILL)
+        launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    assert launcher.returncode != 0, "the job should fail when a rank dies"
+
+
+def test_two_ranks_write_the_same_cache_as_one_process(shards, reference, tmp_path):
+    path = str(tmp_path / "two.zarr")
+    done = _torchrun(shards, path)
+    got = _contents(path)
+    _assert_same_set(got, reference)
+    assert (got["keys"] == reference["keys"]).all()  # rows land in plan order, whatever the ranks
+    summaries = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1, "only rank 0 prints the summary"
+    import json
+
+    summary = json.loads(summaries[0])
+    assert summary["ranks"] == 2 and summary["new_rows"] == reference["rows"] and summary["shards"]["done"] == 6
+
+
+def test_a_killed_rank_leaves_its_shards_undone_and_a_rerun_finishes_them(shards, reference, tmp_path):
+    path = str(tmp_path / "killed.zarr")
+    _kill_rank_mid_run(shards, path)
+    partial = Cache(path)
+    statuses = [s["status"] for s in partial.manifest["shards"]]
+    assert 0 < partial.num_rows < reference["rows"] and statuses.count("done") < 6
+    assert len(set(partial.keys())) == partial.num_rows
+    summary = embed_shards(shards["shards"], path, EmbedConfig(classes=shards["classes_file"],
+                                                               true_label_key="true_cls", workers=1),
+                           rank=0, world_size=1)  # any number of ranks may finish the job
+    assert summary["shards"]["skipped"] >= 1 and summary["rows"] == reference["rows"]
+    _assert_same_set(_contents(path), reference)
+
+
+def test_two_ranks_into_s3_equal_one_process_and_resume_after_a_kill(shards, reference, s3):
+    url = "s3://engine-test/run/feats.zarr"
+    _torchrun(shards, url, env=s3)
+    _assert_same_set(_contents(url), reference)
+
+    killed = "s3://engine-test/killed/feats.zarr"
+    _kill_rank_mid_run(shards, killed, env=s3)
+    assert 0 < Cache(killed).num_rows < reference["rows"]
+    _torchrun(shards, killed, env=s3)  # the rerun, again with 2 ranks
+    _assert_same_set(_contents(killed), reference)
+
+
+def test_later_stages_read_an_s3_cache(shards, s3, tmp_path):
+    from engine.select import SelectConfig
+    from engine.stages import select_from_cache
+
+    url = "s3://engine-test/stages/feats.zarr"
+    embed_shards(shards["shards"][:2], url, EmbedConfig(classes=shards["classes_file"], workers=0),
+                 rank=0, world_size=1)
+    summary = select_from_cache(url, SelectConfig(classifiers=("zeroshot",)))
+    assert summary["rows"] == Cache(url).num_rows == 40
+    assert Cache(url).has_group("selection")
+
+
+def test_a_missing_s3_cache_is_an_error_not_a_new_store(s3):
+    from engine.runtime import EngineError
+    from engine.select import SelectConfig
+    from engine.stages import select_from_cache
+
+    with pytest.raises(EngineError, match="not a feature cache"):
+        select_from_cache("s3://engine-test/typo.zarr", SelectConfig())
+    import fsspec
+
+    assert not fsspec.filesystem("s3").exists("engine-test/typo.zarr")
