@@ -97,6 +97,18 @@ def _open_group(path: str, mode: str):
     return zarr.open_group(path, mode=mode, storage_options=options)
 
 
+def cache_exists(path: str | os.PathLike) -> bool:
+    """Whether `path` (a directory or an fsspec URL) already holds a Zarr group."""
+    path = str(path)
+    if is_local(path):
+        return Path(path, "zarr.json").is_file()
+    try:
+        _open_group(path, "r")
+        return True
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return False
+
+
 class Cache:
     """A feature cache opened read-only (`mode="r"`) or for writing (`mode="a"`)."""
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.cache import Cache
+from engine.cache import Cache, cache_exists
 from engine.classes import ClassSet
 from engine.runtime import EngineError
 
@@ -83,7 +83,7 @@ def import_npz(path: str, cache_path: str, *, model_name: str | None = None) -> 
     count as the same feature model (e.g. a train and a test split); without it each import is
     its own model, identified by the file's sha256.
     """
-    if Path(cache_path, "zarr.json").exists():
+    if cache_exists(cache_path):
         raise EngineError(f"import: {cache_path} already exists; import into a new cache path")
     with np.load(path, allow_pickle=False) as npz:
         data = _validate({k: npz[k] for k in npz.files}, path)

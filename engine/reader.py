@@ -25,7 +25,23 @@ from engine.runtime import EngineError
 _logger = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-_REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://")
+_REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://", "az://", "abfs://", "ais://", "hf://")
+_FSSPEC = ("s3://", "gs://", "gcs://", "az://", "abfs://")   # opened with fsspec (s3fs, gcsfs, adlfs)
+
+
+def iter_tar_samples(url: str) -> Iterator[dict]:
+    """webdataset samples of one tar: local paths, pipe:, http(s) through webdataset's openers;
+    object-store URLs (s3://, gs://, az://) through fsspec, with the same credentials and
+    endpoint settings as an fsspec cache URL (e.g. FSSPEC_S3_ENDPOINT_URL)."""
+    import webdataset as wds
+
+    if not url.startswith(_FSSPEC):
+        yield from wds.tariterators.tarfile_samples([{"url": url}])
+        return
+    import fsspec
+
+    with fsspec.open(url, "rb") as stream:
+        yield from wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"url": url, "stream": stream}]))
 
 
 def expand_shards(specs: list[str] | tuple[str, ...]) -> list[str]:
@@ -120,8 +136,6 @@ def read_samples(url: str, positions=None) -> Iterator[tuple[int, dict]]:
     samples exactly as `ShardReader` did at embed time. A missing shard raises EngineError
     naming it; an unreadable one raises ValueError with the reason.
     """
-    import webdataset as wds
-
     if not url.startswith(_REMOTE) and not os.path.isfile(url):
         raise EngineError(f"shard: {url!r} is no longer there (moved or deleted since it was embedded)")
     wanted = None if positions is None else set(int(p) for p in positions)
@@ -129,7 +143,7 @@ def read_samples(url: str, positions=None) -> Iterator[tuple[int, dict]]:
     if last == -1:
         return
     try:
-        for position, sample in enumerate(wds.tariterators.tarfile_samples([{"url": url}])):
+        for position, sample in enumerate(iter_tar_samples(url)):
             if wanted is None or position in wanted:
                 yield position, {k: v for k, v in sample.items() if k != "__url__"}
             if last is not None and position >= last:
@@ -204,14 +218,12 @@ class ShardReader(torch.utils.data.IterableDataset):
     def _read_shard(self, index: int, url: str) -> Iterator[Batch]:
         import time
 
-        import webdataset as wds
-
         outcome = ShardOutcome(shard=index, url=url)
         pending: list = []
         start = time.perf_counter()
         position = -1
         try:
-            for position, sample in enumerate(wds.tariterators.tarfile_samples([{"url": url}])):
+            for position, sample in enumerate(iter_tar_samples(url)):
                 item = self._prepare(sample, position, outcome)
                 if item is not None:
                     pending.append(item)

@@ -220,3 +220,27 @@ def test_a_missing_s3_cache_is_an_error_not_a_new_store(s3):
     import fsspec
 
     assert not fsspec.filesystem("s3").exists("engine-test/typo.zarr")
+
+
+def test_shards_on_s3_are_read_through_fsspec(shards, reference, s3, tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    remote = []
+    for path in shards["shards"][:2]:
+        url = f"s3://engine-test/shards/{Path(path).name}"
+        fs.put(path, url)
+        remote.append(url)
+    cache = str(tmp_path / "from-s3.zarr")
+    summary = embed_shards(remote, cache, EmbedConfig(classes=shards["classes_file"], true_label_key="true_cls",
+                                                      workers=0), rank=0, world_size=1)
+    assert summary["shards"]["done"] == 2 and summary["bad_samples"] == 0
+    got = Cache(cache)
+    ref_rows = np.isin(reference["keys"], got.keys())
+    assert ref_rows.sum() == got.num_rows == 40
+    np.testing.assert_array_equal(got.load_features(), reference["features"][ref_rows])
+    from engine.reader import read_samples
+
+    (position, sample), = list(read_samples(remote[1], [3]))
+    with open(shards["shards"][1], "rb") as handle:
+        assert sample["jpg"] in handle.read()  # the same bytes as the local shard's
