@@ -130,7 +130,8 @@ def embed(shards, cache, model, pretrained, classes, label_key, true_label_key, 
                          precision=precision, device=device, strict=strict)
     rank, world = distributed_context()
     summary = embed_shards(list(shards), cache, config, rank=rank, world_size=world)
-    _emit(summary, as_json, _embed_lines)
+    if rank == 0:  # under torchrun every rank returns the same all-ranks summary; print it once
+        _emit(summary, as_json, _embed_lines)
     if summary["failed"]:
         click.echo(f"engine: error: {len(summary['failed'])} shard(s) failed; rerun the same command to retry them: "
                    + "; ".join(f"{f['url']}: {f['error']}" for f in summary["failed"][:3]), err=True)
@@ -140,7 +141,8 @@ def embed(shards, cache, model, pretrained, classes, label_key, true_label_key, 
 def _embed_lines(s: dict):
     sh = s["shards"]
     yield (f"cache {s['cache']}: {s['rows']} rows ({s['new_rows']} new) | shards: {sh.get('done', 0)} done, "
-           f"{sh['skipped']} skipped, {sh.get('failed', 0)} failed")
+           f"{sh['skipped']} skipped, {sh.get('failed', 0)} failed"
+           + (f" | {s['ranks']} ranks" if s.get("ranks", 1) > 1 else ""))
     yield (f"bad samples: {s['bad_samples']}, missing labels: {s['missing_labels']} | "
            f"{s['images_per_s']} img/s on {s['device']} ({s['precision']}) | model {s['model']}")
     for b in s["bad_examples"][:5]:
@@ -436,6 +438,145 @@ def demo(workdir, num_classes, epochs, as_json):
     from engine.demo import DemoConfig, run_demo, summary_lines
 
     summary = run_demo(workdir, DemoConfig(classes=num_classes, epochs=epochs))
+    _emit(summary, as_json, summary_lines)
+
+
+# ---------------------------------------------------------------- export
+@cli.command("export")
+@click.option("--cache", default="feats.zarr", show_default=True)
+@click.option("--out", default=None, help="Label table, one row per sample in cache order (.csv or .parquet).")
+@click.option("--format", "table_format", type=click.Choice(["csv", "parquet"]), default=None,
+              help="Table format; must agree with the --out suffix (default: from the suffix).")
+@click.option("--shards", default=None,
+              help="Cleaned WebDataset shards: OUT/{000000..}.tar (digits give the width) or OUT/clean-%06d.tar.")
+@click.option("--keep", type=click.Choice(["selected", "all"]), default="selected", show_default=True,
+              help="selected: the final selection, cls = label to train with; all: every sample, cls = MixFix "
+                   "label (needs `engine train`), plus a selected field.")
+@click.option("--per-shard", type=int, default=1000, show_default=True, help="Samples per output shard.")
+@click.option("--overwrite", is_flag=True, help="Replace an export of another plan in the same folder.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def export(cache, out, table_format, shards, keep, per_shard, overwrite, as_json):
+    """Export the selection and labels: a CSV/Parquet table and/or cleaned shards (resumable).
+
+    Shards copy every field of the source samples byte-for-byte and set `cls` to the label to
+    train with and `cls_given` to the original label. A rerun skips finished output shards.
+
+    \b
+    Example:
+      engine export --cache feats.zarr --out labels.parquet \\
+          --shards 'clean/{000000..}.tar' --keep selected --per-shard 1000
+    """
+    from engine.export import ShardExportConfig, export_cache
+
+    config = ShardExportConfig(keep=keep, per_shard=per_shard, overwrite=overwrite)
+    summary = export_cache(cache, out=out, table_format=table_format, shards=shards, config=config)
+    _emit(summary, as_json, _export_lines)
+
+
+def _export_lines(s: dict):
+    yield f"cache {s['cache']}: {s['rows']} rows, {s['selected']} selected"
+    if "table" in s:
+        t = s["table"]
+        yield f"  table: {t['rows']} rows x {len(t['columns'])} columns -> {t['out']}"
+    if "shards" in s:
+        h = s["shards"]
+        labels = "MixFix labels" if h["labels_from"] == "mixfix" else "given labels"
+        yield (f"  shards: {h['samples']} samples (keep {h['keep']}, cls = {labels}, {h['relabelled']} relabelled) in "
+               f"{h['shards']} shards of up to {h['per_shard']}: {h['written']} written, {h['skipped']} skipped")
+        if h["written"]:
+            yield (f"  {h['rows_written']} samples in {h['seconds']} s ({h['samples_per_s']} samples/s) -> "
+                   f"{h['first']} .. {h['last']}; plan: {h['manifest']}")
+        elif h["shards"]:
+            yield f"  nothing to write: every shard is finished ({h['manifest']})"
+
+
+# ---------------------------------------------------------------- pack
+@cli.command("pack")
+@click.argument("root")
+@click.option("--out", "out_dir", required=True, help="Folder for the shards, pack.json and classes.json.")
+@click.option("--list", "list_file", default=None,
+              help="'PATH LABEL' lines (paths relative to ROOT; space or comma between). "
+                   "Default: ROOT is an ImageFolder (ROOT/<class>/<image>).")
+@click.option("--true-list", default=None, help="Same format: true labels, stored as true_cls (evaluation only).")
+@click.option("--subset", default=None,
+              help="One path a line: pack only these, in this order (e.g. Clothing1M's noisy_train_key_list.txt).")
+@click.option("--label-from-name", default=None, metavar="REGEX",
+              help=r"Label = the regex's one group on each file name under ROOT, e.g. '(\d+)_\d+\.jpg'.")
+@click.option("--class-names", default=None, help="One class name a line (line i names class i); written to classes.json.")
+@click.option("--per-shard", type=int, default=1000, show_default=True, help="Files per shard.")
+@click.option("--prefix", default=None, help="Shard name prefix (default: ROOT's folder name).")
+@click.option("--shuffle", type=int, default=None, metavar="SEED", help="Permute the files with this seed.")
+@click.option("--workers", type=int, default=None, help="Processes verifying and writing shards (default: min(cores, 8)).")
+@click.option("--overwrite", is_flag=True, help="Replace what OUT holds (needed when the plan changed).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@handle_errors
+def pack(root, out_dir, list_file, true_list, subset, label_from_name, class_names, per_shard, prefix, shuffle,
+         workers, overwrite, as_json):
+    """Pack an image folder (or ROOT plus a file list) into WebDataset shards for `engine embed`.
+
+    Every image is decoded before it is written; JPEG/PNG/WebP bytes are kept as they are, other
+    formats become PNG; unreadable files are skipped and listed. Resumable per shard.
+
+    \b
+    Example:
+      engine pack webvision/ --list webvision/info/train_filelist_google.txt --out shards/wv-google \\
+          --per-shard 1000 --shuffle 0
+      engine embed 'shards/wv-google/*.tar' --cache wv.zarr --classes imagenet1k
+    """
+    from engine.pack import PackConfig, pack_dataset
+
+    config = PackConfig(list_file=list_file, true_list=true_list, subset=subset, label_from_name=label_from_name,
+                        class_names=class_names, per_shard=per_shard, prefix=prefix, shuffle=shuffle,
+                        workers=workers, overwrite=overwrite)
+    summary = pack_dataset(root, out_dir, config)
+    _emit(summary, as_json, _pack_lines)
+
+
+def _pack_lines(s: dict):
+    sh = s["shards"]
+    yield (f"packed {s['samples']} of {s['files']} files into {sh['total']} shards in {s['out_dir']} "
+           f"({sh['written']} written, {sh['skipped']} skipped) | {s['images_per_s']} img/s, {s['seconds']} s, "
+           f"{s['workers']} workers")
+    yield (f"bad files: {s['bad']} | converted to PNG: {s['converted']} | with true labels: {s['with_true_label']}"
+           + (f" | ignored (no image extension): {s['ignored']}" if s["ignored"] else ""))
+    for b in s["bad_examples"]:
+        yield f"  bad: {b['path']}: {b['reason']}"
+    classes = f" --classes {s['classes_file']}" if s["classes_file"] else ""
+    truth = " --true-label-key true_cls" if s["with_true_label"] else ""
+    yield f"next: engine embed '{s['shard_pattern']}' --cache feats.zarr{classes}{truth}"
+
+
+# ---------------------------------------------------------------- report
+@cli.command("report")
+@click.option("--cache", default="feats.zarr", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Report folder: new, empty, or an earlier report (which is replaced).")
+@click.option("--per-class", type=int, default=24, show_default=True,
+              help="Rejected samples shown per class page, most suspicious first.")
+@click.option("--thumb", type=int, default=96, show_default=True, help="Thumbnail size in pixels (longer side).")
+@click.option("--neighbours", "--neighbors", "neighbours", type=int, default=5, show_default=True,
+              help="Nearest neighbours shown per sample (0: none).")
+@click.option("--heatmap-classes", type=int, default=20, show_default=True,
+              help="Classes in the confusable-class heatmap (2-30).")
+@click.option("--classes-per-page", type=int, default=100, show_default=True,
+              help="Classes per list page (bar chart and table), most rejected share first.")
+@click.option("--workers", type=int, default=None, help="Threads reading shards for thumbnails (default: up to 4).")
+@click.option("--device", default="auto", show_default=True, help="For the FAISS index when neighbours are searched.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def report(cache, out, per_class, thumb, neighbours, heatmap_classes, classes_per_page, workers, device, as_json):
+    """Write a static HTML report of what the selection rejected; open OUT/index.html from disk.
+
+    \b
+    Example:
+      engine report --cache feats.zarr --out report/ --per-class 24 --thumb 96
+    """
+    from engine.report import ReportConfig, summary_lines, write_report
+
+    config = ReportConfig(per_class=per_class, thumb=thumb, neighbours=neighbours, heatmap_classes=heatmap_classes,
+                          classes_per_page=classes_per_page, workers=workers)
+    summary = write_report(cache, out, config, device=device)
     _emit(summary, as_json, summary_lines)
 
 

@@ -24,6 +24,10 @@ _EXPORTS = {
     "select_from_cache": "engine.stages", "diagnose_from_cache": "engine.stages",
     "index_from_cache": "engine.stages", "train_from_cache": "engine.stages", "predict_from_cache": "engine.stages",
     "ShapesConfig": "engine.synthetic", "write_shards": "engine.synthetic",
+    "ReportConfig": "engine.report", "write_report": "engine.report",
+    "PackConfig": "engine.pack", "pack_dataset": "engine.pack",
+    "export_cache": "engine.export", "export_table": "engine.export", "export_shards": "engine.export",
+    "ShardExportConfig": "engine.export",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,0 +1,675 @@
+"""Image folders and file lists → WebDataset shards that `engine embed` reads.
+
+A *plan* is the ordered list of files under ROOT with their labels (from an ImageFolder layout,
+a `PATH LABEL` list, or a regex over file names), cut into shards of `per_shard` files. Its
+fingerprint (root, files, labels, true labels, per_shard, prefix) is recorded in OUT/pack.json.
+
+Shards are independent: a process pool verifies and writes each one to `NAME.partial`, then
+renames it into place, and the main process records it in the manifest. A rerun of the same
+plan skips recorded shards and rewrites the others; a killed run never leaves half a shard
+under a final name. Entry times in the tars are fixed, so one plan always gives the same bytes.
+
+Every image is decoded (PIL open + load) before it is written. JPEG, PNG and WebP bytes are
+stored unchanged (the format is read from the magic bytes, not the file name); any other
+format PIL decodes is converted losslessly to PNG. Files that cannot be read or decoded are
+skipped, counted and recorded with a one-line reason.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.runtime import EngineError
+
+_logger = logging.getLogger(__name__)
+
+MANIFEST = "pack.json"
+CLASSES = "classes.json"
+PARTIAL = ".partial"
+FORMAT_VERSION = 1
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
+                              ".ppm", ".pgm", ".pbm", ".pnm"})
+_PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"})  # PNG stores these as they are
+_KEY_UNSAFE = re.compile(r"[/\\.\s]")    # webdataset splits a member name at its first dot
+_LIST_LINE = re.compile(r"(.+?)[\s,]+([^\s,]+)")
+_BUFFER_NAME = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+_TAR_MTIME = 0
+_SAVE_EVERY_S = 2.0
+_EXAMPLES = 5
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    list_file: str | None = None        # `PATH LABEL` lines; None: ROOT/<class>/<image> (or label_from_name)
+    true_list: str | None = None        # same format: true labels, stored as `true_cls`
+    subset: str | None = None           # one path a line: pack only these, in this order
+    label_from_name: str | None = None  # regex with one group: the label from each file name
+    class_names: str | None = None      # one class name a line, line i names class i
+    per_shard: int = 1000
+    prefix: str | None = None           # default: ROOT's folder name
+    shuffle: int | None = None          # seed of a local generator that permutes the files
+    workers: int | None = None          # default: min(cores, 8)
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.per_shard < 1:
+            raise EngineError(f"per-shard: got {self.per_shard}, expected a positive integer")
+        if self.workers is not None and self.workers < 1:
+            raise EngineError(f"workers: got {self.workers}, expected a positive integer")
+        if self.list_file is not None and self.label_from_name is not None:
+            raise EngineError("label-from-name: cannot be combined with --list (labels come from one place)")
+        if self.prefix is not None and (not self.prefix or re.search(r"[/\\\s]", self.prefix)):
+            raise EngineError(f"prefix: got {self.prefix!r}, expected a file name part without slashes or spaces")
+        if self.label_from_name is not None:
+            name_pattern(self.label_from_name)
+
+
+def name_pattern(regex: str) -> re.Pattern:
+    """`--label-from-name` compiled; it must have exactly one group (the integer label)."""
+    try:
+        pattern = re.compile(regex)
+    except re.error as err:
+        raise EngineError(f"label-from-name: {regex!r} is not a valid regular expression ({err})") from None
+    if pattern.groups != 1:
+        raise EngineError(f"label-from-name: {regex!r} has {pattern.groups} groups, expected exactly one "
+                          r"(the label), e.g. '(\d+)_\d+\.jpg'")
+    return pattern
+
+
+# ---------------------------------------------------------------- list files
+
+def _list_lines(path: str | os.PathLike, option: str):
+    """(line number, stripped line) of a list file, skipping blank lines and # comments."""
+    if not os.path.isfile(path):
+        raise EngineError(f"{option}: {str(path)!r} does not exist")
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as handle:
+        for number, raw in enumerate(handle, 1):
+            line = raw.strip()
+            if line and not line.startswith("#"):
+                yield number, line
+
+
+def _relative(path: str, where: str) -> str:
+    rel = posixpath.normpath(path.strip())
+    if posixpath.isabs(rel) or rel == ".." or rel.startswith("../") or rel == ".":
+        raise EngineError(f"{where}: path {path!r} must be relative to ROOT and inside it")
+    return rel
+
+
+def read_list(path: str | os.PathLike, *, option: str = "list") -> dict[str, int]:
+    """{relative path: label} from `PATH LABEL` lines (whitespace or comma between), in file order.
+
+    Blank lines and `#` comments are skipped; a malformed line, a label that is not a
+    non-negative integer, or a path listed twice is an EngineError naming file and line.
+    """
+    labels: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for number, line in _list_lines(path, option):
+        where = f"{option}: {path}:{number}"
+        match = _LIST_LINE.fullmatch(line)
+        if match is None:
+            raise EngineError(f"{where}: expected 'PATH LABEL' (a space or comma between), got {line!r}")
+        rel, token = _relative(match.group(1), where), match.group(2)
+        try:
+            label = int(token)
+        except ValueError:
+            raise EngineError(f"{where}: label {token!r} is not an integer") from None
+        if label < 0:
+            raise EngineError(f"{where}: label {label} is negative, expected 0 or more")
+        if rel in labels:
+            raise EngineError(f"{where}: {rel!r} is listed again (first on line {first[rel]})")
+        labels[rel], first[rel] = label, number
+    return labels
+
+
+def read_paths(path: str | os.PathLike, *, option: str = "subset") -> list[str]:
+    """Relative paths, one a line (the first field when a line has more), in file order, unique."""
+    seen: dict[str, int] = {}
+    for number, line in _list_lines(path, option):
+        rel = _relative(re.split(r"[\s,]+", line)[0], f"{option}: {path}:{number}")
+        if rel in seen:
+            raise EngineError(f"{option}: {path}:{number}: {rel!r} is listed again (first on line {seen[rel]})")
+        seen[rel] = number
+    return list(seen)
+
+
+def read_class_names(path: str | os.PathLike) -> list[str]:
+    """One class name a line: line i (blank lines and # comments skipped) names class i."""
+    names = [line for _, line in _list_lines(path, "class-names")]
+    if not names:
+        raise EngineError(f"class-names: {str(path)!r} holds no names")
+    return names
+
+
+# ---------------------------------------------------------------- scanning ROOT
+
+def _image_files(root: Path, sub: str = "") -> tuple[list[str], list[str]]:
+    """(image files, other files) under root/sub as sorted POSIX paths relative to root."""
+    images, others = [], []
+    for folder, dirs, files in os.walk(root / sub, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        base = Path(folder).relative_to(root).as_posix()
+        for name in files:
+            rel = name if base == "." else f"{base}/{name}"
+            (images if posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS else others).append(rel)
+    return sorted(images), sorted(others)
+
+
+def scan_image_folder(root: Path) -> tuple[dict[str, int], list[str], list[str]]:
+    """ROOT/<class>/<image> (torchvision's ImageFolder): ({path: label}, class folders, ignored files).
+
+    Classes are the sorted non-hidden sub-folders → 0..C-1; files without an image extension
+    and files directly in ROOT are ignored (returned, so they can be counted)."""
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not folders:
+        raise EngineError(f"root: {str(root)!r} has no class folders (expected ROOT/<class>/<image>); "
+                          "give --list FILE or --label-from-name REGEX for other layouts")
+    labels: dict[str, int] = {}
+    ignored = [e.name for e in os.scandir(root) if e.is_file()]
+    for label, folder in enumerate(folders):
+        images, others = _image_files(root, folder)
+        labels.update((rel, label) for rel in images)
+        ignored.extend(others)
+        if not images:
+            _logger.warning("class folder %s holds no images (class %d stays, with no samples)", folder, label)
+    return labels, folders, sorted(ignored)
+
+
+def scan_by_name(root: Path, regex: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Every image file under ROOT, labelled by the regex's group on its file name:
+    ({path: label}, [(path, reason)] for names that give no label)."""
+    pattern = name_pattern(regex)
+    labels, unlabelled = {}, []
+    for rel in _image_files(root)[0]:
+        match = pattern.search(posixpath.basename(rel))
+        group = match.group(1) if match else None
+        if group is not None and group.isascii() and group.isdigit():
+            labels[rel] = int(group)
+        else:
+            found = "no match" if match is None else f"group {group!r}"
+            unlabelled.append((rel, f"no label from the file name ({found} for --label-from-name {regex!r})"))
+    return labels, unlabelled
+
+
+# ---------------------------------------------------------------- the plan
+
+def make_key(rel: str) -> str:
+    """The sample key of a relative path: the path without its extension, with `/`, `\\`, `.` and
+    white space replaced by `_` (webdataset splits member names at the first dot)."""
+    return _KEY_UNSAFE.sub("_", rel[:len(rel) - len(posixpath.splitext(rel)[1])])
+
+
+@dataclass
+class Plan:
+    """What will be written: `entries` [(path, key, label, true label or None)] in shard order."""
+
+    root: str
+    prefix: str
+    per_shard: int
+    source: str
+    entries: list
+    unlabelled: list = field(default_factory=list)   # [(path, reason)]: bad before any shard
+    class_names: list | None = None
+    folders: list | None = None
+    notes: dict = field(default_factory=dict)
+    fingerprint: str = ""
+
+    @property
+    def num_shards(self) -> int:
+        return -(-len(self.entries) // self.per_shard)
+
+    def shard_name(self, index: int) -> str:
+        return f"{self.prefix}-{index:06d}.tar"
+
+    def shard_entries(self, index: int) -> list:
+        return self.entries[index * self.per_shard:(index + 1) * self.per_shard]
+
+
+def _default_prefix(root: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", root.resolve().name).strip("_") or "pack"
+
+
+def _labels(root: Path, config: PackConfig) -> tuple[str, dict, list, list | None, dict]:
+    """(source, {path: label}, unlabelled, class folders, notes) from the chosen label source."""
+    if config.list_file is not None:
+        return "list", read_list(config.list_file), [], None, {}
+    if config.label_from_name is not None:
+        labels, unlabelled = scan_by_name(root, config.label_from_name)
+        return "file-name", labels, unlabelled, None, {}
+    labels, folders, ignored = scan_image_folder(root)
+    return "image-folder", labels, [], folders, {"ignored": {"count": len(ignored), "examples": ignored[:_EXAMPLES]}}
+
+
+def _restrict(labels: dict, unlabelled: list, subset: list[str]) -> tuple[dict, list]:
+    """Only the subset's paths, in its order; subset paths without a label become unlabelled."""
+    reasons = dict(unlabelled)
+    kept, missing = {}, []
+    for rel in subset:
+        if rel in labels:
+            kept[rel] = labels[rel]
+        else:
+            missing.append((rel, reasons.get(rel, "in --subset but has no label (not in --list or not found)")))
+    return kept, missing
+
+
+def build_plan(root: str | os.PathLike, config: PackConfig) -> Plan:
+    """The ordered files and labels to pack; validates every input file before any work."""
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise EngineError(f"root: {str(root)!r} is not a directory")
+    source, labels, unlabelled, folders, notes = _labels(root_path, config)
+    if config.subset is not None:
+        labels, unlabelled = _restrict(labels, unlabelled, read_paths(config.subset))
+    true = read_list(config.true_list, option="true-list") if config.true_list is not None else {}
+    if true:
+        notes["true_list_unmatched"] = sum(rel not in labels for rel in true)
+    names = read_class_names(config.class_names) if config.class_names is not None else None
+    if names is None and folders is not None:
+        names = [f.replace("_", " ").strip() or f for f in folders]
+    _check_label_range(labels, names, config)
+    paths = list(labels)
+    if config.shuffle is not None:
+        import numpy as np
+
+        paths = [paths[i] for i in np.random.default_rng(config.shuffle).permutation(len(paths))]
+    entries = [(rel, make_key(rel), labels[rel], true.get(rel)) for rel in paths]
+    if not entries:
+        raise EngineError(f"root: no images to pack under {str(root)!r} ({source}; {len(unlabelled)} without a label)")
+    _check_keys(entries)
+    plan = Plan(root=str(root_path.resolve()), prefix=config.prefix or _default_prefix(root_path),
+                per_shard=config.per_shard, source=source, entries=entries, unlabelled=unlabelled,
+                class_names=names, folders=folders, notes=notes)
+    plan.fingerprint = fingerprint(plan)
+    return plan
+
+
+def _check_label_range(labels: dict, names: list | None, config: PackConfig) -> None:
+    if names is None or not labels or config.class_names is None:
+        return
+    rel, top = max(labels.items(), key=lambda item: item[1])
+    if top >= len(names):
+        raise EngineError(f"class-names: {config.class_names} names {len(names)} classes, but {rel!r} has label {top}")
+
+
+def _check_keys(entries: list) -> None:
+    owner: dict[str, str] = {}
+    for rel, key, _, _ in entries:
+        if key in owner:
+            raise EngineError(f"keys: {owner[key]!r} and {rel!r} both become the sample key {key!r}; "
+                              "rename one of them")
+        owner[key] = rel
+
+
+def fingerprint(plan: Plan) -> str:
+    """sha256 of everything that decides the shards' contents: root, per_shard, prefix, and the
+    ordered (path, label, true label) entries and unlabelled paths."""
+    digest = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, "root": plan.root, "per_shard": plan.per_shard,
+                                        "prefix": plan.prefix}, sort_keys=True).encode())
+    for rel, _, label, true in plan.entries:
+        digest.update(f"{rel}\t{label}\t{true}\n".encode("utf-8", "surrogateescape"))
+    for rel, reason in plan.unlabelled:
+        digest.update(f"!{rel}\t{reason}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- images and shards (worker side)
+
+def sniff_format(data: bytes) -> str | None:
+    """`jpg`, `png` or `webp` from the magic bytes; None for anything else."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else ""
+    text = _BUFFER_NAME.sub("", text)  # PIL names the in-memory buffer by its address
+    return f"{type(err).__name__}: {text}"[:200] if text else type(err).__name__
+
+
+def _to_png(image) -> bytes:
+    """PNG bytes of a decoded image; modes PNG cannot hold (CMYK, YCbCr, 32-bit) become RGB(A)."""
+    if image.mode == "I" and image.getextrema()[0] >= 0 and image.getextrema()[1] < 65536:
+        image = image.convert("I;16")
+    elif image.mode not in _PNG_MODES:
+        image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", icc_profile=image.info.get("icc_profile"))
+    return buffer.getvalue()
+
+
+def encode_image(data: bytes) -> tuple[str, bytes]:
+    """(extension, bytes) to store for one file: JPEG/PNG/WebP bytes unchanged, other formats PIL
+    decodes converted to PNG. Raises ValueError with a one-line reason when the file does not
+    decode completely."""
+    from PIL import Image
+
+    ext = sniff_format(data)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return (ext, data) if ext is not None else ("png", _to_png(image))
+    except Exception as err:  # PIL raises many types for bad data
+        raise ValueError(f"not a decodable image: {_reason(err)}") from None
+
+
+def _sample(root: str, rel: str, key: str, label: int, true: int | None) -> tuple[dict, bool] | str:
+    """(sample dict, whether the image was converted), or the reason the file is skipped."""
+    try:
+        with open(os.path.join(root, rel), "rb") as handle:
+            data = handle.read()
+    except OSError as err:
+        return f"unreadable: {type(err).__name__}: {err.strerror or err}"
+    try:
+        ext, payload = encode_image(data)
+    except ValueError as err:
+        return str(err)
+    sample = {"__key__": key, ext: payload, "cls": str(label).encode()}
+    if true is not None:
+        sample["true_cls"] = str(true).encode()
+    return sample, payload is not data
+
+
+def write_shard(task: dict) -> dict:
+    """Verify and write one shard (`task`: index, path, root, entries) to PATH.partial, then
+    rename it into place. Runs in a worker process; returns the shard's record."""
+    import webdataset as wds
+
+    final = Path(task["path"])
+    partial = final.with_name(final.name + PARTIAL)
+    bad, formats, converted = [], {}, 0
+    try:
+        with open(partial, "wb") as handle:
+            with wds.TarWriter(handle, format="PAX_FORMAT", mtime=_TAR_MTIME) as sink:
+                for rel, key, label, true in task["entries"]:
+                    made = _sample(task["root"], rel, key, label, true)
+                    if isinstance(made, str):
+                        bad.append((rel, made))
+                        continue
+                    sample, was_converted = made
+                    ext = next(k for k in sample if k in ("jpg", "png", "webp"))
+                    formats[ext] = formats.get(ext, 0) + 1
+                    converted += was_converted
+                    sink.write(sample)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, final)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return {"index": task["index"], "name": final.name, "entries": len(task["entries"]),
+            "samples": len(task["entries"]) - len(bad), "bytes": final.stat().st_size, "formats": formats,
+            "converted": converted, "bad": bad}
+
+
+# ---------------------------------------------------------------- the output folder (main process)
+
+def _engine_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("engine")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _new_manifest(plan: Plan, config: PackConfig) -> dict:
+    given = {name: (os.path.abspath(value) if value is not None else None)
+             for name, value in (("list", config.list_file), ("true_list", config.true_list),
+                                 ("subset", config.subset), ("class_names", config.class_names))}
+    record = {"root": plan.root, "source": plan.source, **given, "label_from_name": config.label_from_name,
+              "per_shard": plan.per_shard, "prefix": plan.prefix, "shuffle": config.shuffle,
+              "files": len(plan.entries) + len(plan.unlabelled), "labelled": len(plan.entries),
+              "with_true_label": sum(e[3] is not None for e in plan.entries), **plan.notes}
+    return {"format": FORMAT_VERSION, "engine_version": _engine_version(), "fingerprint": plan.fingerprint,
+            "plan": record, "classes": plan.class_names, "complete": False,
+            "shards": [{"name": plan.shard_name(i), "entries": len(plan.shard_entries(i)), "status": "pending"}
+                       for i in range(plan.num_shards)],
+            "bad": [{"path": rel, "reason": reason, "shard": None} for rel, reason in plan.unlabelled]}
+
+
+def _read_manifest(out: Path) -> dict | None:
+    path = out / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise EngineError(f"out: {path} is unreadable ({_reason(err)}); use --overwrite to start again") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise EngineError(f"out: {path} is not a pack manifest; use --overwrite to start again")
+    return manifest
+
+
+def _save_manifest(out: Path, manifest: dict) -> None:
+    manifest["bad"].sort(key=lambda b: b["shard"] or "")  # stable: plan order within a shard
+    manifest["complete"] = all(s["status"] == "done" for s in manifest["shards"])
+    partial = out / (MANIFEST + PARTIAL)
+    partial.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(partial, out / MANIFEST)
+
+
+def _plan_changes(old: dict, new: dict) -> str:
+    fields = ("root", "source", "list", "true_list", "subset", "label_from_name", "per_shard", "prefix", "shuffle",
+              "files")
+    changed = [f"{f} {old.get(f)!r} -> {new.get(f)!r}" for f in fields if old.get(f) != new.get(f)]
+    return "; ".join(changed) or "the files or their labels changed"
+
+
+def _is_done(out: Path, record: dict) -> bool:
+    path = out / record["name"]
+    return record.get("status") == "done" and path.is_file() and path.stat().st_size == record.get("bytes")
+
+
+def _carry_over(fresh: dict, old: dict, out: Path) -> None:
+    """Keep the shards the previous run of this plan finished (recorded and still in place)."""
+    for index, record in enumerate(old["shards"][:len(fresh["shards"])]):
+        if record.get("name") == fresh["shards"][index]["name"] and _is_done(out, record):
+            fresh["shards"][index] = record
+            fresh["bad"].extend(b for b in old.get("bad", []) if b.get("shard") == record["name"])
+
+
+def _remove_outputs(out: Path, old: dict) -> None:
+    """--overwrite: the previous plan's shards (names from its manifest only) and class file."""
+    for record in old["shards"]:
+        name = str(record.get("name", ""))
+        if name and Path(name).name == name:
+            (out / name).unlink(missing_ok=True)
+            (out / (name + PARTIAL)).unlink(missing_ok=True)
+    if old.get("classes"):
+        (out / CLASSES).unlink(missing_ok=True)
+
+
+def _prepare_out(out: Path, plan: Plan, config: PackConfig) -> dict:
+    """The manifest to work from: fresh, or the previous run's progress on the same plan."""
+    fresh = _new_manifest(plan, config)
+    old = _read_manifest(out)
+    if old is not None and old.get("fingerprint") == plan.fingerprint and not config.overwrite:
+        _carry_over(fresh, old, out)
+    elif old is not None and not config.overwrite:
+        changes = _plan_changes(old.get("plan", {}), fresh["plan"])
+        raise EngineError(f"out: {out} holds shards of a different plan ({changes}); "
+                          "use --overwrite to replace them, or another --out")
+    elif old is not None:
+        _remove_outputs(out, old)
+    else:
+        taken = [s["name"] for s in fresh["shards"] if (out / s["name"]).exists()]
+        if taken and not config.overwrite:
+            raise EngineError(f"out: {out} already holds {taken[0]} ({len(taken)} shard names taken) but no "
+                              f"{MANIFEST}; use --overwrite to replace them, or another --out")
+    for record in fresh["shards"]:  # left by a killed run
+        (out / (record["name"] + PARTIAL)).unlink(missing_ok=True)
+    return fresh
+
+
+def _write_classes(out: Path, plan: Plan) -> str | None:
+    """OUT/classes.json in engine.classes' format, when class names are known."""
+    if not plan.class_names:
+        return None
+    classes = [{"index": i, "name": name} for i, name in enumerate(plan.class_names)]
+    for entry, folder in zip(classes, plan.folders or []):
+        entry["folder"] = folder
+    doc = {"name": plan.prefix, "templates": ["a photo of a {name}"], "suffix": ".", "classes": classes}
+    path, partial = out / CLASSES, out / (CLASSES + PARTIAL)
+    partial.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(partial, path)
+    return str(path)
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """One `engine pack` at a time per output folder (flock where the OS has it)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(out / ".pack.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EngineError(f"out: another `engine pack` is writing into {out}; "
+                              "wait for it or use another --out") from None
+        yield
+
+
+# ---------------------------------------------------------------- running
+
+def default_workers() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 8))
+
+
+def _checked(call, task: dict) -> dict:
+    """A shard's record; an OS error (disk full, permissions) or a dead worker becomes an EngineError."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        return call()
+    except OSError as err:
+        raise EngineError(f"out: writing {task['path']} failed: {_reason(err)}; rerun to resume") from None
+    except BrokenProcessPool:
+        raise EngineError(f"out: a worker died while writing {task['path']} (out of memory?); "
+                          "rerun to resume") from None
+
+
+def _ignore_interrupt() -> None:
+    """Workers leave Ctrl-C to the main process, which lets running shards finish and stops."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _results(tasks: list[dict], workers: int):
+    """An iterator of shard records as shards finish: inline for one worker, else a process pool
+    (forked before the progress bar starts any thread)."""
+    if workers <= 1:
+        yield (_checked(lambda t=t: write_shard(t), t) for t in tasks)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    context = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_ignore_interrupt)
+    try:
+        futures = {pool.submit(write_shard, task): task for task in tasks}
+        yield (_checked(future.result, futures[future]) for future in as_completed(futures))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _record(manifest: dict, record: dict) -> None:
+    manifest["shards"][record["index"]] = {
+        "name": record["name"], "entries": record["entries"], "status": "done", "samples": record["samples"],
+        "bytes": record["bytes"], "formats": record["formats"], "converted": record["converted"],
+        "bad": len(record["bad"])}
+    for rel, reason in record["bad"]:
+        _logger.info("skipped %s: %s", rel, reason)
+        manifest["bad"].append({"path": rel, "reason": reason, "shard": record["name"]})
+
+
+def _write_pending(tasks: list[dict], workers: int, manifest: dict, out: Path, show_progress: bool | None) -> None:
+    from engine.runtime import progress
+
+    saved = time.monotonic()
+    with _results(tasks, workers) as results:
+        with progress(total=sum(len(t["entries"]) for t in tasks), desc="pack", unit="img",
+                      disable=None if show_progress is None else not show_progress) as bar:
+            for record in results:
+                _record(manifest, record)
+                bar.update(record["entries"])
+                if time.monotonic() - saved > _SAVE_EVERY_S:
+                    _save_manifest(out, manifest)
+                    saved = time.monotonic()
+
+
+def pack_dataset(root: str | os.PathLike, out_dir: str | os.PathLike, config: PackConfig | None = None, *,
+                 show_progress: bool | None = None) -> dict:
+    """Write ROOT's images as WebDataset shards `OUT/{prefix}-{000000}.tar` plus `pack.json`
+    (and `classes.json` when class names are known); returns a summary dict.
+
+    Each sample holds `__key__` (from the relative path), the image (`jpg`/`png`/`webp`),
+    `cls` (ASCII integer) and `true_cls` when a true label is known. Resumable per shard.
+    """
+    started = time.perf_counter()
+    config = config or PackConfig()
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise EngineError(f"out: {str(out)!r} exists and is not a directory")
+    folder_layout = config.list_file is None and config.label_from_name is None
+    if folder_layout and Path(root).is_dir() and out.resolve().is_relative_to(Path(root).resolve()):
+        raise EngineError(f"out: {str(out)!r} is inside ROOT, where it would become a class folder; "
+                          "choose an --out outside ROOT")
+    plan = build_plan(root, config)
+    out.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        manifest = _prepare_out(out, plan, config)
+        classes_file = _write_classes(out, plan)
+        pending = [i for i, s in enumerate(manifest["shards"]) if s["status"] != "done"]
+        tasks = [{"index": i, "path": str(out / plan.shard_name(i)), "root": plan.root,
+                  "entries": plan.shard_entries(i)} for i in pending]
+        workers = min(config.workers or default_workers(), max(1, len(tasks)))
+        _save_manifest(out, manifest)
+        try:
+            _write_pending(tasks, workers, manifest, out, show_progress)
+        finally:
+            _save_manifest(out, manifest)
+    seconds = time.perf_counter() - started
+    processed = sum(len(t["entries"]) for t in tasks)
+    return _summary(plan, manifest, out, classes_file, written=len(tasks), processed=processed, workers=workers,
+                    seconds=seconds)
+
+
+def _summary(plan: Plan, manifest: dict, out: Path, classes_file: str | None, *, written: int, processed: int,
+             workers: int, seconds: float) -> dict:
+    done = [s for s in manifest["shards"] if s["status"] == "done"]
+    formats: dict[str, int] = {}
+    for shard in done:
+        for ext, count in shard["formats"].items():
+            formats[ext] = formats.get(ext, 0) + count
+    total = len(manifest["shards"])
+    return {"out_dir": str(out), "manifest": str(out / MANIFEST), "shard_pattern": str(out / f"{plan.prefix}-*.tar"),
+            "fingerprint": plan.fingerprint, "source": plan.source,
+            "shards": {"total": total, "written": written, "skipped": total - written},
+            "files": len(plan.entries) + len(plan.unlabelled), "samples": sum(s["samples"] for s in done),
+            "formats": formats, "converted": sum(s["converted"] for s in done),
+            "bad": len(manifest["bad"]), "bad_examples": manifest["bad"][:_EXAMPLES],
+            "classes": len(plan.class_names) if plan.class_names else None, "classes_file": classes_file,
+            "with_true_label": manifest["plan"]["with_true_label"],
+            "ignored": plan.notes.get("ignored", {}).get("count", 0),
+            "workers": workers, "seconds": round(seconds, 3),
+            "images_per_s": round(processed / seconds, 1) if processed else 0.0}

@@ -1,0 +1,308 @@
+import glob
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import webdataset as wds
+from click.testing import CliRunner
+from PIL import Image
+
+from cli.main import cli
+from engine.classes import load_classes
+from engine.pack import PackConfig, encode_image, make_key, pack_dataset, read_list
+from engine.reader import check_end_of_archive, decode_image
+from engine.runtime import EngineError
+
+
+def _image(seed: int, size=(20, 16), mode="RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB").convert(mode)
+
+
+def _save(path, seed: int, fmt: str, **kw) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    _image(seed, **kw).save(buffer, format=fmt)
+    path.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _samples(out) -> list[dict]:
+    """Every sample of OUT's shards, in shard order, through webdataset's own reader."""
+    urls = sorted(glob.glob(os.path.join(out, "*.tar")))
+    return list(wds.WebDataset(urls, shardshuffle=False))
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """An ImageFolder: 2 classes, JPEG and PNG files, a BMP, a JPEG named .png, a file name
+    with dots, a truncated JPEG, a text file named .jpg and a non-image file."""
+    root = tmp_path / "pets"
+    sources = {}
+    for i in range(4):
+        sources[f"alpha/a{i}.jpg"] = _save(root / f"alpha/a{i}.jpg", i, "JPEG")
+        sources[f"beta_gamma/b{i}.png"] = _save(root / f"beta_gamma/b{i}.png", 10 + i, "PNG")
+    sources["alpha/img.v2.jpg"] = _save(root / "alpha/img.v2.jpg", 20, "JPEG")
+    sources["alpha/really_jpeg.png"] = _save(root / "alpha/really_jpeg.png", 21, "JPEG")
+    sources["beta_gamma/sub/odd.bmp"] = _save(root / "beta_gamma/sub/odd.bmp", 22, "BMP")
+    (root / "alpha/truncated.jpg").write_bytes(sources["alpha/a0.jpg"][:300])
+    (root / "beta_gamma/text.jpg").write_text("this is not an image\n")
+    (root / "beta_gamma/notes.txt").write_text("ignored: no image extension\n")
+    return root, sources
+
+
+def test_image_folder_round_trip(folder, tmp_path):
+    root, sources = folder
+    out = tmp_path / "out"
+    summary = pack_dataset(root, out, PackConfig(per_shard=3, workers=2), show_progress=False)
+    samples = _samples(out)
+    by_key = {s["__key__"]: s for s in samples}
+    assert len(samples) == len(by_key) == summary["samples"] == len(sources) == 11
+    assert set(by_key) == {make_key(p) for p in sources} and "alpha_img_v2" in by_key
+    for rel, data in sources.items():
+        sample = by_key[make_key(rel)]
+        assert int(sample["cls"]) == (0 if rel.startswith("alpha/") else 1)
+        if rel.endswith(".bmp"):  # converted, losslessly
+            assert "png" in sample and sample["png"] != data
+            assert np.array_equal(_pixels(sample["png"]), _pixels(data))
+        else:  # stored byte for byte, under the extension its magic bytes say
+            ext = "jpg" if data[:3] == b"\xff\xd8\xff" else "png"
+            assert sample[ext] == data and set(sample) & {"jpg", "png", "webp"} == {ext}
+        decode_image(sample)  # the embed reader accepts it
+    assert summary["bad"] == 2 and summary["converted"] == 1 and summary["ignored"] == 1
+    manifest = json.loads((out / "pack.json").read_text())
+    reasons = {b["path"]: b["reason"] for b in manifest["bad"]}
+    assert set(reasons) == {"alpha/truncated.jpg", "beta_gamma/text.jpg"}
+    assert all(r.startswith("not a decodable image") for r in reasons.values())
+    assert [s["status"] for s in manifest["shards"]] == ["done"] * 5 and manifest["complete"]
+    assert sum(s["samples"] for s in manifest["shards"]) == 11
+    assert load_classes(str(out / "classes.json")).class_names == ("alpha", "beta gamma")
+    assert not list(out.glob("*.partial"))
+
+
+def _webvision(tmp_path):
+    """WebVision-like root (google/qNNNN/*.jpg) with a list, a true list and one missing file."""
+    root = tmp_path / "webvision"
+    rows = [(f"google/q{q:04d}/{i:08d}.jpg", q) for q in (1, 2) for i in range(3)]
+    for n, (rel, _) in enumerate(rows):
+        _save(root / rel, n, "JPEG")
+    listed = rows + [("google/q0002/99999999.jpg", 1)]
+    info = root / "info"
+    info.mkdir()
+    lines = ["# path label", ""] + [f"{p},{q}" if n == 2 else f"{p} {q}" for n, (p, q) in enumerate(listed)]
+    (info / "train_filelist_google.txt").write_text("\n".join(lines) + "\n")
+    (info / "true.txt").write_text(f"{rows[0][0]} 5\n{rows[4][0]} 1\n")
+    return root, info, rows
+
+
+def test_list_and_true_list(tmp_path):
+    root, info, rows = _webvision(tmp_path)
+    out = tmp_path / "out"
+    config = PackConfig(list_file=str(info / "train_filelist_google.txt"), true_list=str(info / "true.txt"),
+                        per_shard=4, workers=1)
+    summary = pack_dataset(root, out, config, show_progress=False)
+    samples = _samples(out)
+    assert [s["__key__"] for s in samples] == [make_key(p) for p, _ in rows]  # list order kept
+    assert [int(s["cls"]) for s in samples] == [q for _, q in rows]
+    truth = {s["__key__"]: int(s["true_cls"]) for s in samples if "true_cls" in s}
+    assert truth == {make_key(rows[0][0]): 5, make_key(rows[4][0]): 1}
+    assert summary["bad"] == 1 and summary["with_true_label"] == 2 and summary["classes_file"] is None
+    bad = summary["bad_examples"][0]
+    assert bad["path"] == "google/q0002/99999999.jpg" and bad["reason"].startswith("unreadable")
+    assert summary["shards"] == {"total": 2, "written": 2, "skipped": 0}
+
+
+def test_shuffle_is_a_seeded_permutation(tmp_path):
+    root, info, rows = _webvision(tmp_path)
+    keys = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        pack_dataset(root, tmp_path / name, PackConfig(list_file=str(info / "train_filelist_google.txt"), shuffle=seed,
+                                                       workers=1), show_progress=False)
+        keys[name] = [s["__key__"] for s in _samples(tmp_path / name)]
+    in_order = [make_key(p) for p, _ in rows]
+    assert keys["a"] == keys["b"] and sorted(keys["a"]) == sorted(in_order)
+    assert keys["a"] != in_order and keys["a"] != keys["c"]
+
+
+def test_label_from_name_and_subset(tmp_path):
+    root = tmp_path / "animal10n" / "training"
+    for n, name in enumerate(["0_00001.jpg", "3_00002.png", "12_00003.jpg", "cat.jpg"]):
+        _save(root / name, n, "PNG" if name.endswith(".png") else "JPEG")
+    summary = pack_dataset(root, tmp_path / "out", PackConfig(label_from_name=r"(\d+)_\d+\.\w+", workers=1),
+                           show_progress=False)
+    assert {s["__key__"]: int(s["cls"]) for s in _samples(tmp_path / "out")} == {
+        "0_00001": 0, "3_00002": 3, "12_00003": 12}
+    assert summary["bad"] == 1 and summary["bad_examples"][0]["path"] == "cat.jpg"
+    # Clothing1M style: all labels in one list, the split in a key list, clean labels as the true list
+    (tmp_path / "noisy_label_kv.txt").write_text("0_00001.jpg 1\n3_00002.png 2\n12_00003.jpg 0\n")
+    (tmp_path / "keys.txt").write_text("12_00003.jpg\n0_00001.jpg\nnot_listed.jpg\n")
+    summary = pack_dataset(root, tmp_path / "sub", PackConfig(list_file=str(tmp_path / "noisy_label_kv.txt"),
+                                                              subset=str(tmp_path / "keys.txt"), workers=1),
+                           show_progress=False)
+    assert [(s["__key__"], int(s["cls"])) for s in _samples(tmp_path / "sub")] == [("12_00003", 0), ("0_00001", 1)]
+    assert summary["bad"] == 1 and summary["bad_examples"][0]["path"] == "not_listed.jpg"
+
+
+@pytest.mark.parametrize("content,message", [
+    ("a.jpg 1\nb.jpg\n", r"list\.txt:2: expected 'PATH LABEL'"),
+    ("# header\n\na.jpg 1\nb.jpg cat\n", r"list\.txt:4: label 'cat' is not an integer"),
+    ("a.jpg -1\n", r"list\.txt:1: label -1 is negative"),
+    ("a.jpg 1\n./a.jpg 2\n", r"list\.txt:2: 'a\.jpg' is listed again \(first on line 1\)"),
+    ("../outside.jpg 1\n", r"list\.txt:1: path '\.\./outside\.jpg' must be relative to ROOT"),
+])
+def test_malformed_list_names_file_and_line(tmp_path, content, message):
+    (tmp_path / "list.txt").write_text(content)
+    with pytest.raises(EngineError, match=message):
+        read_list(tmp_path / "list.txt")
+
+
+def test_bad_input_is_an_engine_error(tmp_path, folder):
+    root, _ = folder
+    with pytest.raises(EngineError, match="root: .*missing.* is not a directory"):
+        pack_dataset(tmp_path / "missing", tmp_path / "out")
+    with pytest.raises(EngineError, match="list: .*nolist.txt.* does not exist"):
+        pack_dataset(root, tmp_path / "out", PackConfig(list_file=str(tmp_path / "nolist.txt")))
+    with pytest.raises(EngineError, match="out: .* is inside ROOT"):
+        pack_dataset(root, root / "shards")
+    with pytest.raises(EngineError, match="per-shard: got 0"):
+        PackConfig(per_shard=0)
+    with pytest.raises(EngineError, match="exactly one"):
+        PackConfig(label_from_name=r"\d+")
+    (tmp_path / "clash.txt").write_text("alpha/a0.jpg 0\nalpha_a0.png 1\n")
+    with pytest.raises(EngineError, match="'alpha/a0.jpg' and 'alpha_a0.png' both become the sample key 'alpha_a0'"):
+        pack_dataset(root, tmp_path / "out", PackConfig(list_file=str(tmp_path / "clash.txt")))
+
+
+def _stamps(out) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+
+
+def test_resume_rewrites_only_what_is_missing(folder, tmp_path):
+    root, _ = folder
+    out = tmp_path / "out"
+    first = pack_dataset(root, out, PackConfig(per_shard=3, workers=1), show_progress=False)
+    names = sorted(p.name for p in out.glob("*.tar"))
+    original = {n: (out / n).read_bytes() for n in names}
+    for n in names:  # back-date, so that any rewrite shows in the mtime
+        os.utime(out / n, ns=(1_000_000_000, 1_000_000_000))
+    before = _stamps(out)
+    (out / names[1]).unlink()
+    (out / (names[3] + ".partial")).write_bytes(b"half a shard")  # a killed run's leftover
+    again = pack_dataset(root, out, PackConfig(per_shard=3, workers=1), show_progress=False)
+    assert again["shards"] == {"total": 5, "written": 1, "skipped": 4}
+    after = _stamps(out)
+    assert {n for n in names if after[n] != before.get(n)} == {names[1]}
+    assert {n: (out / n).read_bytes() for n in names} == original
+    assert not list(out.glob("*.partial"))
+    assert again["samples"] == first["samples"] and again["bad"] == first["bad"] == 2
+    # a different plan into the same folder is refused, then replaces the old shards with --overwrite
+    with pytest.raises(EngineError, match=r"different plan \(per_shard 3 -> 4\).*--overwrite"):
+        pack_dataset(root, out, PackConfig(per_shard=4, workers=1), show_progress=False)
+    replaced = pack_dataset(root, out, PackConfig(per_shard=4, workers=1, overwrite=True), show_progress=False)
+    assert replaced["shards"]["total"] == 4 and sorted(p.name for p in out.glob("*.tar")) == names[:4]
+    assert len(_samples(out)) == 11
+
+
+_KILL_SCRIPT = """
+import sys
+from engine.pack import PackConfig, pack_dataset
+pack_dataset(sys.argv[1], sys.argv[2], PackConfig(per_shard=2, workers=1), show_progress=False)
+"""
+
+
+def test_killed_run_leaves_no_half_shard(tmp_path):
+    root = tmp_path / "big"
+    noise = np.random.default_rng(0).integers(0, 256, size=(384, 384, 3), dtype=np.uint8)
+    (root / "c").mkdir(parents=True)
+    Image.fromarray(noise).save(root / "c" / "0000.bmp")  # BMP → PNG of noise: slow on purpose
+    for i in range(1, 40):
+        (root / "c" / f"{i:04d}.bmp").write_bytes((root / "c" / "0000.bmp").read_bytes())
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(root), str(out)])
+    deadline = time.monotonic() + 60
+    while not list(out.glob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = sorted(out.glob("*.tar"))
+    assert 0 < len(finished) < 20, "the kill must land mid-run"
+    for shard in finished:  # complete archives, or nothing under a final name
+        check_end_of_archive(str(shard))
+        assert len(list(wds.WebDataset(str(shard), shardshuffle=False))) == 2
+    recorded = sum(s["status"] == "done" for s in json.loads((out / "pack.json").read_text())["shards"])
+    resumed = pack_dataset(root, out, PackConfig(per_shard=2, workers=2), show_progress=False)
+    clean = pack_dataset(root, tmp_path / "clean", PackConfig(per_shard=2, workers=2), show_progress=False)
+    assert resumed["samples"] == clean["samples"] == 40 and resumed["shards"]["written"] == 20 - recorded
+    assert [p.read_bytes() for p in sorted(out.glob("*.tar"))] == \
+        [p.read_bytes() for p in sorted((tmp_path / "clean").glob("*.tar"))]
+
+
+def test_encode_image_formats():
+    rgb = _image(1)
+    for fmt, ext in (("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp")):
+        buffer = io.BytesIO()
+        rgb.save(buffer, format=fmt)
+        assert encode_image(buffer.getvalue()) == (ext, buffer.getvalue())
+    for fmt, mode in (("GIF", "P"), ("TIFF", "CMYK"), ("BMP", "L")):
+        buffer = io.BytesIO()
+        source = rgb.convert(mode)
+        source.save(buffer, format=fmt)
+        ext, data = encode_image(buffer.getvalue())
+        assert ext == "png" and data[:8] == b"\x89PNG\r\n\x1a\n"
+        expected = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+        assert np.array_equal(_pixels(data), expected)
+    with pytest.raises(ValueError, match="not a decodable image"):
+        encode_image(b"GIF89a broken")
+
+
+def test_packed_shards_embed_with_the_same_keys(tmp_path):
+    from engine import synthetic
+    from engine.cache import Cache
+    from engine.embed import EmbedConfig, embed_shards
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "shapes"
+    for n in range(30):
+        label = n % 3
+        path = root / synthetic.class_names(3)[label].replace(" ", "_") / f"{n:03d}.{'jpg' if n % 2 else 'png'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        synthetic.draw_image(label, rng, num_classes=3).save(path)
+    out = tmp_path / "out"
+    packed = pack_dataset(root, out, PackConfig(per_shard=8, workers=1), show_progress=False)
+    assert packed["samples"] == 30 and packed["bad"] == 0
+    pack_labels = {s["__key__"]: int(s["cls"]) for s in _samples(out)}
+    summary = embed_shards([str(out / "*.tar")], str(tmp_path / "feats.zarr"),
+                           EmbedConfig(classes=packed["classes_file"], batch_size=8, workers=0), show_progress=False)
+    assert summary["rows"] == 30 and not summary["failed"] and summary["bad_samples"] == 0
+    cache = Cache(tmp_path / "feats.zarr")
+    assert dict(zip(cache.keys().tolist(), cache.labels().tolist())) == pack_labels
+    assert cache.text_features()[0].shape[0] == 3
+
+
+def test_cli_json_and_one_line_errors(folder, tmp_path):
+    root, _ = folder
+    runner = CliRunner()
+    r = runner.invoke(cli, ["pack", str(root), "--out", str(tmp_path / "out"), "--per-shard", "4", "--workers", "1",
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)  # one JSON object, nothing else on stdout
+    assert summary["samples"] == 11 and summary["shards"]["total"] == 4 and summary["bad"] == 2
+    r = runner.invoke(cli, ["pack", str(root), "--out", str(tmp_path / "out"), "--per-shard", "4", "--workers", "1"])
+    assert r.exit_code == 0 and "0 written, 4 skipped" in r.stdout and "next: engine embed" in r.stdout
+    for args, needle in ((["--per-shard", "0"], "per-shard: got 0"),
+                         (["--list", str(tmp_path / "nope.txt")], "nope.txt"),
+                         (["--per-shard", "5"], "different plan")):
+        r = runner.invoke(cli, ["pack", str(root), "--out", str(tmp_path / "out"), *args])
+        assert r.exit_code == 2 and needle in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+        assert r.stdout == ""
