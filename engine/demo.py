@@ -2,7 +2,8 @@
 
 Draws a shapes training set with 40% label noise (half symmetric, half flips to the close
 partner) and a clean test set, embeds both with `shapes-tiny`, then runs every later stage
-on the cache: selection, diagnostics, MixFix training with baselines.
+on the cache: selection, diagnostics, MixFix training with baselines, and the HTML report of
+what the selection rejected (WORKDIR/report/index.html).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def _stage(summary: dict, name: str, fn, *args, **kwargs):
 
 _MARKER = ".engine-demo"
 _OUTPUTS = ("shards", "test-shards", "train.zarr", "test.zarr", "selection.csv", "head.pt", "head.metrics.jsonl",
-            "head.pt.state")
+            "head.pt.state", "report")
 
 
 def _fresh_workdir(work: Path) -> Path:
@@ -82,11 +83,13 @@ def run_demo(workdir: str | Path, config: DemoConfig = DemoConfig(), *, show_pro
                                    [str(p) for p in sorted((work / "test-shards").glob("*.tar"))],
                                    test_cache, embed_cfg, show_progress=show_progress)
     summary["caches"] = {"train": train_cache, "test": test_cache}
-    _later_stages(summary, config, work, train_cache, test_cache)
+    _later_stages(summary, config, work, train_cache, test_cache, show_progress=show_progress)
     return summary
 
 
-def _later_stages(summary: dict, config: DemoConfig, work: Path, train_cache: str, test_cache: str) -> None:
+def _later_stages(summary: dict, config: DemoConfig, work: Path, train_cache: str, test_cache: str, *,
+                  show_progress: bool | None = None) -> None:
+    from engine.report import write_report
     from engine.select import SelectConfig
     from engine.stages import diagnose_from_cache, select_from_cache, train_from_cache
     from engine.train import TrainConfig
@@ -97,6 +100,8 @@ def _later_stages(summary: dict, config: DemoConfig, work: Path, train_cache: st
     train_cfg = TrainConfig(epochs=config.epochs, seed=config.seed)
     summary["train"] = _stage(summary, "train", train_from_cache, train_cache, train_cfg, eval_cache=test_cache,
                               out=str(work / "head.pt"), baselines=True)
+    summary["report"] = _stage(summary, "report", write_report, train_cache, str(work / "report"),
+                               show_progress=show_progress)
 
 
 def summary_lines(s: dict):
@@ -122,3 +127,7 @@ def summary_lines(s: dict):
         yield (f"train (linear head, {s['train']['epochs']} epochs) - test accuracy: all noisy labels "
                f"{t.get('noisy', 0):.3f} | selection only {t.get('selection', 0):.3f} | MixFix {t.get('mixfix', 0):.3f}")
     yield f"time per stage (s): {s['seconds']}"
+    if "report" in s:
+        r = s["report"]
+        yield (f"report: {r['index']} ({r['shown']} rejected samples shown, {r['thumbnails']} thumbnails, "
+               f"{r['placeholders']} placeholders)")
