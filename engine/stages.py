@@ -89,7 +89,7 @@ def select_from_cache(cache_path: str, config, *, out: str | None = None, probs_
             extra["knn"] = _knn_source(cache, features, labels, num_classes, k=knn_k, device=config.device)
     if probs_dir:
         Path(probs_dir).mkdir(parents=True, exist_ok=True)
-    with timer("select"):
+    with timer("select_total"):
         result = select_samples(features, labels, text_features=text, text_mask=mask, config=config,
                                 num_classes=num_classes, extra_classifiers=extra, true_labels=true,
                                 probs_dir=probs_dir, show_progress=show_progress)
