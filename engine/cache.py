@@ -10,10 +10,10 @@ Layout (a Zarr v3 group, a directory)::
     images/shard    (N,)      int32, index into manifest["shards"]
     images/position (N,)      int32, sample position within its shard
     text/features (C, P, D) float16, text/mask (C, P) bool, text/prompts (C, P) str
-    staging/<id>/             one shard's rows while they are being committed
+    staging/<shard>-<run>/    one shard's rows while they are being committed
     selection/, index/, train/, diagnostics/   results of later stages
 
-Commit protocol. A shard's rows are first written to `staging/<id>/` (arrays of its own, so
+Commit protocol. A shard's rows are first written to `staging/<shard>-<run>/` (arrays of its own, so
 concurrent writers never share a chunk), then marked committed by one atomic attribute
 write (a failed shard is staged the same way, with its error and no rows). A single
 consolidator (the process holding the cache lock; rank 0 under torch.distributed, the only
@@ -97,6 +97,15 @@ def _open_group(path: str, mode: str):
     return zarr.open_group(path, mode=mode, storage_options=options)
 
 
+def _group_names(group) -> list[str]:
+    """Child group names; quiet about debris (arrays of a group whose zarr.json a kill removed)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return list(group.group_keys())
+
+
 def cache_exists(path: str | os.PathLike) -> bool:
     """Whether `path` (a directory or an fsspec URL) already holds a Zarr group."""
     path = str(path)
@@ -116,7 +125,10 @@ class Cache:
         """`mode` "r" (read-only) or "a" (read-write); only `create=True` (embed, import) may
         make a new cache, so a mistyped path is an error, not a stray directory."""
         self.path = str(path)
+        if self.path.startswith("file://"):
+            self.path = self.path[len("file://"):]
         self.mode = mode
+        self.run_id = "0"   # set by the job that stages shards (embed: one id per job, all ranks)
         missing = EngineError(f"cache: {self.path!r} is not a feature cache (no zarr.json); "
                               "create one with `engine embed` or `engine import`")
         if not create and is_local(self.path) and not Path(self.path, "zarr.json").is_file():
@@ -125,8 +137,12 @@ class Cache:
             if not create and not is_local(self.path):
                 _open_group(self.path, "r")  # an object store: "a" would create a group silently
             self.root = _open_group(self.path, "r" if mode == "r" else "a")
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
+            if create:
+                raise EngineError(f"cache: cannot create {self.path!r}: {type(err).__name__}: {err}") from None
             raise missing from None
+        except (OSError, PermissionError) as err:  # object stores: credentials, endpoint, bucket
+            raise EngineError(f"cache: cannot open {self.path!r}: {type(err).__name__}: {err}") from None
         self._applied: set[int] = set()   # shard indexes this object has consolidated
         attrs = dict(self.root.attrs)
         if attrs and attrs.get("format") != FORMAT:
@@ -175,6 +191,7 @@ class Cache:
     def lock(self):
         """Exclusive lock for manifest and array-shape changes (local caches; remote: rank 0 only)."""
         if not is_local(self.path):
+            self.root = _open_group(self.path, "a")  # the stored manifest, not an in-memory copy
             yield
             return
         import fcntl
@@ -203,6 +220,10 @@ class Cache:
         return {s["url"]: s["status"] for s in self.manifest.get("shards", [])}
 
     # ------------------------------------------------------------ staging and commit
+    def _staging_name(self, url: str) -> str:
+        """`<shard id>-<run id>`: two jobs embedding the same shard never share a staging group."""
+        return f"{shard_id(url)}-{self.run_id}"
+
     def stage_shard(self, index: int, *, features: np.ndarray, keys: list, labels: np.ndarray,
                     true_labels: np.ndarray, positions: np.ndarray, outcome: dict) -> None:
         """Write one whole shard into its own staging group, then mark it committed."""
@@ -214,11 +235,8 @@ class Cache:
                     break
                 seen.add(k)
             raise EngineError(f"duplicate key {dup!r} twice within shard {outcome['url']}")
-        sid = shard_id(outcome["url"])
         staging = self.root.require_group("staging")
-        if sid in staging:
-            del staging[sid]
-        group = staging.create_group(sid)
+        group = staging.create_group(self._staging_name(outcome["url"]), overwrite=True)  # also debris
         n = len(keys)
         rows = max(1, n)
         dim = int(self.manifest["dim"])
@@ -232,29 +250,29 @@ class Cache:
 
     def stage_failure(self, index: int, outcome: dict) -> None:
         """Record that shard `index` failed (its error in `outcome`); applied by the consolidator."""
-        sid = shard_id(outcome["url"])
         staging = self.root.require_group("staging")
-        if sid in staging:
-            del staging[sid]
-        staging.create_group(sid).attrs.put({"committed": True, "failed": True, "shard": index, "rows": 0,
-                                             "outcome": outcome})
+        staging.create_group(self._staging_name(outcome["url"]), overwrite=True).attrs.put(
+            {"committed": True, "failed": True, "shard": index, "rows": 0, "outcome": outcome})
 
     def _staged(self, index: int) -> tuple[str, dict] | None:
-        """(id, attrs) of shard `index`'s committed staging group, or None."""
-        sid = self.manifest["shards"][index]["id"]
+        """(name, attrs) of shard `index`'s committed staging group of this run, or None."""
+        sid = self._staging_name(self.manifest["shards"][index]["url"])
         try:
             attrs = dict(self.root[f"staging/{sid}"].attrs)
         except KeyError:
             return None
         return (sid, attrs) if attrs.get("committed") else None
 
-    def consolidate(self, order: list[int] | None = None) -> list[dict]:
+    def consolidate(self, order: list[int] | None = None, *, prefix: bool = True) -> list[dict]:
         """Apply committed staged shards to images/* and the manifest; returns their outcomes.
 
-        `order` None: every committed staged shard, in shard order. `order` a run's plan of shard
-        indexes: only the committed prefix of the plan not yet applied, so rows land in plan
-        order however ranks and workers interleave (the same row order for any rank count).
-        Uncommitted staging (a writer still at work, or one that died) is left alone.
+        `order` None: every committed staged shard found by listing `staging/`, in shard order
+        (leftovers of killed runs). `order` a run's plan of shard indexes, looked up by name (no
+        listing): with `prefix`, only the committed prefix of the plan not yet applied, so rows
+        land in plan order however ranks and workers interleave; without, every committed shard
+        of the plan, still in plan order (the end of a run). A shard of the plan that another
+        job has completed meanwhile is passed over. Uncommitted staging (a writer still at work,
+        or one that died) is left alone.
         """
         done = []
         with self.lock():
@@ -263,19 +281,24 @@ class Cache:
             staging = self.root["staging"]
             if order is None:
                 staged = []
-                for sid in list(staging.group_keys()):
+                for sid in _group_names(staging):
                     attrs = dict(staging[sid].attrs)
                     if attrs.get("committed"):
                         staged.append((attrs["shard"], sid, attrs))
                 staged.sort(key=lambda t: t[0])
             else:
                 staged = []
+                status = self.manifest["shards"]
                 for index in order:
                     if index in self._applied:
                         continue
                     found = self._staged(index)
                     if found is None:
-                        break
+                        if status[index]["status"] == "done":  # another job appended it
+                            continue
+                        if prefix:
+                            break
+                        continue
                     staged.append((index, *found))
             for index, sid, attrs in staged:
                 self._applied.add(index)
@@ -348,9 +371,18 @@ class Cache:
             if "staging" in self.root:
                 done = {s["id"] for s in manifest["shards"] if s["status"] == "done"}
                 staging = self.root["staging"]
-                for sid in list(staging.group_keys()):
-                    if sid in done:
-                        del staging[sid]
+                names = set(_group_names(staging))
+                if is_local(self.path) and os.path.isdir(os.path.join(self.path, "staging")):
+                    names |= set(os.listdir(os.path.join(self.path, "staging"))) - {"zarr.json"}
+                for name in names:
+                    if name.split("-")[0] not in done:
+                        continue
+                    if name in staging:
+                        del staging[name]
+                    else:  # debris of a kill in the middle of a delete: arrays without their group
+                        import shutil
+
+                        shutil.rmtree(os.path.join(self.path, "staging", name), ignore_errors=True)
 
     # ------------------------------------------------------------ text features
     def write_text(self, class_set, features: np.ndarray, mask: np.ndarray) -> None:

@@ -45,6 +45,7 @@ class ProcessGroup:
             except Exception as err:
                 if self.world_size == 1:
                     raise
+                _logger.exception("rank 0 failed")
                 error = f"rank 0: {type(err).__name__}: {err}"
         if self.world_size > 1:
             import torch.distributed as dist
@@ -54,6 +55,24 @@ class ProcessGroup:
             result, error = box[0]
         if error is not None:
             raise EngineError(error)
+        return result
+
+    def on_every_rank(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on every rank; when it fails on any rank, every rank raises that rank's error
+        (so one rank's bad input or missing file never leaves the others waiting)."""
+        if self.world_size == 1:
+            return fn()
+        result, error = None, None
+        try:
+            result = fn()
+        except EngineError as err:
+            error = f"rank {self.rank}: {err}"
+        except Exception as err:
+            _logger.exception("rank %d failed", self.rank)
+            error = f"rank {self.rank}: {type(err).__name__}: {err}"
+        errors = [e for e in self.gather(error) if e is not None]
+        if errors:
+            raise EngineError(errors[0] if len(errors) == 1 else f"{errors[0]} (and {len(errors) - 1} more rank(s))")
         return result
 
     def gather(self, value: Any) -> list:
@@ -77,7 +96,11 @@ def process_group(rank: int, world_size: int) -> Iterator[ProcessGroup]:
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    timeout = datetime.timedelta(seconds=float(os.environ.get("ENGINE_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+    try:
+        timeout = datetime.timedelta(seconds=float(os.environ.get("ENGINE_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+    except ValueError:
+        raise EngineError(f"ENGINE_DIST_TIMEOUT_S: got {os.environ['ENGINE_DIST_TIMEOUT_S']!r}, "
+                          "expected seconds") from None
     owned = not dist.is_initialized()
     if owned:
         for name in ("MASTER_ADDR", "MASTER_PORT"):
@@ -95,3 +118,5 @@ def process_group(rank: int, world_size: int) -> Iterator[ProcessGroup]:
     finally:
         if owned and dist.is_initialized():
             dist.destroy_process_group()
+        elif group is not None and dist.is_initialized():
+            dist.destroy_process_group(group)

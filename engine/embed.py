@@ -8,6 +8,7 @@ import os
 import queue
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -24,6 +25,7 @@ from engine.runtime import EngineError, Timer, autocast, distributed_context, pr
 
 _logger = logging.getLogger(__name__)
 _SLOW_WRITE = float(os.environ.get("ENGINE_TEST_SLOW_WRITE", "0") or 0)
+_SLOW_RANK = os.environ.get("ENGINE_TEST_SLOW_WRITE_RANK")   # only this rank is slowed (tests)
 _PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -104,8 +106,8 @@ class _Writer(threading.Thread):
         cat = (lambda name: np.concatenate([getattr(p[1], name) for p in parts]) if parts
                else np.zeros(0, np.int32))
         keys = [k for p in parts for k in p[1].keys]
-        if _SLOW_WRITE:  # testing aid: widen the window in which a kill lands mid-run
-            time.sleep(_SLOW_WRITE)
+        if _SLOW_WRITE and _SLOW_RANK in (None, os.environ.get("RANK", "0")):
+            time.sleep(_SLOW_WRITE)  # testing aid: widen the window in which a kill lands mid-run
         self.cache.stage_shard(shard, features=feats, keys=keys, labels=cat("labels"),
                                true_labels=cat("true_labels"), positions=cat("positions"), outcome=record)
         self.done.append(record)
@@ -186,10 +188,14 @@ def embed_shards(specs: list[str], cache_path: str, config: EmbedConfig, *, rank
 
 def _embed(specs, cache_path, config, group: ProcessGroup, show_progress) -> dict:
     started = time.perf_counter()
-    urls = expand_shards(specs)
-    device = resolve_device(_rank_device(config.device, group))
-    dtype = resolve_precision(config.precision, device)
-    class_set = load_classes(config.classes) if config.classes is not None else None
+
+    def setup():
+        urls = expand_shards(specs)
+        device = resolve_device(_rank_device(config.device, group))
+        dtype = resolve_precision(config.precision, device)
+        return urls, device, dtype, load_classes(config.classes) if config.classes is not None else None
+
+    urls, device, dtype, class_set = group.on_every_rank(setup)  # bad options stop every rank
     survey = group.from_leader(lambda: _survey(cache_path, urls, config, class_set))
     summary = {"cache": cache_path, "shards": {"given": len(urls), "skipped": len(urls) - len(survey["pending"])},
                "ranks": group.world_size}
@@ -198,13 +204,15 @@ def _embed(specs, cache_path, config, group: ProcessGroup, show_progress) -> dic
         return _finish(summary, cache, Timer(), [], [], started, new_rows=0, device=device, dtype=dtype)
     timer = Timer()
     with timer("load_model"):
-        loaded = models.load_model(config.model, config.pretrained, device=device)
+        loaded = group.on_every_rank(lambda: models.load_model(config.model, config.pretrained, device=device))
     plan = group.from_leader(lambda: _prepare(cache_path, survey["pending"], loaded, class_set, dtype, device))
     summary["prompts_updated"] = plan["prompts_updated"]
-    cache = Cache(cache_path, mode="a")
+    cache = group.on_every_rank(lambda: Cache(cache_path, mode="a"))
+    cache.run_id = plan["run"]
+    order = [i for i, _ in plan["shards"]]
     mine = plan["shards"][group.rank::group.world_size]
     summary["shards"]["this_rank"] = len(mine)
-    writer = _Writer(cache, consolidate=[i for i, _ in plan["shards"]] if group.is_leader else None, timer=timer)
+    writer = _Writer(cache, consolidate=order if group.is_leader else None, timer=timer)
     local, crash = {"done": [], "failed": [], "new_rows": 0, "error": None}, None
     try:
         local["new_rows"] = _embed_mine(mine, loaded, config, device, dtype, writer, timer, show_progress, summary)
@@ -214,7 +222,8 @@ def _embed(specs, cache_path, config, group: ProcessGroup, show_progress) -> dic
     local.update(done=writer.done, failed=writer.failed)
     with timer("wait_ranks"):
         results = group.gather(local)  # the one wait: every rank has staged all it will stage
-    final = group.from_leader(lambda: _complete(cache))
+    staged = [r["shard"] for res in results for r in res["done"] + res["failed"]]
+    final = group.from_leader(lambda: _complete(cache, order, staged))
     if crash is not None and group.world_size == 1:
         raise crash  # a bug, not bad input: keep the traceback
     errors = [r["error"] for r in results if r["error"]]
@@ -253,13 +262,21 @@ def _prepare(cache_path, pending, loaded, class_set, dtype, device) -> dict:
     updated = _update_prompts(cache, class_set, loaded, device) if class_set else False
     index = cache.register_shards(pending)
     cache.root.require_group("staging")
-    return {"shards": [(index[u], u) for u in pending], "prompts_updated": updated}
+    return {"shards": [(index[u], u) for u in pending], "prompts_updated": updated, "run": uuid.uuid4().hex[:12]}
 
 
-def _complete(cache: Cache) -> dict:
-    """Leader, after every rank is done: append what is still staged and trim."""
+def _complete(cache: Cache, order: list[int], staged: list[int]) -> dict:
+    """Leader, after every rank is done: append this run's staged shards in plan order (looked up
+    by name: no directory listing, which a shared file system may serve stale), then any other
+    committed leftovers, trim, and check that every shard a rank staged is now recorded."""
+    cache.consolidate(order, prefix=False)
     cache.consolidate()
     cache.trim()
+    shards = cache.manifest["shards"]
+    lost = [shards[i]["url"] for i in staged if shards[i]["status"] not in ("done", "failed")]
+    if lost:
+        raise EngineError(f"cache: {len(lost)} shard(s) staged by a rank are not visible to rank 0 (first: "
+                          f"{lost[0]}); is {cache.path} on storage every node sees? Rerun to finish them")
     return {"rows": cache.num_rows}
 
 
@@ -276,6 +293,9 @@ def _embed_mine(mine, loaded, config, device, dtype, writer, timer, show_progres
             if mine:
                 new_rows = _run_loop(mine, loaded, config, device, dtype, writer, timer, show_progress,
                                      workers=workers)
+        except BaseException as err:
+            if err is not writer.error:
+                raise  # the writer's own error is reported below, as one line
         finally:
             writer.inbox.put(None)
             writer.join()

@@ -94,16 +94,17 @@ def _assert_same_set(got: dict, ref: dict) -> None:
     assert got["status"] == ref["status"] and got["staging"] == []
 
 
-def _torchrun(shards: dict, cache: str, *, ranks: int = 2, env: dict | None = None, wait: bool = True):
+def _torchrun(shards: dict, cache: str, *, ranks: int = 2, env: dict | None = None, wait: bool = True,
+              extra: tuple = (), expect: int = 0):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
            "-m", "engine", "embed", *shards["shards"], "--cache", cache, "--classes", shards["classes_file"],
-           "--true-label-key", "true_cls", "--workers", "1", "--json"]
+           "--true-label-key", "true_cls", "--workers", "1", "--json", *extra]
     full_env = {**os.environ, "ENGINE_THREADS": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
     done = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.returncode == 0) == (expect == 0), done.stderr[-3000:]
     return done
 
 
@@ -160,7 +161,8 @@ def _kill_rank_mid_run(shards: dict, cache: str, env: dict | None = None) -> Non
 
 def test_two_ranks_write_the_same_cache_as_one_process(shards, reference, tmp_path):
     path = str(tmp_path / "two.zarr")
-    done = _torchrun(shards, path)
+    # rank 1 commits late: its shards land after rank 0's, yet rows must keep the plan order
+    done = _torchrun(shards, path, env={"ENGINE_TEST_SLOW_WRITE": "0.5", "ENGINE_TEST_SLOW_WRITE_RANK": "1"})
     got = _contents(path)
     _assert_same_set(got, reference)
     assert (got["keys"] == reference["keys"]).all()  # rows land in plan order, whatever the ranks
@@ -179,10 +181,15 @@ def test_a_killed_rank_leaves_its_shards_undone_and_a_rerun_finishes_them(shards
     statuses = [s["status"] for s in partial.manifest["shards"]]
     assert 0 < partial.num_rows < reference["rows"] and statuses.count("done") < 6
     assert len(set(partial.keys())) == partial.num_rows
+    staging = partial.root["staging"]
+    left = sum(dict(staging[g].attrs).get("rows", 0) for g in staging.group_keys()
+               if dict(staging[g].attrs).get("committed"))
     summary = embed_shards(shards["shards"], path, EmbedConfig(classes=shards["classes_file"],
                                                                true_label_key="true_cls", workers=1),
                            rank=0, world_size=1)  # any number of ranks may finish the job
     assert summary["shards"]["skipped"] >= 1 and summary["rows"] == reference["rows"]
+    # committed leftovers of the dead rank were appended, not embedded again
+    assert summary["new_rows"] == reference["rows"] - partial.num_rows - left
     _assert_same_set(_contents(path), reference)
 
 
@@ -244,3 +251,55 @@ def test_shards_on_s3_are_read_through_fsspec(shards, reference, s3, tmp_path):
     (position, sample), = list(read_samples(remote[1], [3]))
     with open(shards["shards"][1], "rb") as handle:
         assert sample["jpg"] in handle.read()  # the same bytes as the local shard's
+
+
+def _copy_shards(shards: dict, out: Path) -> dict:
+    import shutil
+
+    out.mkdir()
+    paths = []
+    for p in shards["shards"]:
+        paths.append(str(out / Path(p).name))
+        shutil.copy(p, paths[-1])
+    return {"shards": paths, "classes_file": shards["classes_file"]}
+
+
+def test_a_shard_failing_on_rank_1_is_recorded_by_rank_0_and_retried_by_a_rerun(shards, reference, tmp_path):
+    copy = _copy_shards(shards, tmp_path / "shards")
+    victim = copy["shards"][3]  # plan[1::2] = shards 1, 3, 5: rank 1's
+    original = Path(victim).read_bytes()
+    Path(victim).write_bytes(original[: len(original) // 2])  # truncated mid-member
+    path = str(tmp_path / "c.zarr")
+    done = _torchrun(copy, path, expect=1)
+    assert done.returncode == 1 and "1 shard(s) failed" in done.stderr
+    cache = Cache(path)
+    status = {Path(s["url"]).name: s["status"] for s in cache.manifest["shards"]}
+    assert status[Path(victim).name] == "failed" and list(status.values()).count("done") == 5
+    assert cache.num_rows == reference["rows"] - 20
+    Path(victim).write_bytes(original)
+    _torchrun(copy, path)
+    got = _contents(path)
+    assert got["rows"] == reference["rows"] and got["staging"] == []
+    assert sorted(got["keys"]) == sorted(reference["keys"])
+
+
+def test_strict_stop_on_rank_1_stops_every_rank_with_one_line(shards, tmp_path):
+    import webdataset as wds
+
+    from engine.reader import read_samples
+
+    copy = _copy_shards(shards, tmp_path / "shards")
+    victim = copy["shards"][5]  # rank 1's last shard
+    samples = [s for _, s in read_samples(victim)]
+    samples[4]["jpg"] = b"this is not an image"
+    with wds.TarWriter(victim, encoder=False) as sink:
+        for sample in samples:
+            sink.write(sample)
+    path = str(tmp_path / "c.zarr")
+    start = time.time()
+    done = _torchrun(copy, path, extra=("--strict",), expect=2)
+    assert time.time() - start < 120
+    assert samples[4]["__key__"] in done.stderr and "--strict" in done.stderr
+    cache = Cache(path)
+    status = [s["status"] for s in cache.manifest["shards"]]
+    assert status[5] != "done" and status.count("done") >= 3  # rank 0's shards are all kept

@@ -246,3 +246,23 @@ def test_ranks_without_a_rendezvous_address_fail_before_any_work(tmp_path, shard
     with pytest.raises(EngineError, match="MASTER_ADDR.*torchrun"):
         embed_shards(shard_paths, str(tmp_path / "c.zarr"), CFG, rank=0, world_size=2)
     assert not (tmp_path / "c.zarr").exists()
+
+
+def test_staging_debris_of_killed_writers_is_removed_once_its_shard_is_done(tmp_path, shard_paths):
+    import zarr
+
+    path = tmp_path / "c.zarr"
+    _embed(shard_paths[:1], path)
+    sid = Cache(path).manifest["shards"][0]["id"]
+    staging = zarr.open_group(str(path), mode="a").require_group("staging")
+    staging.create_group(f"{sid}-uncommitted").create_array("keys", shape=(3,), dtype="int32")
+    half = staging.create_group(f"{sid}-halfdeleted")
+    half.create_array("features", shape=(3, 4), dtype="float16")
+    os.remove(path / "staging" / f"{sid}-halfdeleted" / "zarr.json")  # killed inside a delete
+    other = staging.create_group("0123456789abcdef-pending")  # a shard not done: kept
+    assert sorted(os.listdir(path / "staging")) == sorted([f"{sid}-uncommitted", f"{sid}-halfdeleted",
+                                                         "0123456789abcdef-pending", "zarr.json"])
+    summary = _embed(shard_paths[:1], path)
+    assert summary["shards"]["skipped"] == 1
+    assert sorted(os.listdir(path / "staging")) == ["0123456789abcdef-pending", "zarr.json"]
+    assert other is not None and Cache(path).num_rows == 40
