@@ -99,7 +99,8 @@ def make_shards(out_dir, num_classes, per_shard, shards, noise, rate, seed, pref
 # ---------------------------------------------------------------- embed
 @cli.command("embed")
 @click.argument("shards", nargs=-1, required=True)
-@click.option("--cache", default="feats.zarr", show_default=True, help="Feature cache (a Zarr v3 directory).")
+@click.option("--cache", default="feats.zarr", show_default=True,
+              help="Feature cache: a Zarr v3 directory or an fsspec URL (s3://bucket/feats.zarr).")
 @click.option("--model", default="shapes-tiny", show_default=True, help="open_clip architecture, a model folder, or shapes-tiny.")
 @click.option("--pretrained", default=None, help="Pretrained tag (e.g. laion2b_s34b_b79k) or a local weights file.")
 @click.option("--classes", default=None, help="Class file (JSON/YAML) or built-in name (imagenet1k, shapes[:N]).")
@@ -121,6 +122,11 @@ def embed(shards, cache, model, pretrained, classes, label_key, true_label_key, 
     Example:
       engine embed 'shards/shapes-{000000..000003}.tar' --cache feats.zarr \\
           --classes shards/classes.json --true-label-key true_cls
+
+    \b
+    Several GPUs or machines: the same command under torchrun, every rank into one cache:
+      torchrun --standalone --nproc_per_node 8 -m engine embed 'shards/{000000..000999}.tar' \\
+          --cache s3://bucket/feats.zarr --model ViT-B-32 --pretrained laion2b_s34b_b79k
     """
     from engine.embed import EmbedConfig, embed_shards
     from engine.runtime import distributed_context
