@@ -460,9 +460,11 @@ def demo(workdir, num_classes, epochs, as_json):
                    "label (needs `engine train`), plus a selected field.")
 @click.option("--per-shard", type=int, default=1000, show_default=True, help="Samples per output shard.")
 @click.option("--overwrite", is_flag=True, help="Replace an export of another plan in the same folder.")
+@click.option("--verify", is_flag=True,
+              help="Re-hash finished shards (default: size only) and rewrite those whose sha256 differs.")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def export(cache, out, table_format, shards, keep, per_shard, overwrite, as_json):
+def export(cache, out, table_format, shards, keep, per_shard, overwrite, verify, as_json):
     """Export the selection and labels: a CSV/Parquet table and/or cleaned shards (resumable).
 
     Shards copy every field of the source samples byte-for-byte and set `cls` to the label to
@@ -475,7 +477,7 @@ def export(cache, out, table_format, shards, keep, per_shard, overwrite, as_json
     """
     from engine.export import ShardExportConfig, export_cache
 
-    config = ShardExportConfig(keep=keep, per_shard=per_shard, overwrite=overwrite)
+    config = ShardExportConfig(keep=keep, per_shard=per_shard, overwrite=overwrite, verify=verify)
     summary = export_cache(cache, out=out, table_format=table_format, shards=shards, config=config)
     _emit(summary, as_json, _export_lines)
 

@@ -149,7 +149,19 @@ def write_label_table(rows: CacheRows, out: str) -> dict:
     from engine.stages import write_table
 
     columns = label_table(rows)
-    write_table(out, columns)
+    # written under a temp name in the same folder (same suffix: it picks the format), then renamed:
+    # a failed or killed export never leaves a half-written table in place of an earlier one
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".parquet" if str(out).endswith(".parquet") else ".csv"
+    tmp = target.with_name(f".{target.name}.{os.getpid()}{TMP_SUFFIX}{suffix}")
+    try:
+        write_table(str(tmp), columns)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return {"out": str(out), "format": "parquet" if str(out).endswith(".parquet") else "csv",
             "rows": rows.num_rows, "columns": list(columns)}
 
@@ -168,13 +180,18 @@ _PERCENT = re.compile(r"%(0?)(\d*)d")
 @dataclass(frozen=True)
 class ShardPattern:
     """Output shard names: `OUT/{000000..}.tar` (open-ended brace, width = digits), a closed brace
-    range `OUT/{000000..000099}.tar` (an error when the export needs more), or `OUT/x-%06d.tar`."""
+    range `OUT/{000000..000099}.tar` (an error when the export needs more), or `OUT/x-%06d.tar`.
+    `%5d` (space padded) is refused; numbers wider than the padding (`{0..}` past 9) are an error
+    in `check_capacity`, since such names no longer sort in shard order."""
 
     spec: str
     directory: Path
     template: str           # a str.format template with one {index} field
     start: int = 0
     stop: int | None = None
+    width: int = 1          # digits of the zero-padded number
+    prefix: str = ""        # the file name around the number
+    suffix: str = ".tar"
 
     @classmethod
     def parse(cls, spec: str) -> "ShardPattern":
@@ -194,11 +211,18 @@ class ShardPattern:
             start, stop = int(first), (int(last) + 1 if last else None)
             if stop is not None and stop <= start:
                 raise EngineError(f"shards: got {spec!r}; the range {first}..{last} is empty")
+            width = len(first)
         else:
-            zero, width = percents[0]
-            field_, start, stop = "{index:%s%sd}" % (zero, width), 0, None
-        template = _braces_doubled(name[:match.start()]) + field_ + _braces_doubled(name[match.end():])
-        return cls(spec=spec, directory=Path(directory or "."), template=template, start=start, stop=stop)
+            zero, digits = percents[0]
+            if digits and not zero and int(digits) > 1:
+                raise EngineError(f"shards: got {spec!r}; %{digits}d pads with spaces; use %0{digits}d "
+                                  "(file names without spaces that sort in shard order)")
+            field_, start, stop = "{index:%s%sd}" % (zero, digits), 0, None
+            width = max(int(digits or 0), 1)
+        prefix, suffix = name[:match.start()], name[match.end():]
+        template = _braces_doubled(prefix) + field_ + _braces_doubled(suffix)
+        return cls(spec=spec, directory=Path(directory or "."), template=template, start=start, stop=stop,
+                   width=width, prefix=prefix, suffix=suffix)
 
     def name(self, shard: int) -> str:
         return self.template.format(index=self.start + shard)
@@ -206,10 +230,19 @@ class ShardPattern:
     def path(self, shard: int) -> Path:
         return self.directory / self.name(shard)
 
+    def matches(self, name: str) -> bool:
+        """Whether `name` is a file name this pattern could produce (any number)."""
+        return re.fullmatch(re.escape(self.prefix) + r"\d+" + re.escape(self.suffix), name) is not None
+
     def check_capacity(self, shards: int) -> None:
         if self.stop is not None and self.start + shards > self.stop:
             raise EngineError(f"shards: {self.spec!r} names {self.stop - self.start} shards but the export needs "
                               f"{shards}; widen the range, raise --per-shard, or leave the range open ({{000000..}})")
+        last = self.start + shards - 1
+        if shards and len(str(last)) > self.width:
+            raise EngineError(f"shards: {self.spec!r} pads the number to {self.width} digit(s) but the export needs "
+                              f"shards up to {last}, whose names would not sort in shard order; pad it, e.g. "
+                              f"{{000000..}} or %06d")
 
 
 def _braces_doubled(text: str) -> str:
@@ -220,11 +253,13 @@ def _braces_doubled(text: str) -> str:
 @dataclass(frozen=True)
 class ShardExportConfig:
     """keep: "selected" (the final selection) or "all"; per_shard: samples per output shard;
-    overwrite: replace an export of another plan in the same folder."""
+    overwrite: replace an export of another plan in the same folder; verify: on a resume, re-hash
+    the finished shards (not only their size) and rewrite those whose sha256 differs."""
 
     keep: str = "selected"
     per_shard: int = 1000
     overwrite: bool = False
+    verify: bool = False
 
     def __post_init__(self):
         if self.keep not in KEEP_MODES:
@@ -283,45 +318,96 @@ def plan_export(rows: CacheRows, *, cache_path: str, pattern: ShardPattern, conf
 
 
 # ---------------------------------------------------------------- export.json
+class _UnreadableManifest(EngineError):
+    """export.json exists but cannot be parsed, or is not of the expected shape."""
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _shape_problem(manifest) -> str | None:
+    """Why `manifest` (parsed JSON) is not an export.json the code can use; None when it is."""
+    if not isinstance(manifest, dict):
+        return f"holds a JSON {_json_type(manifest)}, expected an object"
+    if not isinstance(manifest.get("plan", {}), dict):
+        return f"has a JSON {_json_type(manifest['plan'])} as \"plan\", expected an object"
+    shards = manifest.get("shards")
+    if not isinstance(shards, dict):
+        return f"has a JSON {_json_type(shards)} as \"shards\", expected an object"
+    for name, entry in shards.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) \
+                or not isinstance(entry.get("sha256", ""), str):
+            return f"records shard {name!r} as {json.dumps(entry)[:60]}, expected an object with bytes and sha256"
+    return None
+
+
 def _read_manifest(path: Path) -> dict | None:
+    """The export.json at `path`, None when absent; `_UnreadableManifest` when corrupt or misshapen."""
     if not path.is_file():
         return None
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise EngineError(f"shards: {path} is unreadable ({err}); delete it or use --overwrite") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
+        raise _UnreadableManifest(f"shards: {path} is unreadable ({str(err).splitlines()[0] if str(err) else err!r}); "
+                                  "delete it or use --overwrite") from None
+    if isinstance(manifest, dict) and manifest.get("format") != MANIFEST_FORMAT:
         raise EngineError(f"shards: {path} was not written by `engine export`; use another folder")
+    problem = _shape_problem(manifest)
+    if problem is not None:
+        raise _UnreadableManifest(f"shards: {path} {problem}; delete it or use --overwrite")
     return manifest
 
 
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _write_manifest(path: Path, manifest: dict) -> None:
+    """Write export.json atomically: a temp file, fsynced, renamed over it."""
     manifest["updated"] = time.time()
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    with open(tmp, "w") as handle:
+        handle.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
-def _remove_old_export(pattern: ShardPattern, old: dict | None, names: list[str]) -> int:
-    """--overwrite: delete the shards an earlier export recorded, and this plan's names and temps."""
-    victims = set(names) | set((old or {}).get("shards", {}))
-    removed = 0
-    for name in victims:
-        for path in (pattern.directory / name, pattern.directory / (name + TMP_SUFFIX)):
-            if path.exists():
-                path.unlink()
-                removed += 1
-    return removed
+@dataclass
+class ExistingExport:
+    """What the pattern's folder holds: `old` the readable export.json (None when absent or corrupt),
+    `resume` whether this run continues it, `corrupt` whether an unreadable one is being replaced."""
+
+    old: dict | None
+    resume: bool
+    corrupt: bool = False
 
 
-def open_manifest(pattern: ShardPattern, plan: ExportPlan, *, overwrite: bool) -> dict:
-    """The export.json for `plan` in the pattern's folder: the existing one when it records the same
-    plan, a fresh one otherwise (an error without `overwrite` when another export is there)."""
+def inspect_export(pattern: ShardPattern, plan: ExportPlan, *, overwrite: bool) -> ExistingExport:
+    """Decide, without writing anything, whether `plan` resumes the export in the pattern's folder,
+    replaces it (`overwrite`), or is an error (another plan or unrecorded shards there)."""
     path = pattern.directory / MANIFEST_NAME
-    old = _read_manifest(path)
-    names = [pattern.name(j) for j in range(plan.num_shards)]
+    try:
+        old = _read_manifest(path)
+    except _UnreadableManifest as err:
+        if not overwrite:
+            raise
+        _logger.warning("--overwrite: %s; treating it as absent", str(err).split("; delete it")[0])
+        return ExistingExport(old=None, resume=False, corrupt=True)
     if old is not None and old.get("fingerprint") == plan.fingerprint and not overwrite:
-        return old
+        return ExistingExport(old=old, resume=True)
     if not overwrite:
         if old is not None:
             was = old.get("plan", {})
@@ -331,11 +417,48 @@ def open_manifest(pattern: ShardPattern, plan: ExportPlan, *, overwrite: bool) -
                 f"{was.get('keep')}, {was.get('per_shard')} per shard, {was.get('samples')} samples; this run: cache "
                 f"{now['cache']}, keep {now['keep']}, {now['per_shard']} per shard, {now['samples']} samples); "
                 "use --overwrite to replace it, or another folder")
-        clash = next((n for n in names if (pattern.directory / n).exists()), None)
+        clash = next((pattern.name(j) for j in range(plan.num_shards) if pattern.path(j).exists()), None)
         if clash is not None:
             raise EngineError(f"shards: {pattern.directory / clash} exists and no {MANIFEST_NAME} records it; "
                               "use --overwrite to replace it, or another folder")
-    removed = _remove_old_export(pattern, old, names)
+    return ExistingExport(old=old, resume=False)
+
+
+def _remove_old_export(pattern: ShardPattern, existing: ExistingExport, names: list[str], keep: set[str]) -> int:
+    """--overwrite: delete the shards an earlier export recorded (or, its export.json being corrupt,
+    the files in the folder that the pattern could have named), and this plan's names and temps;
+    never a path in `keep` (the cache's source shards)."""
+    victims = set(names) | set((existing.old or {}).get("shards", {}))
+    if existing.corrupt and pattern.directory.is_dir():
+        for entry in pattern.directory.iterdir():
+            name = entry.name[:-len(TMP_SUFFIX)] if entry.name.endswith(TMP_SUFFIX) else entry.name
+            if pattern.matches(name):
+                victims.add(name)
+    removed = 0
+    for name in victims:
+        for path in (pattern.directory / name, pattern.directory / (name + TMP_SUFFIX)):
+            if os.path.abspath(path) not in keep and path.is_file():
+                path.unlink()
+                removed += 1
+    return removed
+
+
+def commit_manifest(pattern: ShardPattern, plan: ExportPlan, existing: ExistingExport, pending: list[int], *,
+                    keep: set[str] = frozenset()) -> dict:
+    """The first write of a run, once every check has passed: a resumed export.json forgets the
+    shards about to be rewritten; otherwise the earlier export is removed and a fresh one written."""
+    path = pattern.directory / MANIFEST_NAME
+    if existing.resume:
+        manifest = existing.old
+        stale = [pattern.name(j) for j in pending if pattern.name(j) in manifest["shards"]]
+        if stale:
+            for name in stale:
+                del manifest["shards"][name]
+            manifest["complete"] = False
+            _write_manifest(path, manifest)
+        return manifest
+    names = [pattern.name(j) for j in range(plan.num_shards)]
+    removed = _remove_old_export(pattern, existing, names, keep)
     if removed:
         _logger.info("--overwrite: removed %d files of an earlier export in %s", removed, pattern.directory)
     manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "fingerprint": plan.fingerprint,
@@ -346,14 +469,27 @@ def open_manifest(pattern: ShardPattern, plan: ExportPlan, *, overwrite: bool) -
     return manifest
 
 
-def finished_shards(pattern: ShardPattern, plan: ExportPlan, manifest: dict) -> set[int]:
-    """Output shards recorded in `manifest` whose file is still there with the recorded size."""
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def finished_shards(pattern: ShardPattern, plan: ExportPlan, manifest: dict | None, *, verify: bool = False) -> set[int]:
+    """Output shards recorded in `manifest` whose file is still there with the recorded size (the
+    fast check: a same-size corruption passes it) and, with `verify`, the recorded sha256."""
     done = set()
-    for j in range(plan.num_shards):
+    for j in range(plan.num_shards if manifest is not None else 0):
         entry = manifest["shards"].get(pattern.name(j))
         path = pattern.path(j)
-        if entry and path.is_file() and path.stat().st_size == entry["bytes"]:
-            done.add(j)
+        if not (entry and path.is_file() and path.stat().st_size == entry["bytes"]):
+            continue
+        if verify and _file_sha256(path) != entry.get("sha256"):
+            _logger.warning("--verify: %s differs from the sha256 in %s; writing it again", path, MANIFEST_NAME)
+            continue
+        done.add(j)
     return done
 
 
@@ -525,17 +661,20 @@ class _ShardJob:
 
 
 def prepare_shards(rows: CacheRows, pattern: ShardPattern, config: ShardExportConfig, *, cache_path: str) -> _ShardJob:
-    """Plan, check export.json and the source shards; nothing is written here except export.json."""
+    """Plan, check export.json and the source shards, then (only then) replace an earlier export
+    (--overwrite) or write export.json; no shard is written here."""
     plan = plan_export(rows, cache_path=cache_path, pattern=pattern, config=config)
     pattern.check_capacity(plan.num_shards)
     sources = {os.path.abspath(u) for u in rows.urls if is_local(u)}
     clash = next((pattern.path(j) for j in range(plan.num_shards) if os.path.abspath(pattern.path(j)) in sources), None)
     if clash is not None:
         raise EngineError(f"shards: {clash} is one of the cache's source shards; write the export to another folder")
-    manifest = open_manifest(pattern, plan, overwrite=config.overwrite)
-    done = finished_shards(pattern, plan, manifest)
+    existing = inspect_export(pattern, plan, overwrite=config.overwrite)
+    done = finished_shards(pattern, plan, existing.old, verify=config.verify) if existing.resume else set()
     pending = [j for j in range(plan.num_shards) if j not in done]
     check_sources(rows, plan, pending, cache_path=cache_path)
+    # every check passed: only now is anything removed or written
+    manifest = commit_manifest(pattern, plan, existing, pending, keep=sources)
     return _ShardJob(rows, plan, pattern, manifest, pending, skipped=len(done))
 
 

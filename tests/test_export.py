@@ -256,7 +256,7 @@ def test_cli_errors_are_one_line_and_name_the_problem(caches, tmp_path):
     with _moved_away(missing):
         err = _one_line_error(["--cache", caches["trained"], "--shards", f"{out}/{{0000..}}.tar", "--per-shard", "5"])
     assert missing in err and "no longer there" in err
-    assert not out.exists() or not list(out.glob("*.tar*"))  # checked before any writing
+    assert not out.exists()  # checked before any writing: no folder, no export.json, no shard
     bare = str(tmp_path / "bare.zarr")
     shutil.copytree(caches["untrained"], bare)
     del Cache(bare, mode="a").root["selection"]
@@ -287,3 +287,124 @@ def test_shard_patterns():
     for bad in ("o/{0..}/x.tar", "o/x.tar", "o/{0..}-%d.tar", "o/{0..}.tgz"):
         with pytest.raises(EngineError, match="shards: got"):
             ShardPattern.parse(bad)
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_overwrite_checks_sources_before_removing_the_old_export(caches, tmp_path):
+    out = tmp_path / "clean"
+    pattern = f"{out}/{{000000..}}.tar"
+    export_shards(caches["trained"], pattern, ShardExportConfig(per_shard=10), show_progress=False)
+    before = _snapshot(out)
+    assert "export.json" in before and len(before) > 3
+    missing = caches["shards"][1]
+    with _moved_away(missing):
+        err = _one_line_error(["--cache", caches["trained"], "--shards", pattern, "--per-shard", "40",
+                               "--overwrite"])
+    assert missing in err and "no longer there" in err
+    assert _snapshot(out) == before  # the old export's shards and export.json, byte for byte
+
+
+def test_overwrite_replaces_an_unreadable_export_json(caches, tmp_path, caplog):
+    out = tmp_path / "clean"
+    pattern = f"{out}/{{000000..}}.tar"
+    first = export_shards(caches["trained"], pattern, ShardExportConfig(per_shard=10), show_progress=False)
+    manifest = out / "export.json"
+    manifest.write_text(manifest.read_text()[:100])  # a torn write
+    (out / "notes.txt").write_text("not the export's")
+    (out / "other.tar").write_bytes(b"not named by the pattern")
+    err = _one_line_error(["--cache", caches["trained"], "--shards", pattern, "--per-shard", "40"])
+    assert str(manifest) in err and "unreadable" in err and "--overwrite" in err
+    with caplog.at_level("WARNING", logger="engine.export"):
+        again = export_shards(caches["trained"], pattern, ShardExportConfig(per_shard=40, overwrite=True),
+                              show_progress=False)
+    assert any("unreadable" in r.getMessage() and "treating it as absent" in r.getMessage() for r in caplog.records)
+    assert again["shards"] < first["shards"] and again["written"] == again["shards"]
+    names = [f"{j:06d}.tar" for j in range(again["shards"])]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["export.json", "notes.txt", "other.tar"])
+    recorded = json.loads(manifest.read_text())
+    assert recorded["complete"] and {n: e["sha256"] for n, e in recorded["shards"].items()} == \
+        {n: _sha(out / n) for n in names}
+
+
+def test_misshapen_export_json_is_a_one_line_error(caches, tmp_path):
+    out = tmp_path / "clean"
+    out.mkdir()
+    manifest = out / "export.json"
+    args = ["--cache", caches["trained"], "--shards", f"{out}/{{000000..}}.tar"]
+    for text in ("[]", json.dumps({"format": "engine-export", "fingerprint": "x", "shards": {"000000.tar": 5}}),
+                 json.dumps({"format": "engine-export", "plan": [], "shards": {}})):
+        manifest.write_text(text)
+        err = _one_line_error(args)
+        assert str(manifest) in err and "expected" in err, text
+    assert sorted(p.name for p in out.iterdir()) == ["export.json"]
+
+
+def test_verify_rewrites_a_same_size_corrupted_shard(caches, tmp_path):
+    out = tmp_path / "clean"
+    pattern, config = f"{out}/{{000000..}}.tar", ShardExportConfig(per_shard=10)
+    first = export_shards(caches["trained"], pattern, config, show_progress=False)
+    victim = out / "000001.tar"
+    good = victim.read_bytes()
+    bad = bytearray(good)
+    bad[1024] ^= 0xFF  # inside the first sample's data: same size, other bytes
+    victim.write_bytes(bytes(bad))
+    fast = export_shards(caches["trained"], pattern, config, show_progress=False)
+    assert (fast["written"], fast["skipped"]) == (0, first["shards"])  # the size check alone passes it
+    checked = export_shards(caches["trained"], pattern, ShardExportConfig(per_shard=10, verify=True),
+                            show_progress=False)
+    assert (checked["written"], checked["skipped"]) == (1, first["shards"] - 1)
+    assert victim.read_bytes() == good
+    recorded = json.loads((out / "export.json").read_text())
+    assert recorded["complete"] and recorded["shards"]["000001.tar"]["sha256"] == _sha(victim)
+
+
+def test_failed_table_write_leaves_the_previous_table(caches, tmp_path, monkeypatch):
+    import engine.stages
+
+    table = tmp_path / "t.csv"
+    export_table(caches["trained"], str(table))
+    before = table.read_bytes()
+    real = engine.stages.write_table
+
+    def write_then_fail(path, columns):
+        real(path, columns)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(engine.stages, "write_table", write_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        export_table(caches["untrained"], str(table))
+    assert table.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["t.csv"]
+
+
+def test_shard_patterns_name_files_without_spaces_in_sort_order(caches, tmp_path):
+    with pytest.raises(EngineError, match="spaces.*%05d"):
+        ShardPattern.parse("o/x-%5d.tar")
+    ShardPattern.parse("o/{0..}.tar").check_capacity(10)
+    ShardPattern.parse("o/{000000..}.tar").check_capacity(11)
+    ShardPattern.parse("o/x-%03d.tar").check_capacity(1000)
+    for spec in ("o/{0..}.tar", "o/x-%d.tar", "o/{5..}.tar"):
+        with pytest.raises(EngineError, match="would not sort"):
+            ShardPattern.parse(spec).check_capacity(11)
+    out = tmp_path / "clean"
+    err = _one_line_error(["--cache", caches["trained"], "--shards", f"{out}/{{0..}}.tar", "--per-shard", "5"])
+    assert "{000000..}" in err and not out.exists()
+
+
+def test_cli_verify_flag_reaches_the_export(monkeypatch):
+    from click.testing import CliRunner
+
+    import engine.export as export_module
+    from cli.main import cli
+
+    seen = {}
+
+    def fake_export_cache(cache, **kwargs):
+        seen.update(kwargs)
+        raise export_module.EngineError("stop here")
+
+    monkeypatch.setattr(export_module, "export_cache", fake_export_cache)
+    result = CliRunner().invoke(cli, ["export", "--cache", "x.zarr", "--shards", "o/{000000..}.tar", "--verify"])
+    assert result.exit_code == 2 and seen["config"].verify is True
