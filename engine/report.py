@@ -7,7 +7,13 @@ The output folder::
     classes/0000.html ...    one page per class: its rejected rows, most suspicious first, with neighbours
     thumbs/SSSSS/PPPPPP.jpg  JPEG thumbnails, one per shown row (shard index / position in the shard)
     report.json              the summary returned by `write_report`
-    .engine-report           marker: only a folder carrying it may be emptied by a rerun
+    .engine-report           marker: only a folder carrying it may be replaced by a rerun
+
+A rerun builds the new report in a hidden folder next to the output folder (same parent) and
+swaps it in only when complete: the earlier folder is renamed away, the new one renamed in,
+the earlier one deleted (files in it that are not the report's own move over). A failure at any
+point (bad device, unreadable cache, a crash while writing thumbnails) leaves the earlier
+report as it was.
 
 Self-contained: inline CSS, SVG charts drawn here, no script, no fonts, no network. Thumbnails
 are small JPEG files rather than data URIs, so each page stays a few kB of text and the browser
@@ -26,6 +32,7 @@ classifiers) normalised given-label log-probability (`<classifier>/loss_score` o
 """
 from __future__ import annotations
 
+import fnmatch
 import functools
 import html
 import json
@@ -34,6 +41,7 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.cache import Cache
-from engine.runtime import EngineError, Timer, progress
+from engine.runtime import EngineError, Timer, progress, resolve_device
 
 _logger = logging.getLogger(__name__)
 
@@ -171,6 +179,27 @@ def rank_rejected(labels, selected, suspicion, *, per_class: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- neighbours
+class _SampledFeatures:
+    """The cache's features as `engine.index.row_fingerprint` reads them (`shape`, one row per
+    index) without loading all N x D: the <= 64 strided rows it samples are read in one
+    `features_at` call on first use, any other row on demand."""
+
+    def __init__(self, cache: Cache):
+        self.cache = cache
+        self.shape = (cache.num_rows, cache.dim)
+        self._rows: dict[int, np.ndarray] | None = None
+
+    def __getitem__(self, row) -> np.ndarray:
+        row = int(row)
+        if self._rows is None:
+            n = self.shape[0]
+            sample = np.unique(np.linspace(0, n - 1, num=min(n, 64)).astype(np.int64)) if n else np.zeros(0, np.int64)
+            self._rows = dict(zip(sample.tolist(), self.cache.features_at(sample)))
+        if row not in self._rows:
+            self._rows[row] = self.cache.features_at(np.array([row]))[0]
+        return self._rows[row]
+
+
 def _without_self(similarities: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(M, k+1) search results of `rows (M,)` -> (M, k) without the row itself (else the last)."""
     is_self = ids == rows[:, None]
@@ -184,8 +213,9 @@ def find_neighbours(cache: Cache, rows: np.ndarray, k: int, *, device: str = "au
                     ) -> tuple[np.ndarray, np.ndarray, str]:
     """k nearest neighbours of `rows (M,)`: (similarities (M, k) float32, ids (M, k) int64, source).
 
-    The cache's `knn/` group when it is current and has at least k neighbours; else a search of
-    the cache's FAISS index (built and stored when missing or stale) for just these rows.
+    The cache's `knn/` group when it is current and has at least k neighbours (checked on the
+    keys and a few sampled rows, without loading the features); else a search of the cache's
+    FAISS index (built and stored when missing or stale) for just these rows.
     `features`: a callable returning the cache's (N, D) features (to share one load), or None."""
     from engine import index as ix
     from engine.stages import load_cached_index
@@ -193,16 +223,16 @@ def find_neighbours(cache: Cache, rows: np.ndarray, k: int, *, device: str = "au
     rows = np.asarray(rows, dtype=np.int64)
     if k == 0 or rows.size == 0:
         return np.zeros((rows.size, 0), np.float32), np.zeros((rows.size, 0), np.int64), "none"
-    features = (features or cache.load_features)()
     if cache.has_group("knn"):
         attrs = dict(cache.root["knn"].attrs)
         info = ix.IndexInfo(kind="", params={}, rows=cache.num_rows, dim=cache.dim,
                             fingerprint=attrs.get("fingerprint", ""))
-        if attrs.get("k", 0) >= k and not ix.index_is_stale(info, features, keys=cache.keys()):
+        if attrs.get("k", 0) >= k and not ix.index_is_stale(info, _SampledFeatures(cache), keys=cache.keys()):
             sims = cache.root["knn/similarities"].get_orthogonal_selection((rows, slice(0, k)))
             ids = cache.root["knn/ids"].get_orthogonal_selection((rows, slice(0, k)))
             return np.asarray(sims, np.float32), np.asarray(ids, np.int64), f"knn group (k={attrs['k']})"
         _logger.info("the cache's knn/ group is stale or has k < %d; searching the index", k)
+    features = (features or cache.load_features)()
     index = load_cached_index(cache, features, device=device)
     out_sims, out_ids = [], []
     for start in range(0, rows.size, _QUERY_BLOCK):
@@ -220,7 +250,13 @@ class Thumbnails:
     """Per row either a thumbnail path relative to the report folder or a placeholder reason."""
 
     paths: dict = field(default_factory=dict)      # row -> "thumbs/00000/000012.jpg"
-    problems: dict = field(default_factory=dict)   # row -> "shard missing: NAME"
+    problems: dict = field(default_factory=dict)   # row -> (kind, detail): ("shard missing", "NAME")
+
+
+def reason_text(problem: tuple[str, str]) -> str:
+    """("cannot decode", "KEY (SHARD): error") -> "cannot decode: KEY (SHARD): error"."""
+    kind, detail = problem
+    return f"{kind}: {detail}" if detail else kind
 
 
 def _shard_name(url: str) -> str:
@@ -240,41 +276,43 @@ def _resize(image, size: int):
 
 
 def _shard_thumbnails(url: str, rows: np.ndarray, positions: np.ndarray, keys, out: Path, folder: str,
-                      size: int, tick) -> list[tuple[int, str | None, str | None]]:
+                      size: int, tick) -> list[tuple[int, str | None, tuple[str, str] | None]]:
     """Read one shard once and write the thumbnails of `rows` at `positions` (sorted):
-    [(row, relative path or None, problem or None)]."""
+    [(row, relative path or None, (kind, detail) of the problem or None)]. Placeholders are
+    grouped by kind, so the kind never names a key; the detail does."""
     from engine.reader import decode_image, read_samples
 
     name = _shard_name(url)
     if url.startswith(_IMPORTED):
         tick(len(rows))
-        return [(int(r), None, f"no image: imported features ({name})") for r in rows]
+        return [(int(r), None, ("no image", f"imported features ({name})")) for r in rows]
     row_at = dict(zip(positions.tolist(), rows.tolist()))
     found: dict[int, tuple] = {}
     samples = read_samples(url, positions)
-    end_reason = f"sample missing from shard: {name}"
+    end_reason = ("sample missing from shard", name)
     while True:
         try:
             position, sample = next(samples)
         except StopIteration:
             break
         except EngineError:
-            end_reason = f"shard missing: {name}"
+            end_reason = ("shard missing", name)
             break
         except ValueError as err:
-            end_reason = f"shard unreadable: {name}"
+            end_reason = ("shard unreadable", name)
             _logger.warning("%s", err)
             break
         row = row_at[position]
         if sample.get("__key__") != keys[row]:  # the shard was rewritten since it was embedded
-            found[row] = (None, f"key mismatch in {name}: {sample.get('__key__')}")
-            _logger.warning("%s at position %d, expected key %s", found[row][1], position, keys[row])
+            found[row] = (None, ("key mismatch", f"{name}: found {sample.get('__key__')}, expected {keys[row]}"
+                                 [:200]))
+            _logger.warning("%s at position %d", reason_text(found[row][1]), position)
         else:
             try:
                 image = _resize(decode_image(sample), size)
             except ValueError as err:
-                found[row] = (None, f"cannot decode {keys[row]}: {err}"[:200])
-                _logger.warning("%s (%s)", found[row][1], url)
+                found[row] = (None, ("cannot decode", f"{keys[row]} ({name}): {err}"[:200]))
+                _logger.warning("%s (%s)", reason_text(found[row][1]), url)
             else:
                 relative = f"thumbs/{folder}/{position:06d}.jpg"
                 (out / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -284,8 +322,15 @@ def _shard_thumbnails(url: str, rows: np.ndarray, positions: np.ndarray, keys, o
     missing = len(rows) - len(found)
     if missing:
         tick(missing)
-        _logger.warning("%d thumbnails of %s replaced by placeholders (%s)", missing, url, end_reason)
+        _logger.warning("%d thumbnails of %s replaced by placeholders (%s)", missing, url, reason_text(end_reason))
     return [(int(r), *found.get(int(r), (None, end_reason))) for r in rows]
+
+
+def _cpus() -> int:
+    """CPUs this process may run on (sched_getaffinity where the OS has it, not on macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 def write_thumbnails(rows: np.ndarray, data: _Rows, out: Path, *, size: int, workers: int | None = None,
@@ -296,7 +341,7 @@ def write_thumbnails(rows: np.ndarray, data: _Rows, out: Path, *, size: int, wor
     shard, position = data.shard[rows], data.position[rows]
     known = (shard >= 0) & (shard < len(data.urls))
     for row in rows[~known]:
-        result.problems[int(row)] = "no image: row has no shard"
+        result.problems[int(row)] = ("no image", "row has no shard")
     rows, shard, position = rows[known], shard[known], position[known]
     order = np.lexsort((position, shard))
     rows, shard, position = rows[order], shard[order], position[order]
@@ -309,7 +354,7 @@ def write_thumbnails(rows: np.ndarray, data: _Rows, out: Path, *, size: int, wor
             with lock:
                 bar.update(n)
 
-        workers = workers or min(4, max(1, len(os.sched_getaffinity(0))))
+        workers = workers or min(4, _cpus())
         with ThreadPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(_shard_thumbnails, data.urls[shard[g[0]]], rows[g], position[g], data.keys, out,
                                    f"{shard[g[0]]:05d}", size, tick) for g in groups if g.size]
@@ -388,6 +433,7 @@ svg text{font-family:inherit}svg .lbl{font-size:11px;fill:#1f2328}svg .num{font-
 .grid{display:flex;flex-wrap:wrap;gap:12px}
 figure.sample{margin:0;padding:8px;background:#fff;border:1px solid #d8dbe0;border-radius:6px;width:360px}
 .main{display:flex;gap:9px}.main img,.main svg{flex:none;border-radius:3px}
+.main img,li.nb img{object-fit:contain;background:#e9ebef}
 figcaption{font-size:12px;overflow:hidden}figcaption div{white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
 .key{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:11px;color:#59636e}
 ol.nbs{display:flex;gap:5px;list-style:none;padding:0;margin:8px 0 0}
@@ -420,10 +466,11 @@ def _footer(config: ReportConfig) -> str:
             f"<code>thumbs/</code>). Static: no script, no network.</footer>")
 
 
-def placeholder_svg(reason: str, size: int) -> str:
-    """A visible grey box naming why an image is missing (inline SVG; the reason in full as title)."""
-    words = reason.split(": ", 1)
-    head, tail = words[0], (words[1] if len(words) > 1 else "")
+def placeholder_svg(problem: tuple[str, str], size: int) -> str:
+    """A visible grey box naming why an image is missing: the kind, then the detail (inline SVG;
+    the reason in full as title)."""
+    head, tail = problem
+    reason = reason_text(problem)
     chars = max(4, size // 6)
     tail = tail if len(tail) <= chars else tail[:chars - 1] + "\u2026"
     font = max(7, size // 9)
@@ -670,7 +717,7 @@ def _heatmap_section(conf: Confusable | None, names: list, href) -> str:
 def _image(row: int, thumbs: Thumbnails, size: int, alt: str) -> str:
     path = thumbs.paths.get(row)
     if path is None:
-        return placeholder_svg(thumbs.problems.get(row, "no image"), size)
+        return placeholder_svg(thumbs.problems.get(row, ("no image", "")), size)
     return f'<img src="../{path}" width="{size}" height="{size}" alt="{esc(alt)}" title="{esc(alt)}">'
 
 
@@ -730,32 +777,64 @@ def _class_page(c: int, rows: np.ndarray, sims: np.ndarray, ids: np.ndarray, dat
 
 
 # ---------------------------------------------------------------- the report
-def _prepare_out(out: Path) -> Path:
-    """An empty, new or earlier-report folder, emptied of the report's own outputs."""
+def _check_out(out: Path) -> None:
+    """Refuse a file, or a non-empty folder that is not an earlier report, before any work."""
     if out.exists() and not out.is_dir():
         raise EngineError(f"out: {out} is a file; expected a folder for the report")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
         raise EngineError(f"out: {out} exists and is not an engine report folder (no {MARKER}); "
                           "give an empty or new --out")
-    for pattern in _OUTPUTS:
-        for target in out.glob(pattern):
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink()
-    (out / "classes").mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("made by engine report; a rerun replaces this folder's report\n")
-    return out
+
+
+def _is_output(name: str) -> bool:
+    return name == MARKER or any(fnmatch.fnmatchcase(name, pattern) for pattern in _OUTPUTS)
+
+
+def _hidden_sibling(out: Path, what: str) -> Path:
+    return out.parent / f".{out.name}.engine-report-{what}-{uuid.uuid4().hex[:12]}"
+
+
+def _stage(out: Path) -> Path:
+    """A new, empty folder next to `out` (same parent: the final swap is a rename) with the marker."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = _hidden_sibling(out, "new")
+    stage.mkdir()
+    (stage / "classes").mkdir()
+    (stage / MARKER).write_text("made by engine report; a rerun replaces this folder's report\n")
+    return stage
+
+
+def _swap_in(stage: Path, out: Path) -> None:
+    """Put the finished report `stage` at `out`: the earlier folder is renamed away, its entries
+    that are not report outputs move into the new one, the new one is renamed in and the earlier
+    one deleted. If a rename fails, the earlier folder is put back as it was."""
+    if not out.exists():
+        os.rename(stage, out)
+        return
+    old = _hidden_sibling(out, "old")
+    os.rename(out, old)
+    moved = []
+    try:
+        for entry in sorted(old.iterdir()):
+            if not _is_output(entry.name):
+                os.rename(entry, stage / entry.name)
+                moved.append(entry.name)
+        os.rename(stage, out)
+    except BaseException:
+        for name in moved:
+            os.rename(stage / name, old / name)
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _placeholder_summary(thumbs: Thumbnails) -> tuple[dict, list]:
     reasons: dict[str, int] = {}
     missing = set()
-    for reason in thumbs.problems.values():
-        kind = reason.split(":", 1)[0]
+    for kind, detail in thumbs.problems.values():
         reasons[kind] = reasons.get(kind, 0) + 1
         if kind == "shard missing":
-            missing.add(reason.split(": ", 1)[1])
+            missing.add(detail)
     return reasons, sorted(missing)
 
 
@@ -763,14 +842,32 @@ def write_report(cache_path: str, out_dir: str, config: ReportConfig | None = No
                  show_progress: bool | None = None) -> dict:
     """Write the HTML report of the cache's selection into `out_dir`; returns a summary.
 
+    The report is built in a hidden folder next to `out_dir` and swapped in when complete, so a
+    failure leaves an earlier report there untouched.
+
     Memory: the cache's row columns and selection, plus the features (N x D float16) when
     neighbours or image-centroid similarities have to be computed."""
     config = config or ReportConfig()
     started, timer = time.perf_counter(), Timer()
+    out = Path(out_dir)
+    _check_out(out)
+    resolve_device(device)   # `--device cuda` without CUDA fails here, before any work
     cache = Cache(cache_path)
     with timer("load"):
         data = _read_rows(cache)
-    out = _prepare_out(Path(out_dir))
+    stage = _stage(out)      # built here, swapped in at the end: a failure leaves the earlier report
+    try:
+        summary = _write(cache, cache_path, data, stage, out, config, device, show_progress, timer, started)
+        _swap_in(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return summary
+
+
+def _write(cache: Cache, cache_path: str, data: _Rows, stage: Path, out: Path, config: ReportConfig, device: str,
+           show_progress: bool | None, timer: Timer, started: float) -> dict:
+    """The report's files, written into `stage`; paths in the summary name `out`."""
     num_classes = len(data.names)
     stats = class_stats(data.labels, data.selected, num_classes, data.true)
     shown = rank_rejected(data.labels, data.selected, data.suspicion, per_class=config.per_class)
@@ -779,7 +876,7 @@ def write_report(cache_path: str, out_dir: str, config: ReportConfig | None = No
     with timer("neighbours"):
         sims, ids, source = find_neighbours(cache, shown, k, device=device, features=features)
     with timer("thumbnails"):
-        thumbs = write_thumbnails(np.concatenate([shown, ids[ids >= 0]]), data, out, size=config.thumb,
+        thumbs = write_thumbnails(np.concatenate([shown, ids[ids >= 0]]), data, stage, size=config.thumb,
                                   workers=config.workers, show_progress=show_progress)
     with timer("similarity"):
         conf = confusable_classes(cache, data, min(config.heatmap_classes, num_classes), features=features)
@@ -795,7 +892,7 @@ def write_report(cache_path: str, out_dir: str, config: ReportConfig | None = No
             pages[_class_file(c, num_classes)] = _class_page(c, shown[part], sims[part], ids[part], data, stats,
                                                              thumbs, config)
         for name, text in pages.items():
-            (out / name).write_text(text, encoding="utf-8")
+            (stage / name).write_text(text, encoding="utf-8")
     summary = {"cache": cache_path, "out": str(out), "index": str(out / "index.html"), "pages": len(pages),
                "list_pages": len(pages) - num_classes, "class_pages": num_classes, "classes": num_classes,
                "rows": len(data.labels), "selected": int(data.selected.sum()),
@@ -806,7 +903,7 @@ def write_report(cache_path: str, out_dir: str, config: ReportConfig | None = No
                "heatmap": None if conf is None else {"classes": len(conf.classes), "source": conf.source},
                "config": asdict(config),
                "seconds": {**timer.rounded(), "total": round(time.perf_counter() - started, 3)}}
-    (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (stage / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 

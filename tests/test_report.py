@@ -1,4 +1,5 @@
 """engine.report: real shards, real embed (shapes-tiny), real select; pages checked in headless Chromium."""
+import base64
 import io
 import json
 import re
@@ -22,6 +23,9 @@ from engine.stages import diagnose_from_cache, select_from_cache
 from engine.synthetic import ShapesConfig, write_shards
 
 CONFIG = ReportConfig(per_class=5, thumb=64, neighbours=3, heatmap_classes=4, classes_per_page=4, workers=2)
+# class names and keys that are HTML: escaped, they render literally; unescaped, they inject elements
+ODD_NAMES = ['<i id="inj">red</i> & "o"', "it's <u>orange</u> &amp;", "<script>x=1</script>'\""]
+ODD_KEY = "s{shard}<u>&\"'{i:03d}"
 LOADED_IMAGES = "Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0).length"
 
 
@@ -54,6 +58,34 @@ def browser():
         yield session
     finally:
         session.close()
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory):
+    """60 rows of 3 classes named like HTML, keys like HTML, every image 64x32 (2:1), embedded,
+    selected and reported."""
+    from engine.synthetic import class_file, shard_samples
+
+    root = tmp_path_factory.mktemp("odd")
+    (root / "shards").mkdir()
+    doc = class_file(3)
+    for entry, name in zip(doc["classes"], ODD_NAMES):
+        entry["name"] = name
+    (root / "classes.json").write_text(json.dumps(doc))
+    config = ShapesConfig(classes=3, per_shard=30, shards=2, noise="mix", rate=0.4, seed=5)
+    shards = []
+    for shard in range(config.shards):
+        shards.append(str(root / "shards" / f"odd-{shard:06d}.tar"))
+        with wds.TarWriter(shards[-1]) as sink:
+            for i, sample in enumerate(shard_samples(config, shard)):
+                wide = io.BytesIO()
+                Image.open(io.BytesIO(sample["jpg"])).convert("RGB").resize((64, 32)).save(wide, format="JPEG")
+                sink.write({**sample, "__key__": ODD_KEY.format(shard=shard, i=i), "jpg": wide.getvalue()})
+    path = str(root / "feats.zarr")
+    embed_shards(shards, path, EmbedConfig(classes=str(root / "classes.json"), true_label_key="true_cls",
+                                           batch_size=64, workers=0), show_progress=False)
+    select_from_cache(path, SelectConfig(device="cpu"), show_progress=False)
+    return write_report(path, str(root / "report"), CONFIG, device="cpu", show_progress=False)
 
 
 def _rows(path: str):
@@ -175,6 +207,70 @@ def test_missing_shard_gives_counted_placeholders(cache, browser, tmp_path):
         pytest.fail("no class page shows the missing shard")
 
 
+def test_non_square_thumbnails_keep_their_aspect(odd, browser, tmp_path):
+    page = next(_class_page(odd, k) for k in range(3) if _gallery(_class_page(odd, k)))
+    browser.navigate(f"file://{page}")
+    assert browser.errors() == []
+    images = browser.evaluate("""Array.from(document.images).map(i => ({
+        w: i.naturalWidth, h: i.naturalHeight, fit: getComputedStyle(i).objectFit,
+        nb: !!i.closest('li.nb'), box: [i.clientWidth, i.clientHeight]}))""")
+    assert images and any(i["nb"] for i in images) and any(not i["nb"] for i in images)
+    assert all(i["w"] == 2 * i["h"] > 0 for i in images)        # the thumbnails are 2:1 files
+    assert all(i["fit"] == "contain" for i in images)           # drawn 2:1 inside the square box
+    # the rendered pixels: the main image's square box shows the 2:1 picture as a band in the
+    # middle, the neutral background above and below it (a stretched picture fills the box)
+    browser.screenshot(tmp_path / "page.png", width=1200, height=900)
+    rect = browser.evaluate("(r => [r.x, r.y, r.width, r.height])("
+                            "document.querySelector('.main img').getBoundingClientRect())")
+    assert rect[2] == rect[3] == CONFIG.thumb
+    shot = browser.call("Page.captureScreenshot", {"format": "png", "clip": dict(zip(("x", "y", "width", "height"),
+                                                                                    rect), scale=1)})
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(shot["data"]))).convert("RGB"), dtype=np.int16)
+    assert pixels.shape[:2] == (CONFIG.thumb, CONFIG.thumb)
+    band = CONFIG.thumb // 4                                     # 16 rows above and below the picture
+    background = np.array([0xe9, 0xeb, 0xef])
+    margins = np.concatenate([pixels[:band - 2, 4:-4], pixels[-(band - 2):, 4:-4]])   # not the rounded corners
+    assert np.abs(margins - background).max() <= 4
+    assert np.abs(pixels[band + 2:-(band + 2)] - background).max() > 20
+
+
+def test_html_in_class_names_and_keys_renders_literally(odd, browser):
+    browser.navigate(f"file://{odd['index']}")
+    assert browser.errors() == []
+    injected = "document.querySelectorAll('i, u, script, #inj').length"
+    assert browser.evaluate(injected) == 0
+    index = browser.evaluate("""({
+        table: Array.from(document.querySelectorAll('table.classes a')).map(a => a.textContent),
+        bars: Array.from(document.querySelectorAll('svg.bars text.lbl')).map(t => t.textContent),
+        heat: Array.from(document.querySelectorAll('svg.heatmap text.row-label')).map(t => t.textContent),
+        pairs: Array.from(document.querySelectorAll('table.pairs a')).map(a => a.textContent),
+    })""")
+    assert sorted(index["table"]) == sorted(ODD_NAMES)
+    assert set(ODD_NAMES) <= set(index["bars"]) and sorted(index["heat"]) == sorted(ODD_NAMES)
+    assert index["pairs"] and set(index["pairs"]) <= set(ODD_NAMES)
+    keys = Cache(odd["cache"]).keys()
+    checked = 0
+    for k, name in enumerate(ODD_NAMES):
+        browser.navigate(f"file://{_class_page(odd, k)}")
+        assert browser.errors() == [] and browser.evaluate(injected) == 0
+        assert browser.evaluate("document.title") == f"{name} - engine report"
+        assert browser.evaluate("document.querySelector('h1').textContent") == f"class {k}: {name}"
+        cards = browser.evaluate("""Array.from(document.querySelectorAll('figure.sample')).map(f => ({
+            row: +f.dataset.row, key: f.dataset.key, text: f.querySelector('.key').textContent,
+            title: f.querySelector('.key').title, alt: f.querySelector('.main img').alt,
+            given: f.querySelector('figcaption b').textContent,
+            nbs: Array.from(f.querySelectorAll('li.nb')).map(li => [+li.dataset.row, li.querySelector('img').alt,
+                                                                    li.querySelector('span').textContent])}))""")
+        for card in cards:
+            key = keys[card["row"]]
+            assert "<u>&\"'" in key and card["key"] == card["text"] == card["title"] == card["alt"] == key
+            assert card["given"] == name
+            for row, alt, label in card["nbs"]:
+                assert alt == keys[row] and label in ODD_NAMES
+            checked += 1
+    assert checked == odd["shown"] > 0
+
+
 # ---------------------------------------------------------------- content against the cache
 def test_summary_numbers_equal_the_selection_group(report):
     c, arrays, attrs = _rows(report["cache"])
@@ -256,12 +352,57 @@ def test_thumbnail_problems_become_reasons(tmp_path):
     got = _shard_thumbnails(shard, np.arange(4), np.arange(4), keys, tmp_path, "00000", 32, ticks.append)
     assert got[0] == (0, "thumbs/00000/000000.jpg", None)
     assert Image.open(tmp_path / got[0][1]).size == (32, 16)
-    assert got[1][1] is None and got[1][2].startswith("cannot decode b")
-    assert got[2][2] == "key mismatch in s.tar: other" and got[3][2] == "sample missing from shard: s.tar"
+    assert got[1][1] is None and got[1][2][0] == "cannot decode" and got[1][2][1].startswith("b (s.tar): ")
+    assert got[2][2] == ("key mismatch", "s.tar: found other, expected c")
+    assert got[3][2] == ("sample missing from shard", "s.tar")
     assert sum(ticks) == 4
     gone = _shard_thumbnails(str(tmp_path / "gone.tar"), np.arange(2), np.arange(2), keys, tmp_path, "00001", 32,
                              ticks.append)
-    assert [p for _, _, p in gone] == ["shard missing: gone.tar"] * 2
+    assert [p for _, _, p in gone] == [("shard missing", "gone.tar")] * 2
+
+
+def test_a_current_knn_group_is_checked_without_loading_every_feature(cache, report, tmp_path, monkeypatch):
+    copy = str(tmp_path / "copy.zarr")
+    shutil.copytree(cache, copy)
+    diagnose_from_cache(copy, k=10, top=3, device="cpu")
+
+    def refuse(self):
+        raise AssertionError("load_features: the full N x D load is not needed with a current knn group")
+
+    monkeypatch.setattr(Cache, "load_features", refuse)
+    s = write_report(copy, str(tmp_path / "a"), CONFIG, device="cpu", show_progress=False)
+    assert s["neighbours"]["source"] == "knn group (k=10)"
+    for k in range(6):
+        ours = _gallery(f"{tmp_path}/a/classes/{k:04d}.html")
+        assert [[r for r, _ in n] for _, n in ours] == [[r for r, _ in n] for _, n in _gallery(_class_page(report, k))]
+    Cache(copy, mode="a").root["knn"].attrs.update({"fingerprint": "stale"})   # a stale one does load them
+    with pytest.raises(AssertionError, match="load_features"):
+        write_report(copy, str(tmp_path / "b"), CONFIG, device="cpu", show_progress=False)
+
+
+def test_placeholders_are_grouped_by_kind_not_per_key(cache, report, tmp_path, monkeypatch):
+    from engine import reader
+
+    keys = Cache(cache).keys()
+    broken = {str(keys[row]) for row, _ in _gallery(_class_page(report, 0))[:2]}
+    assert len(broken) == 2
+    decode = reader.decode_image
+
+    def failing(sample):
+        if sample["__key__"] in broken:
+            raise ValueError("cannot decode jpg: truncated")
+        return decode(sample)
+
+    monkeypatch.setattr(reader, "decode_image", failing)
+    s = write_report(cache, str(tmp_path / "r"), CONFIG, device="cpu", show_progress=False)
+    assert s["placeholders"] == 2 and s["placeholder_reasons"] == {"cannot decode": 2}
+    assert json.load(open(tmp_path / "r" / "report.json"))["placeholder_reasons"] == {"cannot decode": 2}
+    index = open(tmp_path / "r" / "index.html").read()
+    assert re.search(r'data-stat="placeholders">.*?<td class="l muted">([^<]*)<', index).group(1) == \
+        "cannot decode: 2"
+    page = open(_class_page({"out": str(tmp_path / "r")}, 0)).read()
+    for key in broken:   # the detail names the key and the error
+        assert f'data-reason="cannot decode: {key} (' in page and "truncated" in page
 
 
 # ---------------------------------------------------------------- vectorised helpers vs loops
@@ -302,6 +443,43 @@ def test_cli_json_and_one_line_errors(cache, tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     r = runner.invoke(cli, ["report", "--cache", cache, "--out", str(tmp_path / "x"), "--thumb", "5"])
     assert r.exit_code == 2 and "thumb" in r.stderr
+
+
+def test_a_failed_rerun_leaves_the_earlier_report(cache, tmp_path, monkeypatch):
+    import torch
+
+    from engine import reader
+
+    out = tmp_path / "r"
+    write_report(cache, str(out), CONFIG, device="cpu", show_progress=False)
+    (out / "notes.txt").write_text("mine")
+    snapshot = lambda: {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}  # noqa: E731
+    before = snapshot()
+    assert "index.html" in before and any(name.startswith("thumbs/") for name in before)
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(cli, ["report", "--cache", cache, "--out", str(out), "--device", "cuda"])
+        assert r.exit_code == 2 and r.stderr.strip().count("\n") == 0 and "device" in r.stderr
+        assert snapshot() == before
+    calls = []
+
+    def crash(sample):   # after a few thumbnails are written: not a decode problem, a crash
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("disk on fire")
+        return decode(sample)
+
+    decode = reader.decode_image
+    monkeypatch.setattr(reader, "decode_image", crash)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        write_report(cache, str(out), CONFIG, device="cpu", show_progress=False)
+    assert snapshot() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]       # no staging folder left behind
+    monkeypatch.setattr(reader, "decode_image", decode)
+    s = write_report(cache, str(out), ReportConfig(per_class=2, neighbours=1), device="cpu", show_progress=False)
+    after = snapshot()
+    assert after["notes.txt"] == b"mine" and after["index.html"] != before["index.html"]
+    assert json.loads(after["report.json"])["config"]["per_class"] == 2 and s["index"] == str(out / "index.html")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
 
 
 def test_missing_selection_names_engine_select(tmp_path):
