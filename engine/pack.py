@@ -2,12 +2,13 @@
 
 A *plan* is the ordered list of files under ROOT with their labels (from an ImageFolder layout,
 a `PATH LABEL` list, or a regex over file names), cut into shards of `per_shard` files. Its
-fingerprint (root, files, labels, true labels, per_shard, prefix) is recorded in OUT/pack.json.
+fingerprint (root, files, labels, true labels, each file's size and mtime, per_shard, prefix) is
+recorded in OUT/pack.json, so a replaced or touched image makes a different plan.
 
-Shards are independent: a process pool verifies and writes each one to `NAME.partial`, then
-renames it into place, and the main process records it in the manifest. A rerun of the same
-plan skips recorded shards and rewrites the others; a killed run never leaves half a shard
-under a final name. Entry times in the tars are fixed, so one plan always gives the same bytes.
+Shards are independent: a process pool (started by a fork server once torch is loaded, see
+`_start_method`) verifies and writes each one to `NAME.partial`, then renames it into place, and
+the main process records it in the manifest. A rerun of the same plan skips recorded shards and
+rewrites the others; a killed run never leaves half a shard under a final name. Entry times in the tars are fixed, so one plan always gives the same bytes.
 
 Every image is decoded (PIL open + load) before it is written. JPEG, PNG and WebP bytes are
 stored unchanged (the format is read from the magic bytes, not the file name); any other
@@ -24,6 +25,7 @@ import logging
 import os
 import posixpath
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +65,8 @@ class PackConfig:
     def __post_init__(self):
         if self.per_shard < 1:
             raise EngineError(f"per-shard: got {self.per_shard}, expected a positive integer")
+        if self.shuffle is not None and self.shuffle < 0:
+            raise EngineError(f"shuffle: got {self.shuffle}, expected a seed of 0 or more")
         if self.workers is not None and self.workers < 1:
             raise EngineError(f"workers: got {self.workers}, expected a positive integer")
         if self.list_file is not None and self.label_from_name is not None:
@@ -89,6 +93,8 @@ def name_pattern(regex: str) -> re.Pattern:
 
 def _list_lines(path: str | os.PathLike, option: str):
     """(line number, stripped line) of a list file, skipping blank lines and # comments."""
+    if os.path.isdir(path):
+        raise EngineError(f"{option}: {str(path)!r} is a directory, expected a file")
     if not os.path.isfile(path):
         raise EngineError(f"{option}: {str(path)!r} does not exist")
     with open(path, encoding="utf-8-sig", errors="surrogateescape") as handle:
@@ -132,14 +138,26 @@ def read_list(path: str | os.PathLike, *, option: str = "list") -> dict[str, int
 
 
 def read_paths(path: str | os.PathLike, *, option: str = "subset") -> list[str]:
-    """Relative paths, one a line (the first field when a line has more), in file order, unique."""
+    """Relative paths, one a line, in file order, unique. A path is the whole line (spaces
+    included); a line that ends in an integer field (`PATH LABEL`, as in a `--list` file) is read
+    as `--list` lines are, and the label is dropped."""
     seen: dict[str, int] = {}
     for number, line in _list_lines(path, option):
-        rel = _relative(re.split(r"[\s,]+", line)[0], f"{option}: {path}:{number}")
+        match = _LIST_LINE.fullmatch(line)
+        text = match.group(1) if match is not None and _is_int(match.group(2)) else line
+        rel = _relative(text, f"{option}: {path}:{number}")
         if rel in seen:
             raise EngineError(f"{option}: {path}:{number}: {rel!r} is listed again (first on line {seen[rel]})")
         seen[rel] = number
     return list(seen)
+
+
+def _is_int(token: str) -> bool:
+    try:
+        int(token)
+    except ValueError:
+        return False
+    return True
 
 
 def read_class_names(path: str | os.PathLike) -> list[str]:
@@ -153,10 +171,20 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
 # ---------------------------------------------------------------- scanning ROOT
 
 def _image_files(root: Path, sub: str = "") -> tuple[list[str], list[str]]:
-    """(image files, other files) under root/sub as sorted POSIX paths relative to root."""
+    """(image files, other files) under root/sub as sorted POSIX paths relative to root.
+
+    Symbolic links to folders are followed, each real folder once (the first in sorted walk
+    order), so a link cycle or a second link to the same folder adds nothing."""
     images, others = [], []
+    visited: set[str] = set()
     for folder, dirs, files in os.walk(root / sub, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        real = os.path.realpath(folder)
+        if real in visited:
+            _logger.warning("skipped %s: the folder %s is already scanned (symbolic link)", folder, real)
+            dirs[:] = []
+            continue
+        visited.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         base = Path(folder).relative_to(root).as_posix()
         for name in files:
             rel = name if base == "." else f"{base}/{name}"
@@ -221,6 +249,7 @@ class Plan:
     class_names: list | None = None
     folders: list | None = None
     notes: dict = field(default_factory=dict)
+    stats: list = field(default_factory=list)       # (size, mtime_ns) of each entry's file, None: missing
     fingerprint: str = ""
 
     @property
@@ -287,7 +316,7 @@ def build_plan(root: str | os.PathLike, config: PackConfig) -> Plan:
     _check_keys(entries)
     plan = Plan(root=str(root_path.resolve()), prefix=config.prefix or _default_prefix(root_path),
                 per_shard=config.per_shard, source=source, entries=entries, unlabelled=unlabelled,
-                class_names=names, folders=folders, notes=notes)
+                class_names=names, folders=folders, notes=notes, stats=[_file_stat(root_path, e[0]) for e in entries])
     plan.fingerprint = fingerprint(plan)
     return plan
 
@@ -309,13 +338,25 @@ def _check_keys(entries: list) -> None:
         owner[key] = rel
 
 
+def _file_stat(root: Path, rel: str) -> tuple[int, int] | None:
+    """(size, mtime in ns) of ROOT/rel, None when it cannot be stat'ed (it is then skipped as unreadable)."""
+    try:
+        info = os.stat(root / rel)
+    except (OSError, ValueError):
+        return None
+    return info.st_size, info.st_mtime_ns
+
+
 def fingerprint(plan: Plan) -> str:
     """sha256 of everything that decides the shards' contents: root, per_shard, prefix, and the
-    ordered (path, label, true label) entries and unlabelled paths."""
+    ordered (path, label, true label, file size, file mtime) entries and unlabelled paths, so a
+    replaced or touched image changes the plan."""
     digest = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, "root": plan.root, "per_shard": plan.per_shard,
                                         "prefix": plan.prefix}, sort_keys=True).encode())
-    for rel, _, label, true in plan.entries:
-        digest.update(f"{rel}\t{label}\t{true}\n".encode("utf-8", "surrogateescape"))
+    stats = plan.stats or [None] * len(plan.entries)
+    for (rel, _, label, true), stat in zip(plan.entries, stats):
+        size, mtime = stat if stat is not None else ("-", "-")
+        digest.update(f"{rel}\t{label}\t{true}\t{size}\t{mtime}\n".encode("utf-8", "surrogateescape"))
     for rel, reason in plan.unlabelled:
         digest.update(f"!{rel}\t{reason}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
@@ -441,17 +482,48 @@ def _new_manifest(plan: Plan, config: PackConfig) -> dict:
             "bad": [{"path": rel, "reason": reason, "shard": None} for rel, reason in plan.unlabelled]}
 
 
-def _read_manifest(out: Path) -> dict | None:
+_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+               bool: "true/false", type(None): "null"}
+
+
+def _shape_problem(manifest) -> str | None:
+    """What makes a parsed pack.json unusable (the fields this module reads), or None."""
+    def kind(value) -> str:
+        return _JSON_TYPES.get(type(value), type(value).__name__)
+
+    if not isinstance(manifest, dict):
+        return f"the top level is {kind(manifest)}, expected an object"
+    if not isinstance(manifest.get("shards"), list):
+        return f"'shards' is {kind(manifest.get('shards'))}, expected a list"
+    for name, expected in (("plan", dict), ("bad", list)):
+        if name in manifest and not isinstance(manifest[name], expected):
+            return f"{name!r} is {kind(manifest[name])}, expected {_JSON_TYPES[expected]}"
+    for name in ("shards", "bad"):
+        for index, item in enumerate(manifest.get(name, [])):
+            if not isinstance(item, dict):
+                return f"{name}[{index}] is {kind(item)}, expected an object"
+    return None
+
+
+def _read_manifest(out: Path, overwrite: bool = False) -> dict | None:
+    """OUT/pack.json, None when there is none; an unreadable or malformed one is an EngineError,
+    or (with --overwrite) a warning, and then counts as absent."""
     path = out / MANIFEST
     if not path.exists():
         return None
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise EngineError(f"out: {path} is unreadable ({_reason(err)}); use --overwrite to start again") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-        raise EngineError(f"out: {path} is not a pack manifest; use --overwrite to start again")
-    return manifest
+        problem = f"is unreadable ({_reason(err)})"
+    else:
+        shape = _shape_problem(manifest)
+        if shape is None:
+            return manifest
+        problem = f"is not a pack manifest ({shape})"
+    if not overwrite:
+        raise EngineError(f"out: {path} {problem}; use --overwrite to start again")
+    _logger.warning("out: %s %s; --overwrite: starting again", path, problem)
+    return None
 
 
 def _save_manifest(out: Path, manifest: dict) -> None:
@@ -466,20 +538,32 @@ def _plan_changes(old: dict, new: dict) -> str:
     fields = ("root", "source", "list", "true_list", "subset", "label_from_name", "per_shard", "prefix", "shuffle",
               "files")
     changed = [f"{f} {old.get(f)!r} -> {new.get(f)!r}" for f in fields if old.get(f) != new.get(f)]
-    return "; ".join(changed) or "the files or their labels changed"
+    return "; ".join(changed) or "the files, their labels, or their sizes or modification times changed"
 
 
 def _is_done(out: Path, record: dict) -> bool:
+    """A finished shard's record (all the fields a summary reads) whose file is still in place."""
+    numbers = all(type(record.get(k)) is int for k in ("entries", "samples", "bytes", "converted"))
+    formats = record.get("formats")
+    if record.get("status") != "done" or not numbers or not isinstance(formats, dict) or \
+            not all(type(v) is int for v in formats.values()):
+        return False
     path = out / record["name"]
-    return record.get("status") == "done" and path.is_file() and path.stat().st_size == record.get("bytes")
+    return path.is_file() and path.stat().st_size == record["bytes"]
+
+
+def _bad_record_ok(bad: dict) -> bool:
+    return isinstance(bad.get("path"), str) and isinstance(bad.get("reason"), str)
 
 
 def _carry_over(fresh: dict, old: dict, out: Path) -> None:
     """Keep the shards the previous run of this plan finished (recorded and still in place)."""
     for index, record in enumerate(old["shards"][:len(fresh["shards"])]):
         if record.get("name") == fresh["shards"][index]["name"] and _is_done(out, record):
-            fresh["shards"][index] = record
-            fresh["bad"].extend(b for b in old.get("bad", []) if b.get("shard") == record["name"])
+            bad = [b for b in old.get("bad", []) if b.get("shard") == record["name"]]
+            if all(_bad_record_ok(b) for b in bad):
+                fresh["shards"][index] = record
+                fresh["bad"].extend(bad)
 
 
 def _remove_outputs(out: Path, old: dict) -> None:
@@ -496,7 +580,7 @@ def _remove_outputs(out: Path, old: dict) -> None:
 def _prepare_out(out: Path, plan: Plan, config: PackConfig) -> dict:
     """The manifest to work from: fresh, or the previous run's progress on the same plan."""
     fresh = _new_manifest(plan, config)
-    old = _read_manifest(out)
+    old = _read_manifest(out, config.overwrite)
     if old is not None and old.get("fingerprint") == plan.fingerprint and not config.overwrite:
         _carry_over(fresh, old, out)
     elif old is not None and not config.overwrite:
@@ -510,6 +594,8 @@ def _prepare_out(out: Path, plan: Plan, config: PackConfig) -> dict:
         if taken and not config.overwrite:
             raise EngineError(f"out: {out} already holds {taken[0]} ({len(taken)} shard names taken) but no "
                               f"{MANIFEST}; use --overwrite to replace them, or another --out")
+        for name in taken:  # --overwrite without a (usable) manifest: this plan's names only
+            (out / name).unlink(missing_ok=True)
     for record in fresh["shards"]:  # left by a killed run
         (out / (record["name"] + PARTIAL)).unlink(missing_ok=True)
     return fresh
@@ -562,7 +648,8 @@ def _checked(call, task: dict) -> dict:
     except OSError as err:
         raise EngineError(f"out: writing {task['path']} failed: {_reason(err)}; rerun to resume") from None
     except BrokenProcessPool:
-        raise EngineError(f"out: a worker died while writing {task['path']} (out of memory?); "
+        raise EngineError(f"out: a worker died while writing {task['path']} (out of memory? or a script "
+                          "calling pack_dataset without an `if __name__ == '__main__':` guard); "
                           "rerun to resume") from None
 
 
@@ -573,17 +660,33 @@ def _ignore_interrupt() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _start_method() -> str:
+    """How the pool starts its workers. `fork` is the cheapest, but forking a process that has
+    torch loaded (native thread pools, maybe CUDA) can deadlock a child, so: `fork` only on Linux
+    and only while torch is not imported, else `forkserver` (a fresh server process that has run
+    nothing forks the workers; it costs about a second, once per process), or `spawn` where there is
+    no forkserver. Workers get plain, picklable arguments (write_shard, a task dict)."""
+    import multiprocessing
+
+    methods = multiprocessing.get_all_start_methods()
+    if sys.platform.startswith("linux") and "fork" in methods and "torch" not in sys.modules:
+        return "fork"
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
 @contextlib.contextmanager
 def _results(tasks: list[dict], workers: int):
     """An iterator of shard records as shards finish: inline for one worker, else a process pool
-    (forked before the progress bar starts any thread)."""
+    (started before the progress bar starts any thread)."""
     if workers <= 1:
         yield (_checked(lambda t=t: write_shard(t), t) for t in tasks)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    context = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
+    context = multiprocessing.get_context(_start_method())
+    if context.get_start_method() == "forkserver":  # the server imports this module once, not every worker
+        context.set_forkserver_preload(["__main__", __name__])
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_ignore_interrupt)
     try:
         futures = {pool.submit(write_shard, task): task for task in tasks}

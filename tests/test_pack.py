@@ -306,3 +306,174 @@ def test_cli_json_and_one_line_errors(folder, tmp_path):
         r = runner.invoke(cli, ["pack", str(root), "--out", str(tmp_path / "out"), *args])
         assert r.exit_code == 2 and needle in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
         assert r.stdout == ""
+
+
+def test_subset_paths_may_hold_spaces(tmp_path):
+    root = tmp_path / "shots"
+    for n, rel in enumerate(["my class/a 1.jpg", "my class/a 2.jpg", "other/b.jpg"]):
+        _save(root / rel, n, "JPEG")
+    # a bare path with spaces, a `PATH LABEL` line (the label is dropped, as in a kv list), trailing blanks
+    (tmp_path / "keys.txt").write_text("my class/a 1.jpg\nother/b.jpg 1\nmy class/a 2.jpg  \n")
+    summary = pack_dataset(root, tmp_path / "out", PackConfig(subset=str(tmp_path / "keys.txt"), workers=1),
+                           show_progress=False)
+    assert [(s["__key__"], int(s["cls"])) for s in _samples(tmp_path / "out")] == [
+        ("my_class_a_1", 0), ("other_b", 1), ("my_class_a_2", 0)]
+    assert summary["bad"] == 0 and summary["files"] == 3
+
+
+def test_overwrite_gets_past_an_unreadable_manifest(folder, tmp_path, caplog):
+    root, _ = folder
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    pack_dataset(root, clean, PackConfig(per_shard=3, workers=1), show_progress=False)
+    pack_dataset(root, out, PackConfig(per_shard=3, workers=1), show_progress=False)
+    (out / "pack.json").write_text('{"format": 1, "shards": [')  # cut off mid-write
+    (out / "pets-000001.tar").write_bytes(b"stale")
+    (out / "pets-000002.tar.partial").write_bytes(b"half a shard")
+    with pytest.raises(EngineError, match=r"pack\.json is unreadable .*use --overwrite"):
+        pack_dataset(root, out, PackConfig(per_shard=3, workers=1), show_progress=False)
+    with caplog.at_level("WARNING", logger="engine.pack"):
+        again = pack_dataset(root, out, PackConfig(per_shard=3, workers=1, overwrite=True), show_progress=False)
+    assert any("pack.json is unreadable" in r.getMessage() and "--overwrite" in r.getMessage() for r in caplog.records)
+    assert again["shards"] == {"total": 5, "written": 5, "skipped": 0} and again["samples"] == 11
+    assert not list(out.glob("*.partial"))
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == {p.name: p.read_bytes() for p in clean.glob("*.tar")}
+    assert json.loads((out / "pack.json").read_text())["complete"]
+
+
+def test_malformed_manifest_is_a_one_line_error(folder, tmp_path, caplog):
+    root, _ = folder
+    out = tmp_path / "out"
+    runner = CliRunner()
+    command = ["pack", str(root), "--out", str(out), "--per-shard", "3", "--workers", "1"]
+    assert runner.invoke(cli, command).exit_code == 0
+    good = json.loads((out / "pack.json").read_text())
+    for change, extra, needle in (
+            (lambda m: {**m, "plan": 3}, ["--per-shard", "4"], "'plan' is a number, expected an object"),
+            (lambda m: [m], [], "the top level is a list, expected an object"),
+            (lambda m: {**m, "shards": [1] + m["shards"][1:]}, [], "shards[0] is a number, expected an object"),
+            (lambda m: {**m, "bad": [None]}, [], "bad[0] is null, expected an object")):
+        (out / "pack.json").write_text(json.dumps(change(good)))
+        r = runner.invoke(cli, command + extra)
+        assert r.exit_code == 2 and r.stdout == "", (r.output, r.exception)
+        assert f"{out / 'pack.json'} is not a pack manifest ({needle})" in r.stderr
+        assert r.stderr.strip().count("\n") == 0, r.stderr
+    # --overwrite starts again (with a warning); a done record without its counts is rewritten, not trusted
+    with caplog.at_level("WARNING", logger="engine.pack"):
+        r = runner.invoke(cli, command + ["--overwrite", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["shards"]["written"] == 5, r.output
+    assert any("is not a pack manifest" in rec.getMessage() for rec in caplog.records)
+    broken = json.loads((out / "pack.json").read_text())
+    del broken["shards"][2]["samples"]
+    (out / "pack.json").write_text(json.dumps(broken))
+    r = runner.invoke(cli, command + ["--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["shards"]["written"] == 1, r.output
+
+
+def test_negative_shuffle_seed_is_an_engine_error(folder, tmp_path):
+    root, _ = folder
+    with pytest.raises(EngineError, match=r"^shuffle: got -1, expected a seed of 0 or more$"):
+        PackConfig(shuffle=-1)
+    r = CliRunner().invoke(cli, ["pack", str(root), "--out", str(tmp_path / "out"), "--shuffle", "-1"])
+    assert r.exit_code == 2 and r.stderr == "engine: error: shuffle: got -1, expected a seed of 0 or more\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_changed_images_change_the_plan(folder, tmp_path):
+    root, _ = folder
+    out = tmp_path / "out"
+    config = PackConfig(per_shard=3, workers=1)
+    first = pack_dataset(root, out, config, show_progress=False)
+    assert pack_dataset(root, out, config, show_progress=False)["shards"]["written"] == 0  # unchanged: nothing to do
+    stamp = (root / "alpha/a1.jpg").stat()
+    os.utime(root / "alpha/a1.jpg", ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 5_000_000_000))  # touched
+    with pytest.raises(EngineError, match=r"different plan \(the files, their labels, or their sizes or "
+                                          r"modification times changed\).*--overwrite"):
+        pack_dataset(root, out, config, show_progress=False)
+    touched = pack_dataset(root, out, PackConfig(per_shard=3, workers=1, overwrite=True), show_progress=False)
+    assert touched["fingerprint"] != first["fingerprint"] and touched["samples"] == first["samples"]
+    _save(root / "alpha/truncated.jpg", 30, "JPEG")  # the broken image is fixed
+    with pytest.raises(EngineError, match="different plan"):
+        pack_dataset(root, out, config, show_progress=False)
+    fixed = pack_dataset(root, out, PackConfig(per_shard=3, workers=1, overwrite=True), show_progress=False)
+    assert fixed["samples"] == first["samples"] + 1 and fixed["bad"] == first["bad"] - 1
+
+
+def test_list_option_naming_a_directory(folder, tmp_path):
+    root, _ = folder
+    with pytest.raises(EngineError, match=r"^list: .* is a directory, expected a file$"):
+        pack_dataset(root, tmp_path / "out", PackConfig(list_file=str(tmp_path)))
+    with pytest.raises(EngineError, match=r"^subset: .* is a directory, expected a file$"):
+        pack_dataset(root, tmp_path / "out", PackConfig(subset=str(root)))
+
+
+def test_symlink_cycle_is_walked_once(tmp_path):
+    root = tmp_path / "linked"
+    _save(root / "c/a.jpg", 0, "JPEG")
+    _save(root / "c/sub/b.jpg", 1, "JPEG")
+    os.symlink(root / "c", root / "c/sub/loop")  # c/sub/loop -> c: a cycle
+    summary = pack_dataset(root, tmp_path / "out", PackConfig(workers=1), show_progress=False)
+    assert sorted(s["__key__"] for s in _samples(tmp_path / "out")) == ["c_a", "c_sub_b"]
+    assert summary["files"] == 2
+
+
+def test_pool_start_method(monkeypatch):
+    import pickle
+
+    from engine import pack
+
+    task = {"index": 0, "path": "/out/x-000000.tar", "root": "/root", "entries": [("a b.jpg", "a_b", 1, None)]}
+    assert pickle.loads(pickle.dumps((pack.write_shard, task))) == (pack.write_shard, task)
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert "torch" in sys.modules and pack._start_method() == "forkserver"  # never fork a process holding torch
+    monkeypatch.delitem(sys.modules, "torch")
+    assert pack._start_method() == "fork"
+
+
+_STOP_SCRIPT = """
+import sys
+from engine.pack import PackConfig, pack_dataset
+pack_dataset(sys.argv[1], sys.argv[2], PackConfig(per_shard=2, workers=2), show_progress=False)
+"""
+
+
+@pytest.fixture(scope="module")
+def slow_folder(tmp_path_factory):
+    """40 noise BMPs (BMP → PNG of noise: slow on purpose) and their clean 2-per-shard pack."""
+    base = tmp_path_factory.mktemp("slow")
+    root = base / "big"
+    noise = np.random.default_rng(0).integers(0, 256, size=(384, 384, 3), dtype=np.uint8)
+    (root / "c").mkdir(parents=True)
+    Image.fromarray(noise).save(root / "c" / "0000.bmp")
+    for i in range(1, 40):
+        (root / "c" / f"{i:04d}.bmp").write_bytes((root / "c" / "0000.bmp").read_bytes())
+    clean = pack_dataset(root, base / "clean", PackConfig(per_shard=2, workers=1), show_progress=False)
+    assert clean["samples"] == 40
+    return root, [p.read_bytes() for p in sorted((base / "clean").glob("*.tar"))]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed-job"])
+def test_stopped_pool_leaves_no_half_shard(slow_folder, tmp_path, signum):
+    """Ctrl-C (SIGINT to the whole process group: workers finish their shard) or a killed job
+    (SIGKILL to the group) while 2 workers write: no half shard under a final name, and a rerun
+    gives the same bytes as a clean run."""
+    root, clean = slow_folder
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", _STOP_SCRIPT, str(root), str(out)], start_new_session=True,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not list(out.glob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.killpg(proc.pid, signum)
+    assert proc.wait(timeout=60) != 0
+    if signum == signal.SIGINT:  # the running shards were finished, nothing half-written is left
+        assert not list(out.glob("*.partial"))
+    else:  # give the orphaned pool helpers a moment to go
+        time.sleep(0.2)
+    finished = sorted(out.glob("*.tar"))
+    assert 0 < len(finished) < 20, "the stop must land mid-run"
+    for shard in finished:
+        check_end_of_archive(str(shard))
+        assert len(list(wds.WebDataset(str(shard), shardshuffle=False))) == 2
+    resumed = pack_dataset(root, out, PackConfig(per_shard=2, workers=2), show_progress=False)
+    assert resumed["samples"] == 40 and not list(out.glob("*.partial"))
+    assert [p.read_bytes() for p in sorted(out.glob("*.tar"))] == clean
