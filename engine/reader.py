@@ -25,8 +25,8 @@ from engine.runtime import EngineError
 _logger = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-_REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://", "az://", "abfs://", "ais://", "hf://")
-_FSSPEC = ("s3://", "gs://", "gcs://", "az://", "abfs://")   # opened with fsspec (s3fs, gcsfs, adlfs)
+_REMOTE = ("pipe:", "http://", "https://", "s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "ais://", "hf://")
+_FSSPEC = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://")   # opened with fsspec (s3fs, gcsfs, adlfs)
 
 
 def iter_tar_samples(url: str) -> Iterator[dict]:
@@ -113,19 +113,34 @@ def decode_image(sample: dict) -> Image.Image:
 
 
 def check_end_of_archive(url: str) -> None:
-    """Raise ValueError when a local tar lacks the end-of-archive marker (two zero blocks).
+    """Raise ValueError when a tar lacks the end-of-archive marker (two zero blocks).
 
     Python's tarfile treats a file cut exactly between two members as a complete archive; a
-    truncated shard would then lose its tail silently. Remote streams are not checked.
+    truncated shard would then lose its tail silently. Local files and object-store URLs
+    (one ranged read of the last 1 KiB) are checked; pipe: and http(s) streams are not.
     """
-    if url.startswith(_REMOTE) or not os.path.isfile(url):
+    if url.startswith(_FSSPEC):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url)
+        size = int(fs.size(path))
+        tail = fs.cat_file(path, start=max(0, size - 1024), end=size) if size else b""
+    elif url.startswith(_REMOTE) or not os.path.isfile(url):
         return
-    size = os.path.getsize(url)
-    with open(url, "rb") as handle:
-        handle.seek(max(0, size - 1024))
-        tail = handle.read()
+    else:
+        size = os.path.getsize(url)
+        with open(url, "rb") as handle:
+            handle.seek(max(0, size - 1024))
+            tail = handle.read()
     if size % 512 or len(tail) < 1024 or any(tail):
         raise ValueError(f"truncated: no end-of-archive marker ({size} bytes)")
+
+
+def _remote_exists(url: str) -> bool:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    return bool(fs.exists(path))
 
 
 def read_samples(url: str, positions=None) -> Iterator[tuple[int, dict]]:
@@ -136,7 +151,7 @@ def read_samples(url: str, positions=None) -> Iterator[tuple[int, dict]]:
     samples exactly as `ShardReader` did at embed time. A missing shard raises EngineError
     naming it; an unreadable one raises ValueError with the reason.
     """
-    if not url.startswith(_REMOTE) and not os.path.isfile(url):
+    if (not url.startswith(_REMOTE) and not os.path.isfile(url)) or (url.startswith(_FSSPEC) and not _remote_exists(url)):
         raise EngineError(f"shard: {url!r} is no longer there (moved or deleted since it was embedded)")
     wanted = None if positions is None else set(int(p) for p in positions)
     last = None if wanted is None else (max(wanted) if wanted else -1)

@@ -303,3 +303,25 @@ def test_strict_stop_on_rank_1_stops_every_rank_with_one_line(shards, tmp_path):
     cache = Cache(path)
     status = [s["status"] for s in cache.manifest["shards"]]
     assert status[5] != "done" and status.count("done") >= 3  # rank 0's shards are all kept
+
+
+def test_an_s3_shard_cut_between_members_fails_instead_of_losing_its_tail(shards, s3, tmp_path):
+    import tarfile
+
+    import fsspec
+
+    from engine.reader import read_samples
+    from engine.runtime import EngineError
+
+    source = shards["shards"][0]
+    with tarfile.open(source) as tar:
+        cut = tar.getmembers()[-3].offset  # a header boundary: tarfile alone sees a whole archive
+    data = Path(source).read_bytes()[:cut]
+    fs = fsspec.filesystem("s3")
+    url = "s3://engine-test/cut/shard-000000.tar"
+    fs.pipe(url, data)
+    summary = embed_shards([url], str(tmp_path / "c.zarr"), EmbedConfig(classes=shards["classes_file"], workers=0),
+                           rank=0, world_size=1)
+    assert summary["shards"]["failed"] == 1 and "end-of-archive" in summary["failed"][0]["error"]
+    with pytest.raises(EngineError, match="no longer there"):
+        list(read_samples("s3://engine-test/cut/gone.tar", [0]))
