@@ -204,8 +204,10 @@ class Cache:
         finally:
             os.close(fd)  # closing releases the lock
 
-    def register_shards(self, urls: list[str]) -> dict[str, int]:
-        """Add unseen shard urls to the manifest; return url → shard index for all of `urls`."""
+    def register_shards(self, urls: list[str], fingerprints: dict | None = None) -> dict[str, int]:
+        """Add unseen shard urls to the manifest (with the file fingerprint they are embedded
+        from, see `reader.shard_fingerprints`); return url → shard index for all of `urls`."""
+        fingerprints = fingerprints or {}
         with self.lock():
             manifest = self.manifest
             known = {s["url"]: i for i, s in enumerate(manifest["shards"])}
@@ -213,6 +215,9 @@ class Cache:
                 if url not in known:
                     known[url] = len(manifest["shards"])
                     manifest["shards"].append({"url": url, "id": shard_id(url), "status": "pending", "rows": 0})
+                entry = manifest["shards"][known[url]]
+                if entry["status"] != "done" and fingerprints.get(url):
+                    entry["fingerprint"] = fingerprints[url]
             self._write_manifest(manifest)
         return {url: known[url] for url in urls}
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from engine import models
 from engine.cache import Cache
 from engine.classes import encode_prompts, load_classes
-from engine.reader import ReaderConfig, ShardReader, expand_shards
+from engine.reader import ReaderConfig, ShardReader, expand_shards, shard_fingerprints
 from engine.distributed import ProcessGroup, process_group
 from engine.runtime import EngineError, Timer, autocast, distributed_context, progress, resolve_device, \
     resolve_precision, worker_init_single_thread
@@ -251,8 +251,25 @@ def _survey(cache_path, urls, config, class_set) -> dict:
         cache.consolidate()  # shards staged by an interrupted run
         cache.trim()
     status = cache.shard_status()
+    _check_done_shards_unchanged(cache, [u for u in urls if status.get(u) == "done"])
     return {"pending": [u for u in urls if status.get(u) != "done"],
             "needs_text": class_set is not None and cache.text_fingerprint() != class_set.fingerprint()}
+
+
+def _check_done_shards_unchanged(cache: Cache, done: list[str]) -> None:
+    """A shard file rewritten since it was embedded would otherwise be skipped as done."""
+    if not done:
+        return
+    recorded = {s["url"]: s.get("fingerprint") for s in cache.manifest.get("shards", [])}
+    urls = [u for u in done if recorded.get(u)]
+    if not urls:
+        return
+    now = shard_fingerprints(urls)
+    changed = [u for u in urls if now[u] is not None and now[u] != recorded[u]]
+    if changed:
+        raise EngineError(f"shards: {len(changed)} shard(s) changed since they were embedded into {cache.path} "
+                          f"(first: {changed[0]}: size:digest {recorded[changed[0]]} -> {now[changed[0]]}); "
+                          "their rows are from the old files: embed into a new --cache")
 
 
 def _prepare(cache_path, pending, loaded, class_set, dtype, device) -> dict:
@@ -260,7 +277,7 @@ def _prepare(cache_path, pending, loaded, class_set, dtype, device) -> dict:
     cache = Cache(cache_path, mode="a", create=True)
     cache.initialise(loaded.identity, dim=loaded.embed_dim, precision=_PRECISION_NAMES[dtype])
     updated = _update_prompts(cache, class_set, loaded, device) if class_set else False
-    index = cache.register_shards(pending)
+    index = cache.register_shards(pending, shard_fingerprints(pending))
     cache.root.require_group("staging")
     return {"shards": [(index[u], u) for u in pending], "prompts_updated": updated, "run": uuid.uuid4().hex[:12]}
 

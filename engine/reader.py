@@ -136,6 +136,45 @@ def check_end_of_archive(url: str) -> None:
         raise ValueError(f"truncated: no end-of-archive marker ({size} bytes)")
 
 
+def shard_fingerprints(urls: list[str], *, edge_bytes: int = 16384) -> dict[str, str | None]:
+    """url → "size:digest" that changes when a shard file is rewritten, None where unknown.
+
+    Local files: size and sha1 of the first and last `edge_bytes` (tar headers carry member
+    names and times, so a rewrite shows there; a copy keeps it). Object stores: size and the
+    store's ETag, from one listing per folder. pipe: and http(s) streams: None.
+    """
+    import hashlib
+
+    out: dict[str, str | None] = {}
+    remote: dict[str, list[str]] = {}
+    for url in urls:
+        if url.startswith(_FSSPEC):
+            remote.setdefault(url.rsplit("/", 1)[0], []).append(url)
+        elif url.startswith(_REMOTE) or not os.path.isfile(url):
+            out[url] = None
+        else:
+            size = os.path.getsize(url)
+            digest = hashlib.sha1()
+            with open(url, "rb") as handle:
+                digest.update(handle.read(edge_bytes))
+                handle.seek(max(0, size - edge_bytes))
+                digest.update(handle.read(edge_bytes))
+            out[url] = f"{size}:{digest.hexdigest()[:16]}"
+    for folder, members in remote.items():
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(folder)
+        try:
+            listing = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry for entry in fs.ls(path, detail=True)}
+        except (FileNotFoundError, OSError):
+            listing = {}
+        for url in members:
+            entry = listing.get(url.rsplit("/", 1)[-1])
+            tag = entry and (entry.get("ETag") or entry.get("etag") or entry.get("md5Hash") or entry.get("mtime"))
+            out[url] = f"{entry['size']}:{str(tag).strip(chr(34))}" if entry and tag else None
+    return out
+
+
 def _remote_exists(url: str) -> bool:
     import fsspec
 

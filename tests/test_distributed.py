@@ -325,3 +325,20 @@ def test_an_s3_shard_cut_between_members_fails_instead_of_losing_its_tail(shards
     assert summary["shards"]["failed"] == 1 and "end-of-archive" in summary["failed"][0]["error"]
     with pytest.raises(EngineError, match="no longer there"):
         list(read_samples("s3://engine-test/cut/gone.tar", [0]))
+
+
+def test_an_s3_shard_overwritten_after_embedding_is_noticed(shards, s3, tmp_path):
+    import fsspec
+
+    from engine.runtime import EngineError
+
+    fs = fsspec.filesystem("s3")
+    url = "s3://engine-test/rewritten/shard-000000.tar"
+    fs.put(shards["shards"][0], url)
+    cache = str(tmp_path / "c.zarr")
+    config = EmbedConfig(classes=shards["classes_file"], workers=0)
+    embed_shards([url], cache, config, rank=0, world_size=1)
+    assert embed_shards([url], cache, config, rank=0, world_size=1)["shards"]["skipped"] == 1
+    fs.put(shards["shards"][1], url)
+    with pytest.raises(EngineError, match="changed since they were embedded"):
+        embed_shards([url], cache, config, rank=0, world_size=1)

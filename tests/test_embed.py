@@ -266,3 +266,22 @@ def test_staging_debris_of_killed_writers_is_removed_once_its_shard_is_done(tmp_
     assert summary["shards"]["skipped"] == 1
     assert sorted(os.listdir(path / "staging")) == ["0123456789abcdef-pending", "zarr.json"]
     assert other is not None and Cache(path).num_rows == 40
+
+
+def test_a_done_shard_rewritten_under_the_same_name_is_an_error_not_skipped(tmp_path, shard_paths):
+    import shutil
+
+    shard = tmp_path / "s.tar"
+    shutil.copy(shard_paths[0], shard)
+    path = tmp_path / "c.zarr"
+    _embed([str(shard)], path)
+    before = Cache(path).load_features().copy()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(shard, copy / "s.tar")  # a plain copy (new mtime, same bytes) is the same shard
+    os.utime(shard, (0, 0))
+    assert _embed([str(shard)], path)["shards"]["skipped"] == 1
+    shutil.copy(shard_paths[1], shard)  # other contents under the embedded name
+    with pytest.raises(EngineError, match=r"changed since they were embedded.*s\.tar.*new --cache"):
+        _embed([str(shard)], path)
+    np.testing.assert_array_equal(Cache(path).load_features(), before)
