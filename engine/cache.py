@@ -305,21 +305,31 @@ class Cache:
                             break
                         continue
                     staged.append((index, *found))
-            for index, sid, attrs in staged:
-                self._applied.add(index)
-                done.append(self._apply_staged(staging, sid, index, attrs))
+            if not staged:
+                return done
+            # One manifest write per call, not per shard (the manifest grows with the shard
+            # count). Each shard's entry changes only after its rows are written, so the
+            # manifest written here — also when a later shard fails — covers whole shards only.
+            manifest, applied = self.manifest, []
+            try:
+                for index, sid, attrs in staged:
+                    self._applied.add(index)
+                    applied.append(sid)
+                    done.append(self._apply_staged(manifest, staging, sid, index, attrs))
+            finally:
+                self._write_manifest(manifest)
+                for sid in applied:
+                    if sid in staging:
+                        del staging[sid]
         return [d for d in done if d]
 
-    def _apply_staged(self, staging, sid: str, index: int, attrs: dict) -> dict | None:
-        manifest = self.manifest
+    def _apply_staged(self, manifest: dict, staging, sid: str, index: int, attrs: dict) -> dict | None:
+        """Append one staged shard's rows and update its entry in `manifest` (written by the caller)."""
         entry = manifest["shards"][index]
         if entry["status"] == "done":  # appended before a crash that left staging behind
-            del staging[sid]
             return None
         if attrs.get("failed"):
             entry.update(status="failed", error=attrs["outcome"].get("error"), rows=0)
-            self._write_manifest(manifest)
-            del staging[sid]
             return {**attrs["outcome"], "failed": True}
         group = staging[sid]
         keys = group["keys"][:]
@@ -328,8 +338,6 @@ class Cache:
             key, row = clash
             other = manifest["shards"][int(self.root["images/shard"][row])]["url"]
             entry.update(status="failed", error=f"duplicate key {key!r}: already in shard {other}")
-            self._write_manifest(manifest)
-            del staging[sid]
             raise EngineError(f"duplicate key {key!r} in shard {entry['url']} is already in shard {other}")
         start, n = manifest["rows"], len(keys)
         images = self.root["images"]
@@ -349,10 +357,8 @@ class Cache:
         manifest["missing_labels"] = manifest.get("missing_labels", 0) + outcome.get("missing_labels", 0)
         manifest["has_true_labels"] = bool(manifest.get("has_true_labels")) or bool(
             n and (group["true_labels"][:] >= 0).any())
-        self._write_manifest(manifest)
         if self._key_rows is not None:
             self._key_rows.update(zip(keys.tolist(), range(start, start + n)))
-        del staging[sid]
         return outcome
 
     def _find_duplicates(self, keys: np.ndarray):

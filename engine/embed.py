@@ -26,6 +26,7 @@ from engine.runtime import EngineError, Timer, autocast, distributed_context, pr
 _logger = logging.getLogger(__name__)
 _SLOW_WRITE = float(os.environ.get("ENGINE_TEST_SLOW_WRITE", "0") or 0)
 _SLOW_RANK = os.environ.get("ENGINE_TEST_SLOW_WRITE_RANK")   # only this rank is slowed (tests)
+CONSOLIDATE_EVERY_S = float(os.environ.get("ENGINE_CONSOLIDATE_EVERY_S", "5"))
 _PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -76,6 +77,7 @@ class _Writer(threading.Thread):
         self.done: list[dict] = []
         self.failed: list[dict] = []
         self.error: BaseException | None = None
+        self.last_consolidate = float("-inf")
 
     def run(self) -> None:
         while True:
@@ -114,8 +116,13 @@ class _Writer(threading.Thread):
         self._consolidate()
 
     def _consolidate(self) -> None:
-        if self.consolidate is not None:
+        """Append the committed prefix of the plan, at most every CONSOLIDATE_EVERY_S seconds (one
+        manifest write per call: the manifest grows with the shard count); the rest is appended
+        at the end of the run."""
+        now = time.monotonic()
+        if self.consolidate is not None and now - self.last_consolidate >= CONSOLIDATE_EVERY_S:
             self.cache.consolidate(self.consolidate)
+            self.last_consolidate = time.monotonic()
 
 
 def _update_prompts(cache: Cache, class_set, loaded: models.LoadedModel, device) -> bool:

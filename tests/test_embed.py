@@ -285,3 +285,20 @@ def test_a_done_shard_rewritten_under_the_same_name_is_an_error_not_skipped(tmp_
     with pytest.raises(EngineError, match=r"changed since they were embedded.*s\.tar.*new --cache"):
         _embed([str(shard)], path)
     np.testing.assert_array_equal(Cache(path).load_features(), before)
+
+
+def test_the_manifest_is_written_per_consolidation_not_per_shard(tmp_path, shard_paths, monkeypatch):
+    import engine.embed as embed_module
+
+    writes = []
+    original = Cache._write_manifest
+    monkeypatch.setattr(Cache, "_write_manifest", lambda self, m: (writes.append(1), original(self, m)))
+    counts = {}
+    for every in (0.0, 3600.0):
+        monkeypatch.setattr(embed_module, "CONSOLIDATE_EVERY_S", every)
+        writes.clear()
+        path = tmp_path / f"c{int(every)}.zarr"
+        _embed(shard_paths, path)
+        counts[every] = len(writes)
+        assert Cache(path).num_rows == 120 and [s["status"] for s in Cache(path).manifest["shards"]] == ["done"] * 3
+    assert counts[3600.0] == counts[0.0] - 1  # 3 shards: 3 appends each alone, or 1 at the first + 1 at the end
