@@ -21,7 +21,8 @@ writer of the manifest) appends committed staged shards to `images/*` at row `ro
 then records the shard as done with one atomic manifest write. Rows beyond
 `manifest["rows"]` are never read and are overwritten by the next append, so a kill at any
 moment leaves either the old or the new state, never half a shard. Uncommitted staging is
-never read; it is replaced when its shard is embedded again.
+never read; a later run stages under its own run id, and `trim()` removes it once its shard
+is done.
 
 Where. A local directory, or any fsspec URL (`s3://bucket/feats.zarr`, `gs://...`) through
 zarr's fsspec store: every commit point above is then one object PUT, which object stores

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from engine import models
 from engine.cache import Cache
 from engine.classes import encode_prompts, load_classes
-from engine.reader import ReaderConfig, ShardReader, expand_shards, shard_fingerprints
+from engine.reader import ReaderConfig, ShardReader, expand_shards, shard_fingerprints, split_for_rank
 from engine.distributed import ProcessGroup, process_group
 from engine.runtime import EngineError, Timer, autocast, distributed_context, progress, resolve_device, \
     resolve_precision, worker_init_single_thread
@@ -217,7 +217,7 @@ def _embed(specs, cache_path, config, group: ProcessGroup, show_progress) -> dic
     cache = group.on_every_rank(lambda: Cache(cache_path, mode="a"))
     cache.run_id = plan["run"]
     order = [i for i, _ in plan["shards"]]
-    mine = plan["shards"][group.rank::group.world_size]
+    mine = split_for_rank(plan["shards"], group.rank, group.world_size)
     summary["shards"]["this_rank"] = len(mine)
     writer = _Writer(cache, consolidate=order if group.is_leader else None, timer=timer)
     local, crash = {"done": [], "failed": [], "new_rows": 0, "error": None}, None

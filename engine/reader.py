@@ -70,9 +70,9 @@ def expand_shards(specs: list[str] | tuple[str, ...]) -> list[str]:
     return sorted(dict.fromkeys(urls))
 
 
-def split_for_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
-    """Deterministic split of the sorted shard list across torch.distributed ranks."""
-    return urls[rank::world_size]
+def split_for_rank(shards: list, rank: int, world_size: int) -> list:
+    """Rank `rank`'s share of a sorted plan of shards: every world_size-th, from `rank` on."""
+    return shards[rank::world_size]
 
 
 def parse_label(sample: dict, key: str | None) -> int | None:
