@@ -342,3 +342,30 @@ def test_an_s3_shard_overwritten_after_embedding_is_noticed(shards, s3, tmp_path
     fs.put(shards["shards"][1], url)
     with pytest.raises(EngineError, match="changed since they were embedded"):
         embed_shards([url], cache, config, rank=0, world_size=1)
+
+
+def test_report_and_export_run_on_an_s3_cache_of_s3_shards(shards, s3, tmp_path):
+    import fsspec
+    import webdataset as wds
+
+    from engine.export import ShardExportConfig, export_cache
+    from engine.report import ReportConfig, write_report
+    from engine.select import SelectConfig
+    from engine.stages import select_from_cache
+
+    fs = fsspec.filesystem("s3")
+    urls = []
+    for path in shards["shards"][:2]:
+        urls.append(f"s3://engine-test/e2e/{Path(path).name}")
+        fs.put(path, urls[-1])
+    cache = "s3://engine-test/e2e/feats.zarr"
+    embed_shards(urls, cache, EmbedConfig(classes=shards["classes_file"], true_label_key="true_cls", workers=0),
+                 rank=0, world_size=1)
+    select_from_cache(cache, SelectConfig())
+    report = write_report(cache, str(tmp_path / "report"), ReportConfig(neighbours=2))
+    assert report["thumbnails"] > 0 and report["placeholders"] == 0  # images read back from S3 shards
+    exported = export_cache(cache, shards=str(tmp_path / "clean" / "{000000..}.tar"), config=ShardExportConfig())
+    selected = Cache(cache).root["selection/selected"][:].astype(bool)
+    keys = [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in (tmp_path / "clean").glob("*.tar")),
+                                                  shardshuffle=False)]
+    assert keys == list(Cache(cache).keys()[selected]) and exported["shards"]["rows_written"] == selected.sum()
