@@ -41,7 +41,7 @@ from typing import Iterator
 import numpy as np
 import zarr
 
-from engine.runtime import EngineError
+from engine.runtime import EngineError, engine_version
 
 _logger = logging.getLogger(__name__)
 
@@ -50,15 +50,6 @@ VERSION = 1
 CHUNK_ROWS = 8192
 MAX_BAD_RECORDED = 100       # per shard, in the manifest; the count is always exact
 _ROW_ARRAYS = {"labels": "int32", "true_labels": "int32", "shard": "int32", "position": "int32"}
-
-
-def _engine_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("engine")
-    except Exception:  # not installed (running from a checkout)
-        return "0+unknown"
 
 
 def _feature_codec():
@@ -183,7 +174,7 @@ class Cache:
         for name, dtype in _ROW_ARRAYS.items():
             images.create_array(name, shape=(0,), chunks=(CHUNK_ROWS * 4,), dtype=dtype,
                                 fill_value=-1, overwrite=True)
-        self._write_manifest({"format": FORMAT, "version": VERSION, "engine_version": _engine_version(),
+        self._write_manifest({"format": FORMAT, "version": VERSION, "engine_version": engine_version(),
                               "source": source, "model": identity, "precision": precision, "dim": dim,
                               "rows": 0, "shards": [], "bad_samples": 0, "missing_labels": 0,
                               "has_true_labels": False, "created": time.time()})

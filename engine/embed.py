@@ -20,8 +20,8 @@ from engine.cache import Cache
 from engine.classes import encode_prompts, load_classes
 from engine.reader import ReaderConfig, ShardReader, expand_shards, shard_fingerprints, split_for_rank
 from engine.distributed import ProcessGroup, process_group
-from engine.runtime import EngineError, Timer, autocast, distributed_context, progress, resolve_device, \
-    resolve_precision, worker_init_single_thread
+from engine.runtime import EngineError, Timer, autocast, available_cores, distributed_context, progress, \
+    resolve_device, resolve_precision, worker_init_single_thread
 
 _logger = logging.getLogger(__name__)
 _SLOW_WRITE = float(os.environ.get("ENGINE_TEST_SLOW_WRITE", "0") or 0)
@@ -56,7 +56,7 @@ def plan_cpu_split(workers: int | None, device: torch.device) -> tuple[int, int 
     On CPU the decoding workers and the model share the cores: measured on 2 cores, 1 worker
     and 1 model thread embedded 1.6x faster than 2 workers and 2 threads (oversubscription).
     So the default is half the cores for workers, and the model gets the cores they leave."""
-    cores = max(1, len(os.sched_getaffinity(0)))
+    cores = available_cores()
     if workers is None:
         workers = min(8, cores) if device.type == "cuda" else max(1, cores // 2)
     if device.type != "cpu":

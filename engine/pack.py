@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.runtime import EngineError
+from engine.runtime import EngineError, available_cores, engine_version
 
 _logger = logging.getLogger(__name__)
 
@@ -458,15 +458,6 @@ def write_shard(task: dict) -> dict:
 
 # ---------------------------------------------------------------- the output folder (main process)
 
-def _engine_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("engine")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def _new_manifest(plan: Plan, config: PackConfig) -> dict:
     given = {name: (os.path.abspath(value) if value is not None else None)
              for name, value in (("list", config.list_file), ("true_list", config.true_list),
@@ -475,7 +466,7 @@ def _new_manifest(plan: Plan, config: PackConfig) -> dict:
               "per_shard": plan.per_shard, "prefix": plan.prefix, "shuffle": config.shuffle,
               "files": len(plan.entries) + len(plan.unlabelled), "labelled": len(plan.entries),
               "with_true_label": sum(e[3] is not None for e in plan.entries), **plan.notes}
-    return {"format": FORMAT_VERSION, "engine_version": _engine_version(), "fingerprint": plan.fingerprint,
+    return {"format": FORMAT_VERSION, "engine_version": engine_version(), "fingerprint": plan.fingerprint,
             "plan": record, "classes": plan.class_names, "complete": False,
             "shards": [{"name": plan.shard_name(i), "entries": len(plan.shard_entries(i)), "status": "pending"}
                        for i in range(plan.num_shards)],
@@ -635,8 +626,7 @@ def _locked(out: Path):
 # ---------------------------------------------------------------- running
 
 def default_workers() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, 8))
+    return min(available_cores(), 8)
 
 
 def _checked(call, task: dict) -> dict:

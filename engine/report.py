@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.cache import Cache
-from engine.runtime import EngineError, Timer, progress, resolve_device
+from engine.runtime import EngineError, Timer, available_cores, progress, resolve_device
 
 _logger = logging.getLogger(__name__)
 
@@ -326,13 +326,6 @@ def _shard_thumbnails(url: str, rows: np.ndarray, positions: np.ndarray, keys, o
     return [(int(r), *found.get(int(r), (None, end_reason))) for r in rows]
 
 
-def _cpus() -> int:
-    """CPUs this process may run on (sched_getaffinity where the OS has it, not on macOS)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
 def write_thumbnails(rows: np.ndarray, data: _Rows, out: Path, *, size: int, workers: int | None = None,
                      show_progress: bool | None = None) -> Thumbnails:
     """Thumbnails of `rows (M,)` under out/thumbs/, each needed shard read once (threads over shards)."""
@@ -354,7 +347,7 @@ def write_thumbnails(rows: np.ndarray, data: _Rows, out: Path, *, size: int, wor
             with lock:
                 bar.update(n)
 
-        workers = workers or min(4, _cpus())
+        workers = workers or min(4, available_cores())
         with ThreadPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(_shard_thumbnails, data.urls[shard[g[0]]], rows[g], position[g], data.keys, out,
                                    f"{shard[g[0]]:05d}", size, tick) for g in groups if g.size]

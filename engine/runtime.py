@@ -71,6 +71,23 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, as on Linux)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def engine_version() -> str:
+    """The installed package's version; "0+unknown" when running from a checkout not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("engine")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
 def default_threads() -> int:
     """Threads for torch's intra-op pool: `ENGINE_THREADS`, else the cores this process may use."""
     env = os.environ.get(THREADS_ENV)
@@ -82,7 +99,7 @@ def default_threads() -> int:
         if value < 1:
             raise EngineError(f"{THREADS_ENV}: got {value}, expected a positive integer")
         return value
-    return max(1, len(os.sched_getaffinity(0)))
+    return available_cores()
 
 
 def set_threads(threads: int | None = None) -> int:
