@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.cache import Cache, is_local
+from engine.files import write_json_atomic
 from engine.runtime import EngineError
 
 _logger = logging.getLogger(__name__)
@@ -360,29 +361,10 @@ def _read_manifest(path: Path) -> dict | None:
     return manifest
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_manifest(path: Path, manifest: dict) -> None:
     """Write export.json atomically: a temp file, fsynced, renamed over it."""
     manifest["updated"] = time.time()
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w") as handle:
-        handle.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    write_json_atomic(path, manifest, suffix=TMP_SUFFIX, sort_keys=True)
 
 
 @dataclass

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.files import write_json_atomic
 from engine.runtime import EngineError, available_cores, engine_version
 
 _logger = logging.getLogger(__name__)
@@ -520,9 +521,7 @@ def _read_manifest(out: Path, overwrite: bool = False) -> dict | None:
 def _save_manifest(out: Path, manifest: dict) -> None:
     manifest["bad"].sort(key=lambda b: b["shard"] or "")  # stable: plan order within a shard
     manifest["complete"] = all(s["status"] == "done" for s in manifest["shards"])
-    partial = out / (MANIFEST + PARTIAL)
-    partial.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(partial, out / MANIFEST)
+    write_json_atomic(out / MANIFEST, manifest, suffix=PARTIAL)
 
 
 def _plan_changes(old: dict, new: dict) -> str:
@@ -600,10 +599,8 @@ def _write_classes(out: Path, plan: Plan) -> str | None:
     for entry, folder in zip(classes, plan.folders or []):
         entry["folder"] = folder
     doc = {"name": plan.prefix, "templates": ["a photo of a {name}"], "suffix": ".", "classes": classes}
-    path, partial = out / CLASSES, out / (CLASSES + PARTIAL)
-    partial.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(partial, path)
-    return str(path)
+    write_json_atomic(out / CLASSES, doc, suffix=PARTIAL)
+    return str(out / CLASSES)
 
 
 @contextlib.contextmanager

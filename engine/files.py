@@ -1,0 +1,33 @@
+"""Durable small files: written whole under a temporary name, fsynced, renamed into place, so a
+reader (or a rerun after a kill) sees the old file or the new one, never half of one."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make a rename inside `directory` durable (best effort: not every file system allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | os.PathLike, doc, *, suffix: str = ".tmp", sort_keys: bool = False) -> None:
+    """Write `doc` as indented JSON to `path` via `path + suffix`, fsync, rename, fsync the folder."""
+    path = Path(path)
+    tmp = path.with_name(path.name + suffix)
+    with open(tmp, "w") as handle:
+        handle.write(json.dumps(doc, indent=1, sort_keys=sort_keys) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
