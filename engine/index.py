@@ -203,7 +203,12 @@ def _gather_rows(features, rows: np.ndarray, block_rows: int) -> np.ndarray:
 
 
 def _take_rows(features, rows: np.ndarray) -> np.ndarray:
-    """A few rows by index: fancy indexing for numpy, one read per row otherwise (Zarr)."""
+    """A few rows by index: fancy indexing for numpy, one `features_at` read for a Cache, one read
+    per row otherwise (Zarr)."""
+    from engine.cache import Cache
+
+    if isinstance(features, Cache):
+        return np.asarray(features.features_at(rows), dtype=np.float32)
     if isinstance(features, np.ndarray):
         return np.asarray(features[rows], dtype=np.float32)
     return np.stack([np.asarray(features[int(r)], dtype=np.float32) for r in rows])
@@ -212,9 +217,13 @@ def _take_rows(features, rows: np.ndarray) -> np.ndarray:
 def row_fingerprint(features, *, keys=None) -> str:
     """sha256 (hex) of N, D, the keys when given and a strided sample of <= 64 rows (float16).
 
-    Equal fingerprints mean the same rows in the same order, up to the sampled rows; give the
-    cache's `keys (N,)` for an exact row-identity check."""
-    n, d = int(features.shape[0]), int(features.shape[1])
+    `features`: (N, D) rows, or a Cache (then only the sampled rows are read). Equal fingerprints
+    mean the same rows in the same order, up to the sampled rows; give the cache's `keys (N,)`
+    for an exact row-identity check."""
+    from engine.cache import Cache
+
+    n, d = (features.num_rows, features.dim) if isinstance(features, Cache) else features.shape[:2]
+    n, d = int(n), int(d)
     digest = hashlib.sha256(f"{n}x{d}".encode())
     if keys is not None:
         keys = np.asarray(keys)

@@ -179,27 +179,6 @@ def rank_rejected(labels, selected, suspicion, *, per_class: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- neighbours
-class _SampledFeatures:
-    """The cache's features as `engine.index.row_fingerprint` reads them (`shape`, one row per
-    index) without loading all N x D: the <= 64 strided rows it samples are read in one
-    `features_at` call on first use, any other row on demand."""
-
-    def __init__(self, cache: Cache):
-        self.cache = cache
-        self.shape = (cache.num_rows, cache.dim)
-        self._rows: dict[int, np.ndarray] | None = None
-
-    def __getitem__(self, row) -> np.ndarray:
-        row = int(row)
-        if self._rows is None:
-            n = self.shape[0]
-            sample = np.unique(np.linspace(0, n - 1, num=min(n, 64)).astype(np.int64)) if n else np.zeros(0, np.int64)
-            self._rows = dict(zip(sample.tolist(), self.cache.features_at(sample)))
-        if row not in self._rows:
-            self._rows[row] = self.cache.features_at(np.array([row]))[0]
-        return self._rows[row]
-
-
 def _without_self(similarities: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(M, k+1) search results of `rows (M,)` -> (M, k) without the row itself (else the last)."""
     is_self = ids == rows[:, None]
@@ -218,19 +197,17 @@ def find_neighbours(cache: Cache, rows: np.ndarray, k: int, *, device: str = "au
     FAISS index (built and stored when missing or stale) for just these rows.
     `features`: a callable returning the cache's (N, D) features (to share one load), or None."""
     from engine import index as ix
-    from engine.stages import load_cached_index
+    from engine.stages import knn_group_is_current, load_cached_index
 
     rows = np.asarray(rows, dtype=np.int64)
     if k == 0 or rows.size == 0:
         return np.zeros((rows.size, 0), np.float32), np.zeros((rows.size, 0), np.int64), "none"
+    if knn_group_is_current(cache, k=k, at_least=True):
+        sims = cache.root["knn/similarities"].get_orthogonal_selection((rows, slice(0, k)))
+        ids = cache.root["knn/ids"].get_orthogonal_selection((rows, slice(0, k)))
+        return np.asarray(sims, np.float32), np.asarray(ids, np.int64), \
+            f"knn group (k={dict(cache.root['knn'].attrs)['k']})"
     if cache.has_group("knn"):
-        attrs = dict(cache.root["knn"].attrs)
-        info = ix.IndexInfo(kind="", params={}, rows=cache.num_rows, dim=cache.dim,
-                            fingerprint=attrs.get("fingerprint", ""))
-        if attrs.get("k", 0) >= k and not ix.index_is_stale(info, _SampledFeatures(cache), keys=cache.keys()):
-            sims = cache.root["knn/similarities"].get_orthogonal_selection((rows, slice(0, k)))
-            ids = cache.root["knn/ids"].get_orthogonal_selection((rows, slice(0, k)))
-            return np.asarray(sims, np.float32), np.asarray(ids, np.int64), f"knn group (k={attrs['k']})"
         _logger.info("the cache's knn/ group is stale or has k < %d; searching the index", k)
     features = (features or cache.load_features)()
     index = load_cached_index(cache, features, device=device)

@@ -49,18 +49,29 @@ def _knn_source(cache: Cache, features, labels, num_classes: int, *, k: int, dev
     """The kNN classifier over the cache's stored neighbour lists (computed when missing or stale)."""
     from engine import index as ix
 
-    if cache.has_group("knn"):
-        arrays, attrs = cache.read_group("knn")
-        if attrs.get("k") == k and not ix.index_is_stale(
-                ix.IndexInfo(kind="", params={}, rows=cache.num_rows, dim=cache.dim, fingerprint=attrs["fingerprint"]),
-                features, keys=cache.keys()):
-            sims, ids = arrays["similarities"], arrays["ids"]
-            return _wrap_knn(ix.knn_classifier(sims, ids, labels, num_classes))
+    if knn_group_is_current(cache, k=k, features=features):
+        arrays, _ = cache.read_group("knn")
+        return _wrap_knn(ix.knn_classifier(arrays["similarities"], arrays["ids"], labels, num_classes))
     index = load_cached_index(cache, features, device=device)
     sims, ids = ix.knn_all(index, features, k=k)
     cache.write_group("knn", {"ids": ids, "similarities": sims},
                       {"k": k, "fingerprint": index.info.fingerprint, "index": index.info.kind})
     return _wrap_knn(ix.knn_classifier(sims, ids, labels, num_classes))
+
+
+def knn_group_is_current(cache: Cache, *, k: int, features=None, at_least: bool = False) -> bool:
+    """Whether the cache's `knn/` group holds the neighbours of its current rows, for exactly `k`
+    (or, `at_least`, k or more). `features (N, D)` when already loaded; else only the few rows
+    the fingerprint samples are read."""
+    from engine.index import row_fingerprint
+
+    if not cache.has_group("knn"):
+        return False
+    attrs = dict(cache.root["knn"].attrs)
+    stored = attrs.get("k", 0)
+    if stored < k or (stored != k and not at_least):
+        return False
+    return attrs.get("fingerprint") == row_fingerprint(cache if features is None else features, keys=cache.keys())
 
 
 def _wrap_knn(fn):
