@@ -251,9 +251,9 @@ class Cache:
         staging.create_group(self._staging_name(outcome["url"]), overwrite=True).attrs.put(
             {"committed": True, "failed": True, "shard": index, "rows": 0, "outcome": outcome})
 
-    def _staged(self, index: int) -> tuple[str, dict] | None:
-        """(name, attrs) of shard `index`'s committed staging group of this run, or None."""
-        sid = self._staging_name(self.manifest["shards"][index]["url"])
+    def _staged(self, url: str) -> tuple[str, dict] | None:
+        """(name, attrs) of the shard's committed staging group of this run, or None."""
+        sid = self._staging_name(url)
         try:
             attrs = dict(self.root[f"staging/{sid}"].attrs)
         except KeyError:
@@ -289,7 +289,7 @@ class Cache:
                 for index in order:
                     if index in self._applied:
                         continue
-                    found = self._staged(index)
+                    found = self._staged(status[index]["url"])
                     if found is None:
                         if status[index]["status"] == "done":  # another job appended it
                             continue

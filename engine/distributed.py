@@ -34,19 +34,22 @@ class ProcessGroup:
     def is_leader(self) -> bool:
         return self.rank == 0
 
+    def _run(self, fn: Callable[[], Any], *, prefix: str = "") -> tuple[Any, str | None]:
+        """(result, None), or (None, a one-line error) when `fn` raises; in a group of one a
+        non-EngineError is re-raised (a bug keeps its traceback)."""
+        try:
+            return fn(), None
+        except EngineError as err:
+            return None, f"{prefix}{err}"
+        except Exception as err:
+            if self.world_size == 1:
+                raise
+            _logger.exception("rank %d failed", self.rank)
+            return None, f"rank {self.rank}: {type(err).__name__}: {err}"
+
     def from_leader(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on rank 0 and hand its result (or its error, raised on every rank) to all ranks."""
-        result, error = None, None
-        if self.is_leader:
-            try:
-                result = fn()
-            except EngineError as err:
-                error = str(err)
-            except Exception as err:
-                if self.world_size == 1:
-                    raise
-                _logger.exception("rank 0 failed")
-                error = f"rank 0: {type(err).__name__}: {err}"
+        result, error = self._run(fn) if self.is_leader else (None, None)
         if self.world_size > 1:
             import torch.distributed as dist
 
@@ -62,14 +65,7 @@ class ProcessGroup:
         (so one rank's bad input or missing file never leaves the others waiting)."""
         if self.world_size == 1:
             return fn()
-        result, error = None, None
-        try:
-            result = fn()
-        except EngineError as err:
-            error = f"rank {self.rank}: {err}"
-        except Exception as err:
-            _logger.exception("rank %d failed", self.rank)
-            error = f"rank {self.rank}: {type(err).__name__}: {err}"
+        result, error = self._run(fn, prefix=f"rank {self.rank}: ")
         errors = [e for e in self.gather(error) if e is not None]
         if errors:
             raise EngineError(errors[0] if len(errors) == 1 else f"{errors[0]} (and {len(errors) - 1} more rank(s))")
