@@ -2,9 +2,11 @@
 reader (or a rerun after a kill) sees the old file or the new one, never half of one."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
+from typing import IO, Iterator
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -19,6 +21,23 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[IO[bytes]]:
+    """A binary handle on `path + suffix`; on success it is fsynced and renamed to `path`, on any
+    error (or interrupt) removed, so `path` never holds a partial file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + suffix)
+    try:
+        with open(tmp, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path: str | os.PathLike, doc, *, suffix: str = ".tmp", sort_keys: bool = False) -> None:

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.files import write_json_atomic
+from engine.files import atomic_file, write_json_atomic
 from engine.runtime import EngineError, available_cores, engine_version
 
 _logger = logging.getLogger(__name__)
@@ -431,27 +431,19 @@ def write_shard(task: dict) -> dict:
     import webdataset as wds
 
     final = Path(task["path"])
-    partial = final.with_name(final.name + PARTIAL)
     bad, formats, converted = [], {}, 0
-    try:
-        with open(partial, "wb") as handle:
-            with wds.TarWriter(handle, format="PAX_FORMAT", mtime=_TAR_MTIME) as sink:
-                for rel, key, label, true in task["entries"]:
-                    made = _sample(task["root"], rel, key, label, true)
-                    if isinstance(made, str):
-                        bad.append((rel, made))
-                        continue
-                    sample, was_converted = made
-                    ext = next(k for k in sample if k in ("jpg", "png", "webp"))
-                    formats[ext] = formats.get(ext, 0) + 1
-                    converted += was_converted
-                    sink.write(sample)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, final)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    with atomic_file(final, suffix=PARTIAL) as handle:
+        with wds.TarWriter(handle, format="PAX_FORMAT", mtime=_TAR_MTIME) as sink:
+            for rel, key, label, true in task["entries"]:
+                made = _sample(task["root"], rel, key, label, true)
+                if isinstance(made, str):
+                    bad.append((rel, made))
+                    continue
+                sample, was_converted = made
+                ext = next(k for k in sample if k in ("jpg", "png", "webp"))
+                formats[ext] = formats.get(ext, 0) + 1
+                converted += was_converted
+                sink.write(sample)
     return {"index": task["index"], "name": final.name, "entries": len(task["entries"]),
             "samples": len(task["entries"]) - len(bad), "bytes": final.stat().st_size, "formats": formats,
             "converted": converted, "bad": bad}

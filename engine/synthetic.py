@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from engine.files import atomic_file
 from engine.runtime import EngineError
 
 _logger = logging.getLogger(__name__)
@@ -297,16 +298,10 @@ def write_shards(out_dir: str | os.PathLike, config: ShapesConfig, *, progress=N
     paths, noisy = [], 0
     for shard in range(config.shards):
         path = out / f"{config.prefix}-{shard:06d}.tar"
-        tmp = path.with_suffix(".tar.tmp")
-        try:
-            with wds.TarWriter(str(tmp)) as sink:
-                for sample in shard_samples(config, shard):
-                    noisy += sample["cls"] != sample["true_cls"]
-                    sink.write(sample)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, path)
+        with atomic_file(path) as handle, wds.TarWriter(handle) as sink:
+            for sample in shard_samples(config, shard):
+                noisy += sample["cls"] != sample["true_cls"]
+                sink.write(sample)
         paths.append(str(path))
         if progress is not None:
             progress(config.per_shard)
