@@ -9,9 +9,16 @@ STAMP  := $(VENV)/.installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# The pinned torch is a CUDA build: the environment takes about 6.5 GB. Say so up front
+# instead of failing half-way through pip with ENOSPC.
+NEED_KB := 7000000
+
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@free=$$(df -Pk $(VENV) | awk 'NR==2 {print $$4}'); \
+	  [ "$$free" -ge $(NEED_KB) ] || \
+	  echo "make: only $$((free / 1024)) MB free where $(VENV) lives; installing needs about 7 GB" >&2
+	$(BIN)/python -m pip install --quiet --no-cache-dir --upgrade pip
+	$(BIN)/python -m pip install --quiet --no-cache-dir -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
