@@ -75,6 +75,15 @@ def is_local(path: str) -> bool:
 
 def _open_group(path: str, mode: str):
     """zarr.open_group for a directory or an fsspec URL; remote listings are never cached."""
+    try:
+        return _open_group_once(path, mode)
+    except zarr.errors.ContainsGroupError:
+        if mode != "a":
+            raise
+        return _open_group_once(path, "r+")  # another job created it between zarr's check and create
+
+
+def _open_group_once(path: str, mode: str):
     if is_local(path):
         return zarr.open_group(path, mode=mode)
     protocol = path.split("://", 1)[0]
@@ -144,6 +153,7 @@ class Cache:
                               f"this engine reads up to {VERSION}; upgrade the engine")
         self._key_rows: dict | None = None
         self._keys: np.ndarray | None = None
+        self._lease = None   # the S3 lease while `lock()` holds one
 
     # ------------------------------------------------------------ manifest
     @property
@@ -151,10 +161,17 @@ class Cache:
         return dict(self.root.attrs)
 
     def _write_manifest(self, manifest: dict) -> None:
+        if self._lease is not None:
+            self._lease.check()  # never write after the lease was taken over
         self.root.attrs.put(manifest)  # one atomic write of zarr.json
 
     def initialise(self, identity: dict, *, dim: int, precision: str, source: str = "embed") -> None:
-        """Create the schema for a new cache, or check the model of an existing one."""
+        """Create the schema for a new cache, or check the model of an existing one (under the
+        lock: two jobs starting on one new cache create it once)."""
+        with self.lock():
+            self._initialise(identity, dim=dim, precision=precision, source=source)
+
+    def _initialise(self, identity: dict, *, dim: int, precision: str, source: str) -> None:
         manifest = self.manifest
         if manifest.get("model"):
             from engine.models import describe, same_model
@@ -181,10 +198,19 @@ class Cache:
 
     @contextlib.contextmanager
     def lock(self):
-        """Exclusive lock for manifest and array-shape changes (local caches; remote: rank 0 only)."""
+        """Exclusive lock for manifest and array-shape changes: `flock` on a local cache, a lease
+        object written with conditional PUTs on S3 (`engine.lease`); other object stores have
+        none, so one job at a time there."""
         if not is_local(self.path):
-            self.root = _open_group(self.path, "a")  # the stored manifest, not an in-memory copy
-            yield
+            from engine.lease import remote_lock
+
+            with remote_lock(self.path, run=self.run_id) as lease:
+                self._lease = lease
+                try:
+                    self.root = _open_group(self.path, "a")  # the stored manifest, not an in-memory copy
+                    yield
+                finally:
+                    self._lease = None
             return
         import fcntl
 
@@ -389,20 +415,21 @@ class Cache:
 
     # ------------------------------------------------------------ text features
     def write_text(self, class_set, features: np.ndarray, mask: np.ndarray) -> None:
-        """Replace text/* with (C, P, D) features, (C, P) mask, prompts and class names."""
-        if "text" in self.root:
-            del self.root["text"]
-        text = self.root.create_group("text")
-        text.create_array("features", data=features.astype(np.float16))
-        text.create_array("mask", data=mask.astype(bool))
+        """Replace text/* with (C, P, D) features, (C, P) mask, prompts and class names (under
+        the lock: two jobs starting on one cache would otherwise create the arrays at once)."""
         prompts = np.full(mask.shape, "", dtype=object)
         for c, ps in enumerate(class_set.prompts):
             prompts[c, :len(ps)] = ps
-        text.create_array("prompts", data=as_strings(prompts))
-        text.create_array("class_names", data=as_strings(class_set.class_names))
-        text.attrs.put({"classes": class_set.name, "fingerprint": class_set.fingerprint(),
-                        "num_classes": class_set.num_classes, "complete": True})
         with self.lock():
+            if "text" in self.root:
+                del self.root["text"]
+            text = self.root.create_group("text")
+            text.create_array("features", data=features.astype(np.float16))
+            text.create_array("mask", data=mask.astype(bool))
+            text.create_array("prompts", data=as_strings(prompts))
+            text.create_array("class_names", data=as_strings(class_set.class_names))
+            text.attrs.put({"classes": class_set.name, "fingerprint": class_set.fingerprint(),
+                            "num_classes": class_set.num_classes, "complete": True})
             manifest = self.manifest
             manifest["class_names"] = list(class_set.class_names)
             self._write_manifest(manifest)

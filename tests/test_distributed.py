@@ -2,7 +2,6 @@
 S3-compatible server (moto's server mode on loopback), against a 1-process reference run."""
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
@@ -16,8 +15,6 @@ import pytest
 from engine.cache import Cache
 from engine.embed import EmbedConfig, embed_shards
 from engine.synthetic import ShapesConfig, write_shards
-
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
@@ -34,36 +31,6 @@ def reference(shards, tmp_path_factory):
     embed_shards(shards["shards"], path, EmbedConfig(classes=shards["classes_file"], true_label_key="true_cls",
                                                      workers=1), rank=0, world_size=1)
     return _contents(path)
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A real S3 API (moto's server) on 127.0.0.1 with one bucket; env for the ranks."""
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    import fsspec
-
-    before = fsspec.config.conf.get("s3")
-    fsspec.config.conf["s3"] = {"endpoint_url": endpoint}
-    fsspec.filesystem("s3", endpoint_url=endpoint).mkdir("engine-test")
-    yield {"FSSPEC_S3_ENDPOINT_URL": endpoint, **CREDENTIALS}
-    server.stop()
-    if before is None:
-        fsspec.config.conf.pop("s3", None)
-    else:
-        fsspec.config.conf["s3"] = before
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _contents(path: str) -> dict:

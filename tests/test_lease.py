@@ -1,0 +1,165 @@
+"""The S3 lease (`engine.lease`) against a real S3 API (moto's server on loopback), and two
+independent `engine embed` jobs sharing one S3 cache at once."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from engine.cache import Cache
+from engine.embed import EmbedConfig, embed_shards
+from engine.lease import LOCK_NAME, S3Lease
+from engine.runtime import EngineError
+from engine.synthetic import ShapesConfig, write_shards
+
+
+def _url() -> str:
+    return f"s3://engine-test/lease-{uuid.uuid4().hex[:8]}/feats.zarr"
+
+
+def _lock_exists(url: str) -> bool:
+    import fsspec
+
+    return fsspec.filesystem("s3").exists(f"{url[5:]}/{LOCK_NAME}")
+
+
+def test_a_held_lease_excludes_others_until_released(s3):
+    url = _url()
+    first = S3Lease(url, ttl=30)
+    first.acquire()
+    assert _lock_exists(url)
+    with pytest.raises(EngineError, match=rf"locked by pid {os.getpid()}"):
+        S3Lease(url, ttl=30, timeout=1.0).acquire()
+    first.release()
+    assert not _lock_exists(url)
+    with S3Lease(url, ttl=30, timeout=1.0):
+        assert _lock_exists(url)
+    assert not _lock_exists(url)
+
+
+def test_only_one_of_many_contenders_holds_the_lease_at_a_time(s3):
+    url, inside, overlaps, order = _url(), [0], [], []
+    guard = threading.Lock()
+
+    def work(i):
+        for _ in range(3):
+            with S3Lease(url, ttl=30, poll=0.01):
+                with guard:
+                    inside[0] += 1
+                    overlaps.append(inside[0])
+                time.sleep(0.02)
+                with guard:
+                    inside[0] -= 1
+                order.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(order) == 12 and max(overlaps) == 1
+
+
+def test_a_live_holder_renews_and_is_never_taken_over(s3):
+    url = _url()
+    with S3Lease(url, ttl=1.0) as holder:
+        first = holder.etag
+        with pytest.raises(EngineError, match="locked by"):
+            S3Lease(url, ttl=1.0, timeout=2.5).acquire()  # waits well past the ttl
+        assert holder.etag != first and holder.lost is None  # the heartbeat rewrote it
+
+
+def test_a_dead_holders_lease_is_taken_over_after_the_ttl(s3, caplog):
+    import fsspec
+
+    url = _url()
+    # a holder that was SIGKILLed: its lock object stays and is never renewed
+    fsspec.filesystem("s3").pipe_file(f"{url[5:]}/{LOCK_NAME}",
+                                      json.dumps({"host": "gone", "pid": 4242}).encode())
+    start = time.monotonic()
+    with S3Lease(url, ttl=1.0, timeout=30) as lease:
+        assert lease.etag
+    waited = time.monotonic() - start
+    assert 1.0 <= waited < 10
+    assert "took over a lock not renewed" in caplog.text and "pid 4242 on gone" in caplog.text
+
+
+def test_a_holder_that_was_taken_over_writes_nothing_more_and_says_so(s3, tmp_path):
+    import fsspec
+
+    url = _url()
+    lease = S3Lease(url, ttl=30)
+    lease.acquire()
+    lease._stop.set()  # as if the process had stalled: no renewal
+    fsspec.filesystem("s3").pipe_file(f"{url[5:]}/{LOCK_NAME}", b'{"pid": 1, "host": "other"}')  # taken over
+    with pytest.raises(EngineError, match="lost the lock"):
+        lease.release()
+    assert _lock_exists(url)  # the new holder's lock is left alone
+
+
+def test_every_manifest_change_on_s3_holds_the_lease(s3, shard_paths, monkeypatch):
+    """Register, consolidate, trim and prompts each take and release the lock."""
+    taken = []
+    real = S3Lease.acquire
+
+    def counting(self):
+        taken.append(self.url)
+        return real(self)
+
+    monkeypatch.setattr(S3Lease, "acquire", counting)
+    url = _url()
+    embed_shards(shard_paths[:1], url, EmbedConfig(workers=0, classes="shapes"), rank=0, world_size=1)
+    assert len(taken) >= 4 and set(taken) == {url}
+    assert not _lock_exists(url) and Cache(url).num_rows == 40
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lease-shards")
+    return write_shards(out, ShapesConfig(classes=10, per_shard=12, shards=8, noise="mix", rate=0.3, seed=5))
+
+
+def _job(shards: list, url: str, s3: dict, classes: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "engine", "embed", *shards, "--cache", url, "--classes", classes,
+           "--true-label-key", "true_cls", "--workers", "0", "--json"]
+    env = {**os.environ, **s3, "ENGINE_THREADS": "1", "ENGINE_CONSOLIDATE_EVERY_S": "0"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_jobs_embed_into_one_s3_cache_at_once(many_shards, s3, tmp_path):
+    """Two independent jobs with overlapping shard lists, started together, each appending
+    after every shard: the cache ends with every shard once, equal to a 1-job local run."""
+    shards, classes = many_shards["shards"], many_shards["classes_file"]
+    url = _url()
+    jobs = [_job(shards[:6], url, s3, classes), _job(shards[2:], url, s3, classes)]
+    outs = [j.communicate(timeout=300) for j in jobs]
+    for job, (out, err) in zip(jobs, outs):
+        assert job.returncode == 0, err[-2000:]
+    reference = str(tmp_path / "ref.zarr")
+    embed_shards(shards, reference, EmbedConfig(classes=classes, true_label_key="true_cls", workers=0),
+                 rank=0, world_size=1)
+    got, ref = Cache(url), Cache(reference)
+    keys, ref_keys = np.asarray(got.keys(), dtype=object), np.asarray(ref.keys(), dtype=object)
+    assert got.num_rows == ref.num_rows == len(set(keys))
+    order, ref_order = np.argsort(keys), np.argsort(ref_keys)
+    assert (keys[order] == ref_keys[ref_order]).all()
+    np.testing.assert_array_equal(got.load_features()[order], ref.load_features()[ref_order])
+    np.testing.assert_array_equal(got.labels()[order], ref.labels()[ref_order])
+    urls = [s["url"] for s in got.manifest["shards"]]
+    shard, position = got.provenance()
+    source = np.asarray([f"{urls[s]}#{p}" for s, p in zip(shard, position)], dtype=object)
+    ref_urls = [s["url"] for s in ref.manifest["shards"]]
+    ref_shard, ref_position = ref.provenance()
+    ref_source = np.asarray([f"{ref_urls[s]}#{p}" for s, p in zip(ref_shard, ref_position)], dtype=object)
+    assert (source[order] == ref_source[ref_order]).all()
+    assert sorted(s["status"] for s in got.manifest["shards"]) == ["done"] * len(shards)
+    assert not _lock_exists(url)
+    new_rows = sum(json.loads(out)["new_rows"] for out, _ in outs)
+    assert new_rows >= ref.num_rows  # overlapping shards may be embedded twice, but appended once
