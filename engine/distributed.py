@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -21,6 +22,7 @@ _logger = logging.getLogger(__name__)
 # A rank waits for the others only at the end of its work; a rank with more images than the
 # rest can keep them waiting for hours on a big dataset. ENGINE_DIST_TIMEOUT_S overrides it.
 DEFAULT_TIMEOUT_S = 12 * 3600
+_STOP_KEY = "engine/stop"
 
 
 @dataclass
@@ -29,6 +31,9 @@ class ProcessGroup:
     world_size: int = 1
     local_rank: int = 0
     group: Any = None               # a torch.distributed gloo group when world_size > 1
+    store: Any = None               # the rendezvous key-value store (for the stop flag)
+    check_every_s: float = 0.5
+    _last_check: float = float("-inf")
 
     @property
     def is_leader(self) -> bool:
@@ -71,6 +76,32 @@ class ProcessGroup:
             raise EngineError(errors[0] if len(errors) == 1 else f"{errors[0]} (and {len(errors) - 1} more rank(s))")
         return result
 
+    def request_stop(self, scope: str, reason: str) -> None:
+        """Ask every rank to stop at its next batch (a `--strict` stop): one key in the
+        rendezvous store, so no rank waits on another to hear it. `scope`: the run id (a
+        restarted job gets a new one, so an old stop is not heard again)."""
+        if self.store is not None:
+            try:
+                self.store.set(f"{_STOP_KEY}/{scope}", reason)
+            except Exception as err:  # the job still stops at the gather
+                _logger.warning("could not signal the other ranks to stop: %s", err)
+
+    def stop_requested(self, scope: str) -> str | None:
+        """The reason another rank asked to stop, or None; asks the store at most every
+        `check_every_s` seconds."""
+        if self.store is None:
+            return None
+        now = time.monotonic()
+        if now - self._last_check < self.check_every_s:
+            return None
+        self._last_check = now
+        try:
+            if self.store.check([f"{_STOP_KEY}/{scope}"]):
+                return self.store.get(f"{_STOP_KEY}/{scope}").decode()
+        except Exception:
+            return None
+        return None
+
     def gather(self, value: Any) -> list:
         """Every rank's `value`, in rank order, on every rank."""
         if self.world_size == 1:
@@ -110,9 +141,21 @@ def process_group(rank: int, world_size: int) -> Iterator[ProcessGroup]:
     group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
     _logger.info("rank %d of %d (local rank %d)", rank, world_size, local_rank)
     try:
-        yield ProcessGroup(rank=rank, world_size=world_size, local_rank=local_rank, group=group)
+        yield ProcessGroup(rank=rank, world_size=world_size, local_rank=local_rank, group=group,
+                           store=_rendezvous_store())
     finally:
         if owned and dist.is_initialized():
             dist.destroy_process_group()
         elif group is not None and dist.is_initialized():
             dist.destroy_process_group(group)
+
+
+def _rendezvous_store():
+    """The key-value store of the default group's rendezvous (torchrun's TCPStore); None where
+    torch does not expose it (then a --strict stop on one rank reaches the others at the gather)."""
+    try:
+        from torch.distributed import distributed_c10d
+
+        return distributed_c10d._get_default_store()
+    except Exception:
+        return None

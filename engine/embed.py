@@ -25,9 +25,14 @@ from engine.runtime import EngineError, Timer, autocast, available_cores, distri
 
 _logger = logging.getLogger(__name__)
 _SLOW_WRITE = float(os.environ.get("ENGINE_TEST_SLOW_WRITE", "0") or 0)
+_SLOW_BATCH = float(os.environ.get("ENGINE_TEST_SLOW_BATCH", "0") or 0)
 _SLOW_RANK = os.environ.get("ENGINE_TEST_SLOW_WRITE_RANK")   # only this rank is slowed (tests)
 CONSOLIDATE_EVERY_S = float(os.environ.get("ENGINE_CONSOLIDATE_EVERY_S", "5"))
 _PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+class _Stopped(EngineError):
+    """Another rank failed and asked every rank to stop."""
 
 
 @dataclass(frozen=True)
@@ -220,12 +225,17 @@ def _embed(specs, cache_path, config, group: ProcessGroup, show_progress) -> dic
     mine = split_for_rank(plan["shards"], group.rank, group.world_size)
     summary["shards"]["this_rank"] = len(mine)
     writer = _Writer(cache, consolidate=order if group.is_leader else None, timer=timer)
-    local, crash = {"done": [], "failed": [], "new_rows": 0, "error": None}, None
+    local, crash = {"done": [], "failed": [], "new_rows": 0, "error": None, "stopped": False}, None
     try:
-        local["new_rows"] = _embed_mine(mine, loaded, config, device, dtype, writer, timer, show_progress, summary)
+        local["new_rows"] = _embed_mine(mine, loaded, config, device, dtype, writer, timer, show_progress, summary,
+                                        should_stop=lambda: group.stop_requested(plan["run"]))
     except Exception as err:  # reported to every rank, so none waits forever on this one
         crash = None if isinstance(err, EngineError) else err
         local["error"] = str(err) if crash is None else f"rank {group.rank}: {type(err).__name__}: {err}"
+        local["stopped"] = isinstance(err, _Stopped)
+        if not local["stopped"]:  # the others stop at their next batch, keeping what they staged
+            group.request_stop(plan["run"], local["error"] if crash is not None
+                               else f"rank {group.rank}: {local['error']}")
     local.update(done=writer.done, failed=writer.failed)
     with timer("wait_ranks"):
         results = group.gather(local)  # the one wait: every rank has staged all it will stage
@@ -233,7 +243,8 @@ def _embed(specs, cache_path, config, group: ProcessGroup, show_progress) -> dic
     final = group.from_leader(lambda: _complete(cache, order, staged))
     if crash is not None and group.world_size == 1:
         raise crash  # a bug, not bad input: keep the traceback
-    errors = [r["error"] for r in results if r["error"]]
+    errors = ([r["error"] for r in results if r["error"] and not r["stopped"]]
+              or [r["error"] for r in results if r["error"]])
     if errors:
         raise EngineError(errors[0] if group.world_size == 1 else f"{len(errors)} rank(s) failed; first: {errors[0]}")
     done = [d for r in results for d in r["done"]]
@@ -304,7 +315,8 @@ def _complete(cache: Cache, order: list[int], staged: list[int]) -> dict:
     return {"rows": cache.num_rows}
 
 
-def _embed_mine(mine, loaded, config, device, dtype, writer, timer, show_progress, summary) -> int:
+def _embed_mine(mine, loaded, config, device, dtype, writer, timer, show_progress, summary, *,
+                should_stop=lambda: None) -> int:
     writer.start()
     workers, threads = plan_cpu_split(config.workers, device)
     before = torch.get_num_threads()
@@ -316,7 +328,7 @@ def _embed_mine(mine, loaded, config, device, dtype, writer, timer, show_progres
         try:
             if mine:
                 new_rows = _run_loop(mine, loaded, config, device, dtype, writer, timer, show_progress,
-                                     workers=workers)
+                                     workers=workers, should_stop=should_stop)
         except BaseException as err:
             if err is not writer.error:
                 raise  # the writer's own error is reported below, as one line
@@ -332,7 +344,8 @@ def _embed_mine(mine, loaded, config, device, dtype, writer, timer, show_progres
     return new_rows
 
 
-def _run_loop(shards, loaded, config, device, dtype, writer, timer, show_progress, *, workers: int) -> int:
+def _run_loop(shards, loaded, config, device, dtype, writer, timer, show_progress, *, workers: int,
+              should_stop) -> int:
     reader = ShardReader(shards, loaded.preprocess, ReaderConfig(
         label_key=config.label_key, true_label_key=config.true_label_key,
         batch_size=config.batch_size, strict=config.strict))
@@ -342,16 +355,24 @@ def _run_loop(shards, loaded, config, device, dtype, writer, timer, show_progres
         persistent_workers=False, prefetch_factor=4 if min(workers, len(shards)) else None)
     bar = progress(desc="embed", unit="img", disable=None if show_progress is None else not show_progress)
     try:
-        return _consume(loader, loaded, device, dtype, writer, timer, bar)
+        return _consume(loader, loaded, device, dtype, writer, timer, bar, should_stop)
     finally:
         bar.close()
 
 
-def _consume(loader, loaded, device, dtype, writer, timer, bar) -> int:
+def _consume(loader, loaded, device, dtype, writer, timer, bar, should_stop) -> int:
+    """Embed every batch and hand it to the writer; stops early when another rank failed (the
+    shard in progress is dropped, finished ones are still staged by the writer)."""
     rows = 0
     batches = iter(loader)
+    slow = _SLOW_BATCH if _SLOW_RANK in (None, os.environ.get("RANK", "0")) else 0.0
     with torch.inference_mode():
         while True:
+            reason = should_stop()
+            if reason:
+                raise _Stopped(f"stopped because {reason}")
+            if slow:
+                time.sleep(slow)  # testing aid: a slow rank, so another's stop reaches it mid-run
             with timer("wait_input"):
                 batch = next(batches, None)
             if batch is None:
