@@ -137,7 +137,13 @@ class Cache:
         try:
             if not create and not is_local(self.path):
                 _open_group(self.path, "r")  # an object store: "a" would create a group silently
-            self.root = _open_group(self.path, "r" if mode == "r" else "a")
+            if create and not is_local(self.path) and not cache_exists(self.path):
+                from engine.lease import remote_lock
+
+                with remote_lock(self.path):  # zarr's exists-then-create is two requests
+                    self.root = _open_group(self.path, "a")
+            else:
+                self.root = _open_group(self.path, "r" if mode == "r" else "a")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
             if create:
                 raise EngineError(f"cache: cannot create {self.path!r}: {type(err).__name__}: {err}") from None
@@ -161,9 +167,13 @@ class Cache:
         return dict(self.root.attrs)
 
     def _write_manifest(self, manifest: dict) -> None:
-        if self._lease is not None:
-            self._lease.check()  # never write after the lease was taken over
+        self._fence()
         self.root.attrs.put(manifest)  # one atomic write of zarr.json
+
+    def _fence(self) -> None:
+        """Before each write under the lock: on S3, stop if the lease may have been taken over."""
+        if self._lease is not None:
+            self._lease.check()
 
     def initialise(self, identity: dict, *, dim: int, precision: str, source: str = "embed") -> None:
         """Create the schema for a new cache, or check the model of an existing one (under the
@@ -351,7 +361,7 @@ class Cache:
             return {**attrs["outcome"], "failed": True}
         group = staging[sid]
         keys = group["keys"][:]
-        clash = self._find_duplicates(keys)
+        clash = self._find_duplicates(keys, manifest["rows"])
         if clash is not None:
             key, row = clash
             other = manifest["shards"][int(self.root["images/shard"][row])]["url"]
@@ -359,6 +369,7 @@ class Cache:
             raise EngineError(f"duplicate key {key!r} in shard {entry['url']} is already in shard {other}")
         start, n = manifest["rows"], len(keys)
         images = self.root["images"]
+        self._fence()
         for name in ("features", "keys", *_ROW_ARRAYS):
             arr = images[name]
             if arr.shape[0] < start + n:
@@ -379,8 +390,13 @@ class Cache:
             self._key_rows.update(zip(keys.tolist(), range(start, start + n)))
         return outcome
 
-    def _find_duplicates(self, keys: np.ndarray):
-        lookup = self.key_rows()
+    def _find_duplicates(self, keys: np.ndarray, rows: int):
+        """(key, row) of the first of `keys` already among the first `rows` rows, or None. The
+        key map is rebuilt when another job appended rows since it was made."""
+        if self._key_rows is None or len(self._key_rows) != rows:
+            stored = self.root["images/keys"][:rows] if rows else []
+            self._key_rows = {k: i for i, k in enumerate(np.asarray(stored, dtype=object).tolist())}
+        lookup = self._key_rows
         for key in keys.tolist():
             row = lookup.get(key)
             if row is not None:
@@ -393,6 +409,7 @@ class Cache:
         with self.lock():
             manifest = self.manifest
             rows = manifest["rows"]
+            self._fence()
             for name in ("features", "keys", *_ROW_ARRAYS):
                 arr = self.root["images"][name]
                 if arr.shape[0] != rows:
@@ -421,6 +438,7 @@ class Cache:
         for c, ps in enumerate(class_set.prompts):
             prompts[c, :len(ps)] = ps
         with self.lock():
+            self._fence()
             if "text" in self.root:
                 del self.root["text"]
             text = self.root.create_group("text")
@@ -513,8 +531,8 @@ class Cache:
         return self.root["images/features"].get_orthogonal_selection((rows, slice(None)))
 
     def key_rows(self) -> dict:
-        """key → row, built once per Cache object."""
-        if self._key_rows is None:
+        """key → row, built once per Cache object (again when rows were appended meanwhile)."""
+        if self._key_rows is None or len(self._key_rows) != self.num_rows:
             self._key_rows = {k: i for i, k in enumerate(self.keys().tolist())}
         return self._key_rows
 

@@ -5,17 +5,22 @@ writes: a PUT with `If-None-Match: *` succeeds only when the object is absent, a
 DELETE with `If-Match: <etag>` only when the object is still the version the caller saw.
 That is enough for a lease:
 
-- take: create `<cache>/engine.lock` with `If-None-Match: *`; its body names the holder;
+- take: create `<cache>/engine.lock` with `If-None-Match: *`; its body names the holder and
+  carries a random nonce, so a retried request that already succeeded is recognised as ours;
 - hold: a heartbeat thread rewrites it with `If-Match: <our etag>` every ttl/4;
 - release: delete it with `If-Match: <our etag>`;
 - a holder that died stops renewing: a waiter that has seen the same etag for longer than
   the ttl (by its own monotonic clock, so no two machines' clocks are compared) takes it over
   with `If-Match: <that etag>`, so of several waiters exactly one wins;
-- a holder that finds its etag replaced (it stalled for longer than the ttl and was taken
-  over) reports the lease lost instead of pretending it held it throughout.
+- fencing: the holder counts its lease as lost once its last successful write is more than
+  ttl/2 old (a waiter can take over only a full ttl after that write) or a renewal finds
+  another holder's etag; `check()` is called before every write to the cache's arrays and
+  manifest, so a stalled holder stops writing before anyone else may start.
 
-Only the manifest's read-modify-write steps hold it (register, consolidate, trim, prompts),
-each for seconds, so concurrent jobs interleave at shard granularity.
+Only the manifest's read-modify-write steps hold it (create, register, consolidate, trim,
+prompts), each for seconds, so concurrent jobs interleave at shard granularity.
+`ENGINE_S3_LOCK=off` turns it off for stores that do not honour conditional writes (then:
+one job per cache at a time).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 
 from engine.runtime import EngineError
 
@@ -34,32 +40,55 @@ _logger = logging.getLogger(__name__)
 LOCK_NAME = "engine.lock"
 TTL_S = float(os.environ.get("ENGINE_LOCK_TTL_S", "60"))
 _S3_PROTOCOLS = ("s3", "s3a")
+_verified_buckets: set[str] = set()   # stores seen to refuse a second If-None-Match PUT
 
 
 def supports_lease(url: str) -> bool:
     return url.split("://", 1)[0] in _S3_PROTOCOLS
 
 
-def _precondition_failed(err: BaseException) -> bool:
-    """A 412 (or a 409 from a conditional write racing another) from S3, however s3fs wrapped it."""
+def _error_code(err: BaseException) -> tuple[str, int | None]:
+    """(S3 error code, HTTP status) of an error however s3fs wrapped it; ("", None) if none."""
     for e in (err, err.__cause__, err.__context__):
         response = getattr(e, "response", None)
         if isinstance(response, dict):
-            code = str(response.get("Error", {}).get("Code", ""))
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409") or status in (409, 412):
-                return True
-    return isinstance(err, FileExistsError)
+            return (str(response.get("Error", {}).get("Code", "")),
+                    response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+    return "", None
+
+
+def _precondition_failed(err: BaseException) -> bool:
+    """412: the object is not the version the condition named (or exists, for If-None-Match)."""
+    code, status = _error_code(err)
+    return code in ("PreconditionFailed", "412") or status == 412 or (
+        isinstance(err, FileExistsError) and not code)
+
+
+def _conflict(err: BaseException) -> bool:
+    """409 ConditionalRequestConflict: a concurrent conditional write; S3 says retry."""
+    code, status = _error_code(err)
+    return code in ("ConditionalRequestConflict", "409") or status == 409
 
 
 def _missing(err: BaseException) -> bool:
-    if isinstance(err, FileNotFoundError):
-        return True
-    for e in (err.__cause__, err.__context__):
-        response = getattr(e, "response", None)
-        if isinstance(response, dict) and str(response.get("Error", {}).get("Code")) in ("404", "NoSuchKey"):
-            return True
-    return False
+    code, status = _error_code(err)
+    return isinstance(err, FileNotFoundError) or code in ("404", "NoSuchKey") or status == 404
+
+
+def _check_client_supports_conditions() -> None:
+    """s3fs drops keyword arguments its botocore does not know, which would make every
+    conditional PUT unconditional: refuse instead of pretending to lock."""
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("s3")
+    put = model.operation_model("PutObject").input_shape.members
+    delete = model.operation_model("DeleteObject").input_shape.members
+    if not {"IfNoneMatch", "IfMatch"} <= set(put) or "IfMatch" not in delete:
+        import botocore
+
+        raise EngineError(f"cache: botocore {botocore.__version__} cannot send conditional writes "
+                          "(If-None-Match/If-Match), which the S3 cache lock needs: upgrade s3fs/aiobotocore, "
+                          "or set ENGINE_S3_LOCK=off and run one job per cache at a time")
 
 
 class S3Lease:
@@ -69,22 +98,27 @@ class S3Lease:
                  timeout: float | None = None, owner: dict | None = None):
         import fsspec
 
+        _check_client_supports_conditions()
         self.url = url.rstrip("/")
         self.fs, path = fsspec.core.url_to_fs(f"{self.url}/{LOCK_NAME}")
         self.bucket, self.key, _ = self.fs.split_path(path)
         self.ttl = TTL_S if ttl is None else float(ttl)
         self.poll, self.timeout = poll, timeout
+        self.nonce = uuid.uuid4().hex
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), **(owner or {})}
         self.etag: str | None = None
         self.lost: str | None = None
+        self._ok_at = float("-inf")          # monotonic time just before our last successful write
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
-        self._guard = threading.Lock()   # the heartbeat and release never write at once
+        self._guard = threading.Lock()        # the heartbeat and release never write at once
 
     # ------------------------------------------------------------ S3 calls
     def _put(self, **condition) -> str:
-        body = json.dumps({**self.owner, "written": time.time(), "ttl_s": self.ttl}).encode()
-        out = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body, **condition)
+        body = json.dumps({**self.owner, "nonce": self.nonce, "written": time.time(), "ttl_s": self.ttl})
+        sent = time.monotonic()
+        out = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body.encode(), **condition)
+        self._ok_at = sent
         return out["ETag"]
 
     def _head(self) -> tuple[str, dict] | None:
@@ -94,30 +128,44 @@ class S3Lease:
         except Exception as err:
             if _missing(err):
                 return None
-            raise
+            raise self._error("reading", err) from None
         try:
             holder = json.loads(self.fs.cat_file(f"{self.bucket}/{self.key}"))
-        except Exception:  # released meanwhile, or not ours to parse: the etag is what counts
+        except Exception:  # replaced or released meanwhile, or not ours to parse: the etag counts
             holder = {}
         return head["ETag"], holder
+
+    def _error(self, doing: str, err: BaseException) -> EngineError:
+        return EngineError(f"cache: {doing} the lock {self.url}/{LOCK_NAME} failed: {type(err).__name__}: {err}")
+
+    def _ours(self) -> str | None:
+        """Our etag when the stored lock object is ours (a retried write that had succeeded)."""
+        current = self._head()
+        if current is not None and current[1].get("nonce") == self.nonce:
+            return current[0]
+        return None
 
     # ------------------------------------------------------------ take, hold, release
     def acquire(self) -> None:
         seen: tuple[str, float] | None = None
+        holder: dict = {}
         started = last_said = time.monotonic()
         while True:
+            attempt = time.monotonic()
             try:
                 self.etag = self._put(IfNoneMatch="*")
                 break
             except Exception as err:
-                if not _precondition_failed(err):
-                    raise EngineError(f"cache: cannot take the lock {self.url}/{LOCK_NAME}: "
-                                      f"{type(err).__name__}: {err}") from None
+                if not (_precondition_failed(err) or _conflict(err)):
+                    raise self._error("taking", err) from None
             current = self._head()
             now = time.monotonic()
             if current is None:
                 continue  # released between our PUT and HEAD: try again at once
             etag, holder = current
+            if holder.get("nonce") == self.nonce:  # our own PUT, retried after it had landed
+                self.etag, self._ok_at = etag, attempt
+                break
             if seen is None or seen[0] != etag:
                 seen = (etag, now)   # a live holder renews, which changes the etag
             elif now - seen[1] > self.ttl:
@@ -127,8 +175,8 @@ class S3Lease:
                                     self.url, now - seen[1], _describe(holder))
                     break
                 except Exception as err:
-                    if not (_precondition_failed(err) or _missing(err)):
-                        raise
+                    if not (_precondition_failed(err) or _conflict(err) or _missing(err)):
+                        raise self._error("taking over", err) from None
                     seen = None   # someone else took it (or it was released): start again
             if self.timeout is not None and now - started > self.timeout:
                 raise EngineError(f"cache: {self.url} is locked by {_describe(holder)}; waited "
@@ -137,9 +185,27 @@ class S3Lease:
                 _logger.warning("cache %s: waiting for the lock held by %s", self.url, _describe(holder))
                 last_said = now
             time.sleep(self.poll)
+        self.lost = None
+        self._verify_store()
         self._stop.clear()
         self._heartbeat = threading.Thread(target=self._renew, daemon=True, name="engine-lease")
         self._heartbeat.start()
+
+    def _verify_store(self) -> None:
+        """Once per bucket and process: a second If-None-Match PUT must be refused, or the store
+        ignores conditions and the lock would exclude nobody."""
+        if self.bucket in _verified_buckets:
+            return
+        try:
+            self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=b"{}", IfNoneMatch="*")
+        except Exception as err:
+            if _precondition_failed(err) or _conflict(err):
+                _verified_buckets.add(self.bucket)
+                return
+            raise self._error("checking", err) from None
+        self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key)
+        raise EngineError(f"cache: the object store of {self.url} ignores conditional writes (If-None-Match), "
+                          "so it cannot be locked: set ENGINE_S3_LOCK=off and run one job per cache at a time")
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 4):
@@ -149,34 +215,58 @@ class S3Lease:
                 try:
                     self.etag = self._put(IfMatch=self.etag)
                 except Exception as err:
+                    try:
+                        mine = self._ours() if (_precondition_failed(err) or _conflict(err)) else None
+                    except EngineError:
+                        mine = None
+                    if mine is not None:   # the write had landed (a retried request), or a 409
+                        self.etag = mine
+                        continue
                     if _precondition_failed(err) or _missing(err):
-                        self.lost = "it was taken over or removed while held"
+                        self.lost = "another job took it over, or it was removed"
                         return
                     _logger.warning("cache %s: renewing the lock failed (%s); retrying", self.url, err)
+
+    def check(self) -> None:
+        """Raise before a write unless the lease is certainly still ours."""
+        age = time.monotonic() - self._ok_at
+        if not self.lost and age > self.ttl / 2:
+            self.lost = f"not renewed for {age:.0f} s"
+        if self.lost:
+            raise EngineError(f"cache: lost the lock on {self.url} ({self.lost}); stopped before writing more: "
+                              "rerun the command, the per-shard commit keeps what is done")
 
     def release(self) -> None:
         self._stop.set()
         with self._guard:
-            if self._heartbeat is not None:
-                self._heartbeat.join(timeout=0)
             if not self.lost:
-                try:
-                    self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
-                except Exception as err:
-                    if _precondition_failed(err) or _missing(err):
-                        self.lost = "it was taken over or removed while held"
-                    else:
-                        _logger.warning("cache %s: releasing the lock failed (%s); it expires in %.0f s",
-                                        self.url, err, self.ttl)
+                for _ in range(3):
+                    try:
+                        self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
+                        break
+                    except Exception as err:
+                        if _missing(err):
+                            self.lost = "it was removed while held"
+                            break
+                        if not (_precondition_failed(err) or _conflict(err)):
+                            _logger.warning("cache %s: releasing the lock failed (%s); it expires in %.0f s",
+                                            self.url, err, self.ttl)
+                            break
+                        try:
+                            mine = self._ours()
+                        except EngineError:
+                            mine = None
+                        if mine is None:
+                            if _precondition_failed(err):
+                                self.lost = "another job took it over"
+                                break
+                        else:
+                            self.etag = mine
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5)
         if self.lost:
             raise EngineError(f"cache: lost the lock on {self.url} ({self.lost}): this process stalled for "
-                              f"over {self.ttl:.0f} s; rerun the command, the per-shard commit keeps what is done")
-
-    def check(self) -> None:
-        """Raise before a write if the lease was lost (see `release`)."""
-        if self.lost:
-            raise EngineError(f"cache: lost the lock on {self.url} ({self.lost}); nothing more was written: "
-                              "rerun the command")
+                              f"over {self.ttl / 2:.0f} s; rerun the command, the per-shard commit keeps what is done")
 
     def __enter__(self):
         self.acquire()
@@ -191,7 +281,7 @@ class S3Lease:
 
 
 def _describe(holder: dict) -> str:
-    if not holder:
+    if not holder or "pid" not in holder:
         return "another job"
     parts = [f"pid {holder.get('pid')} on {holder.get('host')}"]
     if holder.get("run"):
@@ -201,6 +291,6 @@ def _describe(holder: dict) -> str:
 
 def remote_lock(url: str, **owner):
     """The cross-job lock for a cache at `url`: a lease on S3; nothing elsewhere (see docs)."""
-    if supports_lease(url):
+    if supports_lease(url) and os.environ.get("ENGINE_S3_LOCK", "on").lower() not in ("off", "0", "no"):
         return S3Lease(url, owner=owner)
     return contextlib.nullcontext()

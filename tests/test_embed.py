@@ -1,9 +1,7 @@
-import io
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 
 import numpy as np
@@ -153,6 +151,33 @@ def test_duplicate_keys_name_both_shards(tmp_path, shard_paths):
     with pytest.raises(EngineError, match=r"already in shard .*shapes-000000\.tar"):
         _embed([str(copy)], path)
     assert Cache(path).num_rows == 40
+
+
+def test_a_duplicate_appended_by_another_job_meanwhile_is_still_caught(tmp_path, shard_paths):
+    """Two jobs (two Cache objects) on one cache: the second job's rows are appended after the
+    first job built its key map, and a shard of the first job repeating one of those keys
+    is refused, not appended twice."""
+    path = tmp_path / "c.zarr"
+    _embed([shard_paths[0]], path)
+    first, second = Cache(path, mode="a"), Cache(path, mode="a")
+    first.run_id, second.run_id = "job1", "job2"
+    first.key_rows()  # job 1 has looked its keys up once
+    index = first.register_shards(["x/a.tar", "x/b.tar"])
+    dim = first.dim
+
+    def stage(cache, url, keys):
+        n = len(keys)
+        cache.stage_shard(index[url], features=np.ones((n, dim), np.float16), keys=keys,
+                          labels=np.zeros(n, np.int32), true_labels=np.zeros(n, np.int32),
+                          positions=np.arange(n, dtype=np.int32), outcome={"url": url, "bad": []})
+
+    stage(second, "x/b.tar", ["job2-only-0", "job2-only-1"])
+    second.consolidate()
+    stage(first, "x/a.tar", ["fresh", "job2-only-1"])
+    with pytest.raises(EngineError, match=r"duplicate key 'job2-only-1' in shard x/a\.tar is already in shard x/b\.tar"):
+        first.consolidate()
+    cache = Cache(path)
+    assert cache.num_rows == 42 and sorted(cache.keys().tolist()).count("job2-only-1") == 1
 
 
 def test_other_model_is_refused(tmp_path, shard_paths):

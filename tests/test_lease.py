@@ -163,3 +163,67 @@ def test_two_jobs_embed_into_one_s3_cache_at_once(many_shards, s3, tmp_path):
     assert not _lock_exists(url)
     new_rows = sum(json.loads(out)["new_rows"] for out, _ in outs)
     assert new_rows >= ref.num_rows  # overlapping shards may be embedded twice, but appended once
+
+
+def test_a_retried_take_that_had_landed_is_recognised_as_ours(s3):
+    """The response to our If-None-Match PUT was lost and the retry got 412: the lock object
+    carries our nonce, so we hold it at once instead of waiting a ttl to take over ourselves."""
+    import fsspec
+
+    url = _url()
+    lease = S3Lease(url, ttl=30, timeout=2.0)
+    fsspec.filesystem("s3").pipe_file(f"{url[5:]}/{LOCK_NAME}", json.dumps(
+        {"host": "here", "pid": os.getpid(), "nonce": lease.nonce}).encode())
+    start = time.monotonic()
+    lease.acquire()
+    assert time.monotonic() - start < 2.0 and lease.etag
+    lease.release()
+    assert not _lock_exists(url)
+
+
+def test_a_holder_that_cannot_renew_fences_itself_before_anyone_may_take_over(s3):
+    url = _url()
+    lease = S3Lease(url, ttl=1.0)
+    lease.acquire()
+    lease.check()  # fresh: fine
+    lease._stop.set()  # renewals stop (a stalled process, a partitioned network)
+    time.sleep(0.6)    # more than ttl/2 since the last write, less than the ttl a waiter needs
+    with pytest.raises(EngineError, match="lost the lock .*not renewed"):
+        lease.check()
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused(s3, monkeypatch):
+    import engine.lease as lease_module
+
+    monkeypatch.setattr(lease_module, "_verified_buckets", set())
+    url = _url()
+    lease = S3Lease(url, ttl=30, timeout=2.0)
+    real = lease.fs.call_s3
+
+    def unconditional(method, **kwargs):  # what a store without precondition support does
+        kwargs.pop("IfNoneMatch", None)
+        kwargs.pop("IfMatch", None)
+        return real(method, **kwargs)
+
+    monkeypatch.setattr(lease.fs, "call_s3", unconditional)
+    with pytest.raises(EngineError, match="ignores conditional writes.*ENGINE_S3_LOCK=off"):
+        lease.acquire()
+    assert not _lock_exists(url)
+
+
+def test_a_botocore_without_conditional_writes_is_refused(monkeypatch):
+    """s3fs silently drops parameters its botocore does not know: refuse, do not pretend."""
+    import botocore.session
+
+    real = botocore.session.Session.get_service_model
+
+    def old_model(self, name, *args, **kwargs):
+        model = real(self, name, *args, **kwargs)
+        put = model.operation_model("PutObject").input_shape.members
+        monkeypatch.setattr(type(model.operation_model("PutObject").input_shape), "members",
+                            property(lambda shape: {k: v for k, v in put.items() if k not in ("IfNoneMatch", "IfMatch")}))
+        return model
+
+    monkeypatch.setattr(botocore.session.Session, "get_service_model", old_model)
+    with pytest.raises(EngineError, match="cannot send conditional writes"):
+        S3Lease("s3://engine-test/x/feats.zarr")
