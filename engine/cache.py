@@ -194,6 +194,7 @@ class Cache:
                 _logger.warning("cache was embedded with precision %s, this run uses %s",
                                 manifest.get("precision"), precision)
             return
+        self._fence()
         images = self.root.require_group("images")
         images.create_array("features", shape=(0, dim), chunks=(CHUNK_ROWS, dim), dtype="float16",
                             compressors=_feature_codec(), overwrite=True)
@@ -341,9 +342,17 @@ class Cache:
             manifest, applied = self.manifest, []
             try:
                 for index, sid, attrs in staged:
+                    try:
+                        done.append(self._apply_staged(manifest, staging, sid, index, attrs))
+                    except EngineError:
+                        if manifest["shards"][index]["status"] == "failed":
+                            applied.append(sid)  # recorded as failed (a duplicate key): its staging goes
+                        raise
                     self._applied.add(index)
                     applied.append(sid)
-                    done.append(self._apply_staged(manifest, staging, sid, index, attrs))
+            except BaseException:
+                self._key_rows = None  # may hold rows the manifest will not record
+                raise
             finally:
                 self._write_manifest(manifest)
                 for sid in applied:
@@ -369,8 +378,8 @@ class Cache:
             raise EngineError(f"duplicate key {key!r} in shard {entry['url']} is already in shard {other}")
         start, n = manifest["rows"], len(keys)
         images = self.root["images"]
-        self._fence()
         for name in ("features", "keys", *_ROW_ARRAYS):
+            self._fence()  # a local check: before each array, so a slow upload cannot outlive the lease
             arr = images[name]
             if arr.shape[0] < start + n:
                 arr.resize((start + n, *arr.shape[1:]))

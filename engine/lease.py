@@ -147,11 +147,11 @@ class S3Lease:
 
     # ------------------------------------------------------------ take, hold, release
     def acquire(self) -> None:
+        self._verify_store()
         seen: tuple[str, float] | None = None
         holder: dict = {}
         started = last_said = time.monotonic()
         while True:
-            attempt = time.monotonic()
             try:
                 self.etag = self._put(IfNoneMatch="*")
                 break
@@ -160,23 +160,21 @@ class S3Lease:
                     raise self._error("taking", err) from None
             current = self._head()
             now = time.monotonic()
-            if current is None:
-                continue  # released between our PUT and HEAD: try again at once
-            etag, holder = current
-            if holder.get("nonce") == self.nonce:  # our own PUT, retried after it had landed
-                self.etag, self._ok_at = etag, attempt
-                break
-            if seen is None or seen[0] != etag:
-                seen = (etag, now)   # a live holder renews, which changes the etag
-            elif now - seen[1] > self.ttl:
-                try:
-                    self.etag = self._put(IfMatch=etag)
-                    _logger.warning("cache %s: took over a lock not renewed for %.0f s (held by %s)",
-                                    self.url, now - seen[1], _describe(holder))
-                    break
-                except Exception as err:
-                    if not (_precondition_failed(err) or _conflict(err) or _missing(err)):
-                        raise self._error("taking over", err) from None
+            if current is not None:
+                etag, holder = current
+                if holder.get("nonce") == self.nonce:
+                    # our own earlier PUT had landed (its retry got 412): renew it at once, so
+                    # the fencing clock starts from a write whose time is known
+                    if self._try_put(IfMatch=etag):
+                        break
+                    seen = None
+                elif seen is None or seen[0] != etag:
+                    seen = (etag, now)   # a live holder renews, which changes the etag
+                elif now - seen[1] > self._expiry(holder):
+                    if self._try_put(IfMatch=etag):
+                        _logger.warning("cache %s: took over a lock not renewed for %.0f s (held by %s)",
+                                        self.url, now - seen[1], _describe(holder))
+                        break
                     seen = None   # someone else took it (or it was released): start again
             if self.timeout is not None and now - started > self.timeout:
                 raise EngineError(f"cache: {self.url} is locked by {_describe(holder)}; waited "
@@ -186,26 +184,58 @@ class S3Lease:
                 last_said = now
             time.sleep(self.poll)
         self.lost = None
-        self._verify_store()
         self._stop.clear()
         self._heartbeat = threading.Thread(target=self._renew, daemon=True, name="engine-lease")
         self._heartbeat.start()
 
+    def _try_put(self, **condition) -> bool:
+        """A conditional PUT that may lose a race: True when it landed (and is now ours)."""
+        try:
+            self.etag = self._put(**condition)
+            return True
+        except Exception as err:
+            if _precondition_failed(err) or _conflict(err) or _missing(err):
+                return False
+            raise self._error("taking", err) from None
+
+    def _expiry(self, holder: dict) -> float:
+        """How long an unchanged lock must stay unchanged before it is taken over: our ttl, or the
+        holder's own when longer (it renews every ttl/4 of its own), at most a day."""
+        try:
+            theirs = float(holder.get("ttl_s", 0))
+        except (TypeError, ValueError):
+            theirs = 0.0
+        return max(self.ttl, min(theirs, 86400.0))
+
     def _verify_store(self) -> None:
-        """Once per bucket and process: a second If-None-Match PUT must be refused, or the store
-        ignores conditions and the lock would exclude nobody."""
+        """Once per bucket and process, on a probe object beside the lock: the store must refuse
+        a second If-None-Match PUT and an If-Match PUT and DELETE with a wrong etag, or the
+        lock would exclude nobody."""
         if self.bucket in _verified_buckets:
             return
+        probe = f"{self.key}-probe-{self.nonce}"
+        ignored = []
         try:
-            self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=b"{}", IfNoneMatch="*")
+            self.fs.call_s3("put_object", Bucket=self.bucket, Key=probe, Body=b"{}")
+            for name, call, condition in (("If-None-Match on PUT", "put_object", {"IfNoneMatch": "*", "Body": b"{}"}),
+                                          ("If-Match on PUT", "put_object", {"IfMatch": '"0"', "Body": b"{}"}),
+                                          ("If-Match on DELETE", "delete_object", {"IfMatch": '"0"'})):
+                try:
+                    self.fs.call_s3(call, Bucket=self.bucket, Key=probe, **condition)
+                    ignored.append(name)
+                except Exception as err:
+                    if not (_precondition_failed(err) or _conflict(err) or _missing(err)):
+                        raise
         except Exception as err:
-            if _precondition_failed(err) or _conflict(err):
-                _verified_buckets.add(self.bucket)
-                return
             raise self._error("checking", err) from None
-        self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key)
-        raise EngineError(f"cache: the object store of {self.url} ignores conditional writes (If-None-Match), "
-                          "so it cannot be locked: set ENGINE_S3_LOCK=off and run one job per cache at a time")
+        finally:
+            with contextlib.suppress(Exception):
+                self.fs.call_s3("delete_object", Bucket=self.bucket, Key=probe)
+        if ignored:
+            raise EngineError(f"cache: the object store of {self.url} ignores conditional writes "
+                              f"({', '.join(ignored)}), so it cannot be locked: set ENGINE_S3_LOCK=off and run "
+                              "one job per cache at a time")
+        _verified_buckets.add(self.bucket)
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 4):
@@ -239,34 +269,37 @@ class S3Lease:
     def release(self) -> None:
         self._stop.set()
         with self._guard:
+            if not self.lost and time.monotonic() - self._ok_at > self.ttl / 2:
+                self.lost = "not renewed in time"   # it may be another's now: leave it alone
             if not self.lost:
-                for _ in range(3):
-                    try:
-                        self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
-                        break
-                    except Exception as err:
-                        if _missing(err):
-                            self.lost = "it was removed while held"
-                            break
-                        if not (_precondition_failed(err) or _conflict(err)):
-                            _logger.warning("cache %s: releasing the lock failed (%s); it expires in %.0f s",
-                                            self.url, err, self.ttl)
-                            break
-                        try:
-                            mine = self._ours()
-                        except EngineError:
-                            mine = None
-                        if mine is None:
-                            if _precondition_failed(err):
-                                self.lost = "another job took it over"
-                                break
-                        else:
-                            self.etag = mine
+                self._delete()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=5)
         if self.lost:
             raise EngineError(f"cache: lost the lock on {self.url} ({self.lost}): this process stalled for "
                               f"over {self.ttl / 2:.0f} s; rerun the command, the per-shard commit keeps what is done")
+
+    def _delete(self) -> None:
+        for _ in range(3):
+            try:
+                self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
+                return
+            except Exception as err:
+                if _missing(err):
+                    return  # a retried DELETE whose first try had landed (we were in time: see above)
+                if not (_precondition_failed(err) or _conflict(err)):
+                    _logger.warning("cache %s: releasing the lock failed (%s); it expires in %.0f s",
+                                    self.url, err, self.ttl)
+                    return
+                try:
+                    mine = self._ours()
+                except EngineError:
+                    mine = None
+                if mine is None and _precondition_failed(err):
+                    self.lost = "another job took it over"
+                    return
+                self.etag = mine or self.etag
+        _logger.warning("cache %s: releasing the lock kept conflicting; it expires in %.0f s", self.url, self.ttl)
 
     def __enter__(self):
         self.acquire()

@@ -69,10 +69,10 @@ def test_only_one_of_many_contenders_holds_the_lease_at_a_time(s3):
 
 def test_a_live_holder_renews_and_is_never_taken_over(s3):
     url = _url()
-    with S3Lease(url, ttl=1.0) as holder:
+    with S3Lease(url, ttl=3.0) as holder:
         first = holder.etag
         with pytest.raises(EngineError, match="locked by"):
-            S3Lease(url, ttl=1.0, timeout=2.5).acquire()  # waits well past the ttl
+            S3Lease(url, ttl=3.0, timeout=7.0).acquire()  # waits well past the ttl
         assert holder.etag != first and holder.lost is None  # the heartbeat rewrote it
 
 
@@ -105,18 +105,24 @@ def test_a_holder_that_was_taken_over_writes_nothing_more_and_says_so(s3, tmp_pa
 
 
 def test_every_manifest_change_on_s3_holds_the_lease(s3, shard_paths, monkeypatch):
-    """Register, consolidate, trim and prompts each take and release the lock."""
-    taken = []
-    real = S3Lease.acquire
+    """Creation, schema, register, consolidate, trim and prompts each take and release the lock."""
+    taken, callers = [], []
+    real_acquire, real_lock = S3Lease.acquire, Cache.lock
 
     def counting(self):
         taken.append(self.url)
-        return real(self)
+        return real_acquire(self)
+
+    def lock(self):
+        callers.append(sys._getframe(1).f_code.co_name)
+        return real_lock(self)
 
     monkeypatch.setattr(S3Lease, "acquire", counting)
+    monkeypatch.setattr(Cache, "lock", lock)
     url = _url()
     embed_shards(shard_paths[:1], url, EmbedConfig(workers=0, classes="shapes"), rank=0, world_size=1)
-    assert len(taken) >= 4 and set(taken) == {url}
+    assert {"initialise", "register_shards", "consolidate", "trim", "write_text"} <= set(callers)
+    assert len(taken) == len(callers) + 1 and set(taken) == {url}  # + 1: creating the cache
     assert not _lock_exists(url) and Cache(url).num_rows == 40
 
 
@@ -139,7 +145,13 @@ def test_two_jobs_embed_into_one_s3_cache_at_once(many_shards, s3, tmp_path):
     shards, classes = many_shards["shards"], many_shards["classes_file"]
     url = _url()
     jobs = [_job(shards[:6], url, s3, classes), _job(shards[2:], url, s3, classes)]
-    outs = [j.communicate(timeout=300) for j in jobs]
+    try:
+        outs = [j.communicate(timeout=300) for j in jobs]
+    finally:
+        for job in jobs:
+            if job.poll() is None:
+                job.kill()
+                job.wait()
     for job, (out, err) in zip(jobs, outs):
         assert job.returncode == 0, err[-2000:]
     reference = str(tmp_path / "ref.zarr")
@@ -183,16 +195,27 @@ def test_a_retried_take_that_had_landed_is_recognised_as_ours(s3):
 
 def test_a_holder_that_cannot_renew_fences_itself_before_anyone_may_take_over(s3):
     url = _url()
-    lease = S3Lease(url, ttl=1.0)
+    lease = S3Lease(url, ttl=4.0)
     lease.acquire()
     lease.check()  # fresh: fine
     lease._stop.set()  # renewals stop (a stalled process, a partitioned network)
-    time.sleep(0.6)    # more than ttl/2 since the last write, less than the ttl a waiter needs
+    waiting_since = time.monotonic()
+    time.sleep(2.2)    # more than ttl/2 since the last write, less than the ttl a waiter needs
     with pytest.raises(EngineError, match="lost the lock .*not renewed"):
         lease.check()
+    if time.monotonic() - waiting_since < 3.5:  # (a stalled test machine proves nothing here)
+        with pytest.raises(EngineError, match="locked by"):  # nobody could have taken it over yet
+            S3Lease(url, ttl=4.0, timeout=0.3).acquire()
+    with pytest.raises(EngineError, match="lost the lock"):
+        lease.release()  # and it leaves the object alone: it may be another's by now
+    assert _lock_exists(url)
 
 
-def test_a_store_that_ignores_conditional_writes_is_refused(s3, monkeypatch):
+@pytest.mark.parametrize("dropped, named", [(("IfNoneMatch", "IfMatch"), "If-None-Match on PUT"),
+                                            (("IfMatch",), "If-Match on PUT, If-Match on DELETE")])
+def test_a_store_that_ignores_conditional_writes_is_refused(s3, monkeypatch, dropped, named):
+    import fsspec
+
     import engine.lease as lease_module
 
     monkeypatch.setattr(lease_module, "_verified_buckets", set())
@@ -201,14 +224,14 @@ def test_a_store_that_ignores_conditional_writes_is_refused(s3, monkeypatch):
     real = lease.fs.call_s3
 
     def unconditional(method, **kwargs):  # what a store without precondition support does
-        kwargs.pop("IfNoneMatch", None)
-        kwargs.pop("IfMatch", None)
+        for name in dropped:
+            kwargs.pop(name, None)
         return real(method, **kwargs)
 
     monkeypatch.setattr(lease.fs, "call_s3", unconditional)
-    with pytest.raises(EngineError, match="ignores conditional writes.*ENGINE_S3_LOCK=off"):
+    with pytest.raises(EngineError, match=f"ignores conditional writes \\({named}.*ENGINE_S3_LOCK=off"):
         lease.acquire()
-    assert not _lock_exists(url)
+    assert fsspec.filesystem("s3").find(url[5:].rsplit("/", 1)[0]) == []  # no lock, no probe left
 
 
 def test_a_botocore_without_conditional_writes_is_refused(monkeypatch):
@@ -227,3 +250,15 @@ def test_a_botocore_without_conditional_writes_is_refused(monkeypatch):
     monkeypatch.setattr(botocore.session.Session, "get_service_model", old_model)
     with pytest.raises(EngineError, match="cannot send conditional writes"):
         S3Lease("s3://engine-test/x/feats.zarr")
+
+
+def test_a_waiter_honours_the_holders_longer_ttl(s3):
+    """A holder started with ENGINE_LOCK_TTL_S=600 renews every 150 s: a waiter with a 1 s ttl
+    must not take it over after 1 s."""
+    import fsspec
+
+    url = _url()
+    fsspec.filesystem("s3").pipe_file(f"{url[5:]}/{LOCK_NAME}",
+                                      json.dumps({"host": "slow", "pid": 7, "ttl_s": 600}).encode())
+    with pytest.raises(EngineError, match="locked by pid 7 on slow"):
+        S3Lease(url, ttl=1.0, timeout=3.0).acquire()
