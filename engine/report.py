@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import glob
 import html
 import json
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -761,7 +763,60 @@ def _is_output(name: str) -> bool:
 
 
 def _hidden_sibling(out: Path, what: str) -> Path:
-    return out.parent / f".{out.name}.engine-report-{what}-{uuid.uuid4().hex[:12]}"
+    """`.<out>.engine-report-<new|old>-<host>-<pid>-<random>`: the owner is in the name, so a
+    later run can tell a killed run's folder from one that a running report is using."""
+    host = socket.gethostname().replace("-", "_") or "host"
+    return out.parent / f".{out.name}.engine-report-{what}-{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _dead_siblings(out: Path) -> list[tuple[str, Path]]:
+    """(new|old, folder) left by report runs on this host whose process no longer exists."""
+    if not out.parent.is_dir():
+        return []
+    host = socket.gethostname().replace("-", "_") or "host"
+    found = []
+    for path in out.parent.glob(f".{glob.escape(out.name)}.engine-report-*-*"):
+        parts = path.name[len(out.name) + len(".engine-report-") + 1:].split("-")
+        if len(parts) != 4 or parts[0] not in ("new", "old") or parts[1] != host or not parts[2].isdigit():
+            continue
+        if not _alive(int(parts[2])):
+            found.append((parts[0], path))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _recover(out: Path) -> list[str]:
+    """Undo what a report run killed mid-way left next to `out`: when it died inside the swap
+    (after the earlier report was renamed away), the earlier report is put back; files of the
+    user's that the swap had moved are returned to `out`; the killed run's folders are removed.
+    Returns what was done, for the log."""
+    done = []
+    dead = _dead_siblings(out)
+    if not out.exists():
+        olds = sorted((p for kind, p in dead if kind == "old"), key=lambda p: p.stat().st_mtime)
+        if olds:
+            os.rename(olds[-1], out)
+            done.append(f"restored the earlier report from {olds[-1].name}")
+    for kind, path in dead:
+        if not path.exists():
+            continue
+        if out.is_dir():
+            for entry in sorted(path.iterdir()):
+                if not _is_output(entry.name) and not (out / entry.name).exists():
+                    os.rename(entry, out / entry.name)  # the user's own files, moved by the swap
+                    done.append(f"moved {entry.name} back into {out}")
+        shutil.rmtree(path, ignore_errors=True)
+        done.append(f"removed {path.name}")
+    return done
 
 
 def _stage(out: Path) -> Path:
@@ -820,6 +875,8 @@ def write_report(cache_path: str, out_dir: str, config: ReportConfig | None = No
     config = config or ReportConfig()
     started, timer = time.perf_counter(), Timer()
     out = Path(out_dir)
+    for line in _recover(out):   # a run killed mid-way (SIGKILL, power) leaves hidden folders
+        _logger.warning("report: %s", line)
     _check_out(out)
     resolve_device(device)   # `--device cuda` without CUDA fails here, before any work
     cache = Cache(cache_path)

@@ -445,6 +445,45 @@ def test_cli_json_and_one_line_errors(cache, tmp_path):
     assert r.exit_code == 2 and "thumb" in r.stderr
 
 
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_run_killed_mid_swap_or_mid_build_is_undone_by_the_next(cache, tmp_path, caplog):
+    """SIGKILL between the swap's renames leaves no OUT, the earlier report (with the user's
+    file) under a hidden name and the new one under another; a killed build leaves a hidden
+    folder. The next run puts the user's file back, removes the debris, and leaves alone the
+    folder of a report that is still running."""
+    import os
+    import shutil
+    import socket
+
+    from engine import report as report_module
+
+    out = tmp_path / "r"
+    write_report(cache, str(out), CONFIG, device="cpu", show_progress=False)
+    (out / "notes.txt").write_text("mine")
+    host, dead = socket.gethostname().replace("-", "_"), _dead_pid()
+    old = tmp_path / f".r.engine-report-old-{host}-{dead}-aaaaaaaaaaaa"
+    new = tmp_path / f".r.engine-report-new-{host}-{dead}-bbbbbbbbbbbb"
+    os.rename(out, old)                             # the swap's first rename...
+    shutil.copytree(old, new)                       # ...a finished new report beside it,
+    (old / "notes.txt").unlink()                    # and the user's file already moved into it
+    building = tmp_path / f".r.engine-report-new-{host}-{os.getppid()}-cccccccccccc"  # a live run's
+    building.mkdir()
+    assert report_module._dead_siblings(out) and not out.exists()
+    write_report(cache, str(out), CONFIG, device="cpu", show_progress=False)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "index.html").is_file()
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".r."))
+    assert left == [building.name]
+    assert "restored the earlier report" in caplog.text and "moved notes.txt back" in caplog.text
+
+
 def test_a_failed_rerun_leaves_the_earlier_report(cache, tmp_path, monkeypatch):
     import torch
 
