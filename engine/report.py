@@ -230,6 +230,7 @@ class Thumbnails:
 
     paths: dict = field(default_factory=dict)      # row -> "thumbs/00000/000012.jpg"
     problems: dict = field(default_factory=dict)   # row -> (kind, detail): ("shard missing", "NAME")
+    reused: int = 0                                # taken from the previous report, not re-read
 
 
 def reason_text(problem: tuple[str, str]) -> str:
@@ -305,9 +306,43 @@ def _shard_thumbnails(url: str, rows: np.ndarray, positions: np.ndarray, keys, o
     return [(int(r), *found.get(int(r), (None, end_reason))) for r in rows]
 
 
+THUMB_INDEX = "thumbs/index.json"
+
+
+def _previous_thumbnails(previous: Path | None, size: int) -> dict:
+    """The previous report's thumbnail index (folder -> {url, fingerprint, keys}) when it was
+    made at the same size; {} otherwise."""
+    if previous is None:
+        return {}
+    try:
+        index = json.loads((previous / THUMB_INDEX).read_text())
+    except (OSError, ValueError):
+        return {}
+    return index.get("shards", {}) if isinstance(index, dict) and index.get("size") == size else {}
+
+
+def _link(source: Path, target: Path) -> bool:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)   # same parent folder as the stage: a hard link, no copy
+    except OSError:
+        try:
+            shutil.copyfile(source, target)
+        except OSError:
+            return False
+    return True
+
+
 def write_thumbnails(rows: np.ndarray, data: _Rows, out: Path, *, size: int, workers: int | None = None,
-                     show_progress: bool | None = None) -> Thumbnails:
-    """Thumbnails of `rows (M,)` under out/thumbs/, each needed shard read once (threads over shards)."""
+                     show_progress: bool | None = None, previous: Path | None = None) -> Thumbnails:
+    """Thumbnails of `rows (M,)` under out/thumbs/, each needed shard read once (threads over shards).
+
+    With `previous` (the earlier report folder), a thumbnail made there at the same size from
+    the same shard file (url and fingerprint, see `reader.shard_fingerprints`) at the same
+    position with the same key is linked instead of re-read; a shard is read only for the rest.
+    `thumbs/index.json` records what this run wrote, for the next."""
+    from engine.reader import shard_fingerprints
+
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     result = Thumbnails()
     shard, position = data.shard[rows], data.position[rows]
@@ -319,9 +354,32 @@ def write_thumbnails(rows: np.ndarray, data: _Rows, out: Path, *, size: int, wor
     rows, shard, position = rows[order], shard[order], position[order]
     starts = np.flatnonzero(np.r_[True, shard[1:] != shard[:-1]]) if rows.size else np.zeros(0, np.int64)
     groups = np.split(np.arange(rows.size), starts[1:])
+    groups = [g for g in groups if g.size]
+    urls = sorted({data.urls[shard[g[0]]] for g in groups if not data.urls[shard[g[0]]].startswith(_IMPORTED)})
+    fingerprints = shard_fingerprints(urls) if urls else {}
+    before = _previous_thumbnails(previous, size)
+    todo = []
+    for g in groups:
+        url, folder = data.urls[shard[g[0]]], f"{shard[g[0]]:05d}"
+        old = before.get(folder, {})
+        same_file = (old.get("url") == url and fingerprints.get(url) is not None
+                     and old.get("fingerprint") == fingerprints[url])
+        keep = np.zeros(g.size, bool)
+        if same_file:
+            old_keys = old.get("keys", {})
+            for i, (row, pos) in enumerate(zip(rows[g].tolist(), position[g].tolist())):
+                relative = f"thumbs/{folder}/{pos:06d}.jpg"
+                if old_keys.get(str(pos)) == data.keys[row] and _link(previous / relative, out / relative):
+                    result.paths[row] = relative
+                    keep[i] = True
+        result.reused += int(keep.sum())
+        if not keep.all():
+            todo.append(g[~keep])
     lock = threading.Lock()
     disable = None if show_progress is None else not show_progress
     with progress(total=int(rows.size), desc="report thumbnails", unit="img", disable=disable) as bar:
+        bar.update(result.reused)
+
         def tick(n: int) -> None:
             with lock:
                 bar.update(n)
@@ -329,13 +387,21 @@ def write_thumbnails(rows: np.ndarray, data: _Rows, out: Path, *, size: int, wor
         workers = workers or min(4, available_cores())
         with ThreadPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(_shard_thumbnails, data.urls[shard[g[0]]], rows[g], position[g], data.keys, out,
-                                   f"{shard[g[0]]:05d}", size, tick) for g in groups if g.size]
+                                   f"{shard[g[0]]:05d}", size, tick) for g in todo]
             for future in futures:
                 for row, path, problem in future.result():
                     if path is not None:
                         result.paths[row] = path
                     else:
                         result.problems[row] = problem
+    index: dict = {}
+    for row, relative in result.paths.items():
+        folder = relative.split("/")[1]
+        url = data.urls[int(data.shard[row])]
+        entry = index.setdefault(folder, {"url": url, "fingerprint": fingerprints.get(url), "keys": {}})
+        entry["keys"][str(int(data.position[row]))] = data.keys[row]
+    (out / THUMB_INDEX).parent.mkdir(parents=True, exist_ok=True)
+    (out / THUMB_INDEX).write_text(json.dumps({"size": size, "shards": index}))
     return result
 
 
@@ -904,7 +970,8 @@ def _write(cache: Cache, cache_path: str, data: _Rows, stage: Path, out: Path, c
         sims, ids, source = find_neighbours(cache, shown, k, device=device, features=features)
     with timer("thumbnails"):
         thumbs = write_thumbnails(np.concatenate([shown, ids[ids >= 0]]), data, stage, size=config.thumb,
-                                  workers=config.workers, show_progress=show_progress)
+                                  workers=config.workers, show_progress=show_progress,
+                                  previous=out if (out / MARKER).is_file() else None)
     with timer("similarity"):
         conf = confusable_classes(cache, data, min(config.heatmap_classes, num_classes), features=features)
     reasons, missing = _placeholder_summary(thumbs)
@@ -924,7 +991,8 @@ def _write(cache: Cache, cache_path: str, data: _Rows, stage: Path, out: Path, c
                "list_pages": len(pages) - num_classes, "class_pages": num_classes, "classes": num_classes,
                "rows": len(data.labels), "selected": int(data.selected.sum()),
                "rejected": int(stats["rejected"].sum()), "shown": int(shown.size),
-               "thumbnails": info["thumbnails"], "placeholders": info["placeholders"],
+               "thumbnails": info["thumbnails"], "thumbnails_reused": thumbs.reused,
+               "placeholders": info["placeholders"],
                "placeholder_reasons": reasons, "missing_shards": missing,
                "neighbours": {"k": k, "source": source},
                "heatmap": None if conf is None else {"classes": len(conf.classes), "source": conf.source},
@@ -939,6 +1007,8 @@ def summary_lines(s: dict):
     yield (f"report: {s['index']} ({s['list_pages']} list page{'s' * (s['list_pages'] != 1)}, "
            f"{s['class_pages']} class pages)")
     yield (f"  shown {s['shown']} of {s['rejected']} rejected samples, {s['neighbours']['k']} neighbours each "
-           f"({s['neighbours']['source']}); {s['thumbnails']} thumbnails, {s['placeholders']} placeholders"
+           f"({s['neighbours']['source']}); {s['thumbnails']} thumbnails"
+           + (f" ({s['thumbnails_reused']} from the previous report)" if s.get("thumbnails_reused") else "")
+           + f", {s['placeholders']} placeholders"
            + (f" (shards missing: {', '.join(s['missing_shards'][:3])})" if s["missing_shards"] else ""))
     yield f"  in {s['seconds']['total']:.2f} s"

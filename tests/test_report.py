@@ -4,6 +4,7 @@ import io
 import json
 import re
 import shutil
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -484,6 +485,41 @@ def test_a_run_killed_mid_swap_or_mid_build_is_undone_by_the_next(cache, tmp_pat
     assert "restored the earlier report" in caplog.text and "moved notes.txt back" in caplog.text
 
 
+def test_a_rerun_reuses_thumbnails_and_rereads_only_a_changed_shard(cache, tmp_path, monkeypatch):
+    from engine import reader
+    from engine.reader import read_samples
+
+    out = tmp_path / "r"
+    first = write_report(cache, str(out), CONFIG, device="cpu", show_progress=False)
+    thumbs = lambda: {str(p.relative_to(out)): p.read_bytes() for p in (out / "thumbs").rglob("*.jpg")}  # noqa: E731
+    before = thumbs()
+    assert first["thumbnails_reused"] == 0 and len(before) == first["thumbnails"] > 0
+    opened = []
+    real = reader.read_samples
+    monkeypatch.setattr(reader, "read_samples", lambda url, positions: opened.append(url) or real(url, positions))
+    again = write_report(cache, str(out), CONFIG, device="cpu", show_progress=False)
+    assert opened == [] and again["thumbnails_reused"] == again["thumbnails"] == first["thumbnails"]
+    assert thumbs() == before and "from the previous report" in "\n".join(summary_lines(again))
+
+    urls = [s["url"] for s in Cache(cache).manifest["shards"]]
+    victim = urls[1]
+    original = open(victim, "rb").read()
+    samples = [sample for _, sample in read_samples(victim)]
+    try:   # the same keys, other images: its thumbnails must be made anew, the others reused
+        with wds.TarWriter(victim, encoder=False) as sink:
+            for sample in samples:
+                buf = io.BytesIO()
+                Image.new("RGB", (64, 64), (255, 0, 255)).save(buf, format="JPEG")
+                sink.write({**sample, "jpg": buf.getvalue()})
+        third = write_report(cache, str(out), CONFIG, device="cpu", show_progress=False)
+    finally:
+        open(victim, "wb").write(original)
+    assert opened == [victim]
+    changed = {k for k, v in thumbs().items() if before.get(k) != v}
+    assert changed and all(k.startswith("thumbs/00001/") for k in changed)
+    assert third["thumbnails_reused"] == third["thumbnails"] - len(changed)
+
+
 def test_a_failed_rerun_leaves_the_earlier_report(cache, tmp_path, monkeypatch):
     import torch
 
@@ -509,8 +545,9 @@ def test_a_failed_rerun_leaves_the_earlier_report(cache, tmp_path, monkeypatch):
 
     decode = reader.decode_image
     monkeypatch.setattr(reader, "decode_image", crash)
-    with pytest.raises(RuntimeError, match="disk on fire"):
-        write_report(cache, str(out), CONFIG, device="cpu", show_progress=False)
+    with pytest.raises(RuntimeError, match="disk on fire"):  # another size: thumbnails are made anew
+        write_report(cache, str(out), ReportConfig(**{**asdict(CONFIG), "thumb": 48}), device="cpu",
+                     show_progress=False)
     assert snapshot() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]       # no staging folder left behind
     monkeypatch.setattr(reader, "decode_image", decode)
