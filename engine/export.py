@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.cache import Cache, is_local
-from engine.files import write_json_atomic
+from engine.files import json_kind, read_json, write_json_atomic
 from engine.runtime import EngineError
 
 _logger = logging.getLogger(__name__)
@@ -323,20 +323,15 @@ class _UnreadableManifest(EngineError):
     """export.json exists but cannot be parsed, or is not of the expected shape."""
 
 
-def _json_type(value) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
-            type(None): "null"}.get(type(value), type(value).__name__)
-
-
 def _shape_problem(manifest) -> str | None:
     """Why `manifest` (parsed JSON) is not an export.json the code can use; None when it is."""
     if not isinstance(manifest, dict):
-        return f"holds a JSON {_json_type(manifest)}, expected an object"
+        return f"holds {json_kind(manifest)}, expected an object"
     if not isinstance(manifest.get("plan", {}), dict):
-        return f"has a JSON {_json_type(manifest['plan'])} as \"plan\", expected an object"
+        return f"has {json_kind(manifest['plan'])} as \"plan\", expected an object"
     shards = manifest.get("shards")
     if not isinstance(shards, dict):
-        return f"has a JSON {_json_type(shards)} as \"shards\", expected an object"
+        return f"has {json_kind(shards)} as \"shards\", expected an object"
     for name, entry in shards.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) \
                 or not isinstance(entry.get("sha256", ""), str):
@@ -349,10 +344,9 @@ def _read_manifest(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise _UnreadableManifest(f"shards: {path} is unreadable ({str(err).splitlines()[0] if str(err) else err!r}); "
-                                  "delete it or use --overwrite") from None
+        manifest = read_json(path)
+    except ValueError as err:
+        raise _UnreadableManifest(f"shards: {path} is {err}; delete it or use --overwrite") from None
     if isinstance(manifest, dict) and manifest.get("format") != MANIFEST_FORMAT:
         raise EngineError(f"shards: {path} was not written by `engine export`; use another folder")
     problem = _shape_problem(manifest)

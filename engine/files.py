@@ -50,3 +50,24 @@ def write_json_atomic(path: str | os.PathLike, doc, *, suffix: str = ".tmp", sor
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+               float: "a number", type(None): "null"}
+
+
+def json_kind(value) -> str:
+    """JSON's name for a parsed value, with its article ("an object", "an array", ...), for
+    messages that say what a file holds instead of what was expected."""
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def read_json(path: str | os.PathLike):
+    """The parsed JSON of `path`; ValueError("unreadable (REASON)") with a one-line reason when
+    it cannot be read or parsed (the caller names the file and says what to do)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(f"unreadable ({type(err).__name__}: {first})" if first
+                         else f"unreadable ({type(err).__name__})") from None

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.files import atomic_file, write_json_atomic
+from engine.files import atomic_file, json_kind, read_json, write_json_atomic
 from engine.runtime import EngineError, available_cores, engine_version
 
 _logger = logging.getLogger(__name__)
@@ -466,26 +466,19 @@ def _new_manifest(plan: Plan, config: PackConfig) -> dict:
             "bad": [{"path": rel, "reason": reason, "shard": None} for rel, reason in plan.unlabelled]}
 
 
-_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
-               bool: "true/false", type(None): "null"}
-
-
 def _shape_problem(manifest) -> str | None:
     """What makes a parsed pack.json unusable (the fields this module reads), or None."""
-    def kind(value) -> str:
-        return _JSON_TYPES.get(type(value), type(value).__name__)
-
     if not isinstance(manifest, dict):
-        return f"the top level is {kind(manifest)}, expected an object"
+        return f"the top level is {json_kind(manifest)}, expected an object"
     if not isinstance(manifest.get("shards"), list):
-        return f"'shards' is {kind(manifest.get('shards'))}, expected a list"
-    for name, expected in (("plan", dict), ("bad", list)):
-        if name in manifest and not isinstance(manifest[name], expected):
-            return f"{name!r} is {kind(manifest[name])}, expected {_JSON_TYPES[expected]}"
+        return f"'shards' is {json_kind(manifest.get('shards'))}, expected an array"
+    for name, expected in (("plan", {}), ("bad", [])):
+        if name in manifest and not isinstance(manifest[name], type(expected)):
+            return f"{name!r} is {json_kind(manifest[name])}, expected {json_kind(expected)}"
     for name in ("shards", "bad"):
         for index, item in enumerate(manifest.get(name, [])):
             if not isinstance(item, dict):
-                return f"{name}[{index}] is {kind(item)}, expected an object"
+                return f"{name}[{index}] is {json_kind(item)}, expected an object"
     return None
 
 
@@ -496,9 +489,9 @@ def _read_manifest(out: Path, overwrite: bool = False) -> dict | None:
     if not path.exists():
         return None
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        problem = f"is unreadable ({_reason(err)})"
+        manifest = read_json(path)
+    except ValueError as err:
+        problem = f"is {err}"
     else:
         shape = _shape_problem(manifest)
         if shape is None:

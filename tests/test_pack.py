@@ -349,7 +349,7 @@ def test_malformed_manifest_is_a_one_line_error(folder, tmp_path, caplog):
     good = json.loads((out / "pack.json").read_text())
     for change, extra, needle in (
             (lambda m: {**m, "plan": 3}, ["--per-shard", "4"], "'plan' is a number, expected an object"),
-            (lambda m: [m], [], "the top level is a list, expected an object"),
+            (lambda m: [m], [], "the top level is an array, expected an object"),
             (lambda m: {**m, "shards": [1] + m["shards"][1:]}, [], "shards[0] is a number, expected an object"),
             (lambda m: {**m, "bad": [None]}, [], "bad[0] is null, expected an object")):
         (out / "pack.json").write_text(json.dumps(change(good)))
