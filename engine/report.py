@@ -85,6 +85,7 @@ class ReportConfig:
                 continue
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not low <= value <= high:
                 raise EngineError(f"{name.replace('_', '-')}: got {value!r}, expected an integer in [{low}, {high}]")
+            object.__setattr__(self, name, int(value))  # numpy integers would not serialise to JSON
 
 
 # ---------------------------------------------------------------- what is read from the cache
@@ -307,18 +308,41 @@ def _shard_thumbnails(url: str, rows: np.ndarray, positions: np.ndarray, keys, o
 
 
 THUMB_INDEX = "thumbs/index.json"
+THUMB_FORMAT = "jpeg-q85-lanczos-1"   # how thumbnails are drawn: a change redraws them all
 
 
 def _previous_thumbnails(previous: Path | None, size: int) -> dict:
     """The previous report's thumbnail index (folder -> {url, fingerprint, keys}) when it was
-    made at the same size; {} otherwise."""
+    made at the same size and format; {} otherwise, and for anything misshapen."""
     if previous is None:
         return {}
     try:
         index = json.loads((previous / THUMB_INDEX).read_text())
     except (OSError, ValueError):
         return {}
-    return index.get("shards", {}) if isinstance(index, dict) and index.get("size") == size else {}
+    if not (isinstance(index, dict) and index.get("size") == size and index.get("format") == THUMB_FORMAT
+            and isinstance(index.get("shards"), dict)):
+        return {}
+    return {folder: entry for folder, entry in index["shards"].items()
+            if isinstance(entry, dict) and isinstance(entry.get("keys"), dict)}
+
+
+def _thumb_fingerprints(urls: list[str]) -> dict:
+    """url -> what must be unchanged for a thumbnail to be reused: `reader.shard_fingerprints`
+    (size and edges; size and ETag on object stores) plus, for local files, mtime and inode, so
+    an image replaced in the middle of a tar of the same size is redrawn."""
+    from engine.reader import shard_fingerprints
+
+    out = shard_fingerprints(urls)
+    for url, fingerprint in out.items():
+        if fingerprint is not None and "://" not in url and not url.startswith("pipe:"):
+            try:
+                st = os.stat(url)
+            except OSError:
+                out[url] = None
+                continue
+            out[url] = f"{fingerprint}:{st.st_mtime_ns}:{st.st_ino}"
+    return out
 
 
 def _link(source: Path, target: Path) -> bool:
@@ -341,8 +365,6 @@ def write_thumbnails(rows: np.ndarray, data: _Rows, out: Path, *, size: int, wor
     the same shard file (url and fingerprint, see `reader.shard_fingerprints`) at the same
     position with the same key is linked instead of re-read; a shard is read only for the rest.
     `thumbs/index.json` records what this run wrote, for the next."""
-    from engine.reader import shard_fingerprints
-
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     result = Thumbnails()
     shard, position = data.shard[rows], data.position[rows]
@@ -356,7 +378,7 @@ def write_thumbnails(rows: np.ndarray, data: _Rows, out: Path, *, size: int, wor
     groups = np.split(np.arange(rows.size), starts[1:])
     groups = [g for g in groups if g.size]
     urls = sorted({data.urls[shard[g[0]]] for g in groups if not data.urls[shard[g[0]]].startswith(_IMPORTED)})
-    fingerprints = shard_fingerprints(urls) if urls else {}
+    fingerprints = _thumb_fingerprints(urls) if urls else {}
     before = _previous_thumbnails(previous, size)
     todo = []
     for g in groups:
@@ -401,7 +423,7 @@ def write_thumbnails(rows: np.ndarray, data: _Rows, out: Path, *, size: int, wor
         entry = index.setdefault(folder, {"url": url, "fingerprint": fingerprints.get(url), "keys": {}})
         entry["keys"][str(int(data.position[row]))] = data.keys[row]
     (out / THUMB_INDEX).parent.mkdir(parents=True, exist_ok=True)
-    (out / THUMB_INDEX).write_text(json.dumps({"size": size, "shards": index}))
+    (out / THUMB_INDEX).write_text(json.dumps({"size": size, "format": THUMB_FORMAT, "shards": index}))
     return result
 
 
@@ -829,59 +851,84 @@ def _is_output(name: str) -> bool:
 
 
 def _hidden_sibling(out: Path, what: str) -> Path:
-    """`.<out>.engine-report-<new|old>-<host>-<pid>-<random>`: the owner is in the name, so a
-    later run can tell a killed run's folder from one that a running report is using."""
+    """`.<out>.engine-report-<new|old>-<host>-<pid>-<random>` (host and pid for a person reading
+    the folder; whether its run is alive is told by the lock it holds, see `_hold`)."""
     host = socket.gethostname().replace("-", "_") or "host"
     return out.parent / f".{out.name}.engine-report-{what}-{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
-def _dead_siblings(out: Path) -> list[tuple[str, Path]]:
-    """(new|old, folder) left by report runs on this host whose process no longer exists."""
+def _hold(folder: Path) -> int | None:
+    """An exclusive `flock` on `folder` (kept while the returned fd is open; it follows the
+    folder through renames), or None when another process holds it."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _dead_siblings(out: Path) -> list[tuple[str, Path, int]]:
+    """(new|old, folder, fd of its lock, now ours) left by report runs that no longer hold
+    their lock: killed, on any host that shares the folder; live runs' folders are skipped."""
     if not out.parent.is_dir():
         return []
-    host = socket.gethostname().replace("-", "_") or "host"
     found = []
-    for path in out.parent.glob(f".{glob.escape(out.name)}.engine-report-*-*"):
-        parts = path.name[len(out.name) + len(".engine-report-") + 1:].split("-")
-        if len(parts) != 4 or parts[0] not in ("new", "old") or parts[1] != host or not parts[2].isdigit():
+    for path in out.parent.glob(f".{glob.escape(out.name)}.engine-report-*"):
+        what = path.name[len(out.name) + len(".engine-report-") + 1:].split("-", 1)[0]
+        if what not in ("new", "old") or not path.is_dir() or path.is_symlink():
             continue
-        if not _alive(int(parts[2])):
-            found.append((parts[0], path))
+        fd = _hold(path)
+        if fd is not None:
+            found.append((what, path, fd))
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _recover(out: Path) -> list[str]:
     """Undo what a report run killed mid-way left next to `out`: when it died inside the swap
     (after the earlier report was renamed away), the earlier report is put back; files of the
-    user's that the swap had moved are returned to `out`; the killed run's folders are removed.
-    Returns what was done, for the log."""
+    user's that the swap had moved are returned to `out` (renamed `NAME.recovered-K` if `out`
+    has one of that name); a killed run's folder is removed only once it holds nothing of the
+    user's. Returns what was done, for the log."""
     done = []
     dead = _dead_siblings(out)
-    if not out.exists():
-        olds = sorted((p for kind, p in dead if kind == "old"), key=lambda p: p.stat().st_mtime)
-        if olds:
-            os.rename(olds[-1], out)
-            done.append(f"restored the earlier report from {olds[-1].name}")
-    for kind, path in dead:
-        if not path.exists():
-            continue
-        if out.is_dir():
+    try:
+        if not out.exists():
+            olds = sorted((p for what, p, _ in dead if what == "old"), key=lambda p: p.stat().st_mtime)
+            if olds:
+                os.rename(olds[-1], out)
+                done.append(f"restored the earlier report from {olds[-1].name}")
+        for _, path, _ in dead:
+            if not path.exists():
+                continue
+            kept = []
             for entry in sorted(path.iterdir()):
-                if not _is_output(entry.name) and not (out / entry.name).exists():
-                    os.rename(entry, out / entry.name)  # the user's own files, moved by the swap
-                    done.append(f"moved {entry.name} back into {out}")
-        shutil.rmtree(path, ignore_errors=True)
-        done.append(f"removed {path.name}")
+                if _is_output(entry.name):
+                    continue
+                target = out / entry.name
+                for k in range(1, 100):
+                    if not target.exists():
+                        break
+                    target = out / f"{entry.name}.recovered-{k}"
+                try:
+                    if not out.is_dir() or target.exists():
+                        raise OSError("no place for it")
+                    os.rename(entry, target)  # the user's own files, moved by the swap
+                    done.append(f"moved {entry.name} back into {out}" + (f" as {target.name}" if target.name != entry.name
+                                                                          else ""))
+                except OSError:
+                    kept.append(entry.name)
+            if kept:
+                done.append(f"kept {path.name}: it holds {', '.join(kept[:3])} that could not be moved into {out}")
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path.name}")
+    finally:
+        for _, _, fd in dead:
+            os.close(fd)
     return done
 
 
@@ -949,12 +996,19 @@ def write_report(cache_path: str, out_dir: str, config: ReportConfig | None = No
     with timer("load"):
         data = _read_rows(cache)
     stage = _stage(out)      # built here, swapped in at the end: a failure leaves the earlier report
+    held = [_hold(stage)]    # tells a later run that this one is alive (see `_recover`)
     try:
         summary = _write(cache, cache_path, data, stage, out, config, device, show_progress, timer, started)
+        if out.is_dir():
+            held.append(_hold(out))  # the earlier report, while the swap renames it away
         _swap_in(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    finally:
+        for fd in held:
+            if fd is not None:
+                os.close(fd)
     return summary
 
 

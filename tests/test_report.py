@@ -16,7 +16,7 @@ from browser import Browser, find_chromium
 from cli.main import cli
 from engine.cache import Cache
 from engine.embed import EmbedConfig, embed_shards
-from engine.report import (MARKER, ReportConfig, _shard_thumbnails, class_stats, rank_rejected, summary_lines,
+from engine.report import (MARKER, THUMB_FORMAT, ReportConfig, _shard_thumbnails, class_stats, rank_rejected, summary_lines,
                            write_report)
 from engine.runtime import EngineError
 from engine.select import SelectConfig
@@ -446,43 +446,56 @@ def test_cli_json_and_one_line_errors(cache, tmp_path):
     assert r.exit_code == 2 and "thumb" in r.stderr
 
 
-def _dead_pid() -> int:
-    import subprocess
-    import sys
-
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
 def test_a_run_killed_mid_swap_or_mid_build_is_undone_by_the_next(cache, tmp_path, caplog):
-    """SIGKILL between the swap's renames leaves no OUT, the earlier report (with the user's
-    file) under a hidden name and the new one under another; a killed build leaves a hidden
-    folder. The next run puts the user's file back, removes the debris, and leaves alone the
-    folder of a report that is still running."""
+    """SIGKILL between the swap's renames leaves no OUT, the earlier report under a hidden name
+    and the new one (holding the user's file) under another; a killed build leaves a hidden
+    folder. The next run puts the earlier report and the user's file back, removes the debris,
+    and leaves alone the folder of a report still running (it holds its lock)."""
     import os
     import shutil
-    import socket
 
     from engine import report as report_module
 
     out = tmp_path / "r"
     write_report(cache, str(out), CONFIG, device="cpu", show_progress=False)
     (out / "notes.txt").write_text("mine")
-    host, dead = socket.gethostname().replace("-", "_"), _dead_pid()
-    old = tmp_path / f".r.engine-report-old-{host}-{dead}-aaaaaaaaaaaa"
-    new = tmp_path / f".r.engine-report-new-{host}-{dead}-bbbbbbbbbbbb"
+    old = tmp_path / ".r.engine-report-old-otherhost-4242-aaaaaaaaaaaa"
+    new = tmp_path / ".r.engine-report-new-otherhost-4242-bbbbbbbbbbbb"
     os.rename(out, old)                             # the swap's first rename...
     shutil.copytree(old, new)                       # ...a finished new report beside it,
     (old / "notes.txt").unlink()                    # and the user's file already moved into it
-    building = tmp_path / f".r.engine-report-new-{host}-{os.getppid()}-cccccccccccc"  # a live run's
-    building.mkdir()
-    assert report_module._dead_siblings(out) and not out.exists()
+    live = tmp_path / ".r.engine-report-new-otherhost-4243-cccccccccccc"
+    live.mkdir()
+    holder = report_module._hold(live)              # a report still running, on any host
+    try:
+        write_report(cache, str(out), CONFIG, device="cpu", show_progress=False)
+        assert (out / "notes.txt").read_text() == "mine" and (out / "index.html").is_file()
+        left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".r."))
+        assert left == [live.name]
+        assert "restored the earlier report" in caplog.text and "moved notes.txt back" in caplog.text
+    finally:
+        os.close(holder)
+
+
+def test_recovery_never_deletes_a_file_of_the_users(cache, tmp_path):
+    """A killed run's folder holding a file whose name `out` already has: the file comes back
+    under another name; one that cannot come back keeps its folder."""
+    out = tmp_path / "r"
     write_report(cache, str(out), CONFIG, device="cpu", show_progress=False)
-    assert (out / "notes.txt").read_text() == "mine" and (out / "index.html").is_file()
-    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".r."))
-    assert left == [building.name]
-    assert "restored the earlier report" in caplog.text and "moved notes.txt back" in caplog.text
+    (out / "notes.txt").write_text("new notes")
+    debris = tmp_path / ".r.engine-report-new-h-1-dddddddddddd"
+    debris.mkdir()
+    (debris / "notes.txt").write_text("old notes")
+    write_report(cache, str(out), CONFIG, device="cpu", show_progress=False)
+    assert (out / "notes.txt").read_text() == "new notes"
+    assert (out / "notes.txt.recovered-1").read_text() == "old notes" and not debris.exists()
+    stray = tmp_path / "elsewhere"   # OUT is gone and nothing to restore: the folder is kept
+    stray_debris = tmp_path / ".elsewhere.engine-report-new-h-1-eeeeeeeeeeee"
+    stray_debris.mkdir()
+    (stray_debris / "mine.txt").write_text("x")
+    from engine.report import _recover
+
+    assert any("kept" in line for line in _recover(stray)) and (stray_debris / "mine.txt").exists()
 
 
 def test_a_rerun_reuses_thumbnails_and_rereads_only_a_changed_shard(cache, tmp_path, monkeypatch):
@@ -518,6 +531,10 @@ def test_a_rerun_reuses_thumbnails_and_rereads_only_a_changed_shard(cache, tmp_p
     changed = {k for k, v in thumbs().items() if before.get(k) != v}
     assert changed and all(k.startswith("thumbs/00001/") for k in changed)
     assert third["thumbnails_reused"] == third["thumbnails"] - len(changed)
+    for broken in ('{"size": 64, "format": "%s", "shards": []}' % THUMB_FORMAT,
+                   '{"size": 64, "format": "%s", "shards": {"00000": {"keys": 3}}}' % THUMB_FORMAT, "{"):
+        (out / "thumbs" / "index.json").write_text(broken)  # misshapen: ignored, nothing reused
+        assert write_report(cache, str(out), CONFIG, device="cpu", show_progress=False)["thumbnails_reused"] == 0
 
 
 def test_a_failed_rerun_leaves_the_earlier_report(cache, tmp_path, monkeypatch):
