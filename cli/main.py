@@ -559,7 +559,7 @@ def _pack_lines(s: dict):
 @cli.command("report")
 @click.option("--cache", default="feats.zarr", show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Report folder: new, empty, or an earlier report (which is replaced).")
+              help="Report folder: new, empty, or an earlier report (which is replaced; its thumbnails are reused where the shard is unchanged).")
 @click.option("--per-class", type=int, default=24, show_default=True,
               help="Rejected samples shown per class page, most suspicious first.")
 @click.option("--thumb", type=int, default=96, show_default=True, help="Thumbnail size in pixels (longer side).")
