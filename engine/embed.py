@@ -222,7 +222,7 @@ def _embed(specs, cache_path, config, group: ProcessGroup, show_progress) -> dic
     cache = group.on_every_rank(lambda: Cache(cache_path, mode="a"))
     cache.run_id = plan["run"]
     order = [i for i, _ in plan["shards"]]
-    mine = split_for_rank(plan["shards"], group.rank, group.world_size)
+    mine = split_for_rank(plan["shards"], group.rank, group.world_size, plan["sizes"])  # by bytes when uneven
     summary["shards"]["this_rank"] = len(mine)
     writer = _Writer(cache, consolidate=order if group.is_leader else None, timer=timer)
     local, crash = {"done": [], "failed": [], "new_rows": 0, "error": None, "stopped": False}, None
@@ -295,9 +295,12 @@ def _prepare(cache_path, pending, loaded, class_set, dtype, device) -> dict:
     cache = Cache(cache_path, mode="a", create=True)
     cache.initialise(loaded.identity, dim=loaded.embed_dim, precision=_PRECISION_NAMES[dtype])
     updated = _update_prompts(cache, class_set, loaded, device) if class_set else False
-    index = cache.register_shards(pending, shard_fingerprints(pending))
+    fingerprints = shard_fingerprints(pending)
+    index = cache.register_shards(pending, fingerprints)
     cache.root.require_group("staging")
-    return {"shards": [(index[u], u) for u in pending], "prompts_updated": updated, "run": uuid.uuid4().hex[:12]}
+    sizes = [int(fingerprints[u].split(":", 1)[0]) if fingerprints.get(u) else None for u in pending]
+    return {"shards": [(index[u], u) for u in pending], "sizes": sizes, "prompts_updated": updated,
+            "run": uuid.uuid4().hex[:12]}
 
 
 def _complete(cache: Cache, order: list[int], staged: list[int]) -> dict:

@@ -70,9 +70,33 @@ def expand_shards(specs: list[str] | tuple[str, ...]) -> list[str]:
     return sorted(dict.fromkeys(urls))
 
 
-def split_for_rank(shards: list, rank: int, world_size: int) -> list:
-    """Rank `rank`'s share of a sorted plan of shards: every world_size-th, from `rank` on."""
-    return shards[rank::world_size]
+def split_for_rank(shards: list, rank: int, world_size: int, sizes: list | None = None, *,
+                   tolerance: float = 0.05) -> list:
+    """Rank `rank`'s share of a plan of shards, in plan order; every rank computes the same split.
+
+    Every world_size-th shard from `rank` on (round robin, which keeps ranks moving through the
+    plan together, so the leader can append the committed prefix as it grows). When `sizes`
+    (bytes per shard, all known) show that round robin leaves the busiest rank more than
+    `tolerance` above the mean, the shards are balanced by bytes instead: largest first, each to
+    the rank with the fewest bytes so far (ties: plan order, lower rank), the LPT rule, within
+    4/3 of the best possible split; it is used only when it beats round robin."""
+    robin = shards[rank::world_size]
+    if world_size == 1 or sizes is None or len(sizes) != len(shards) or any(not s or s < 0 for s in sizes):
+        return robin
+    loads = [sum(sizes[r::world_size]) for r in range(world_size)]
+    if max(loads) <= (1 + tolerance) * sum(sizes) / world_size:
+        return robin
+    import heapq
+
+    heap = [(0, r) for r in range(world_size)]
+    owner = [0] * len(shards)
+    for i in sorted(range(len(shards)), key=lambda i: (-sizes[i], i)):
+        load, r = heapq.heappop(heap)
+        owner[i] = r
+        heapq.heappush(heap, (load + sizes[i], r))
+    if max(load for load, _ in heap) >= max(loads):
+        return robin
+    return [shard for shard, r in zip(shards, owner) if r == rank]
 
 
 def parse_label(sample: dict, key: str | None) -> int | None:

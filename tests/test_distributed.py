@@ -141,6 +141,28 @@ def test_two_ranks_write_the_same_cache_as_one_process(shards, reference, tmp_pa
     assert summary["ranks"] == 2 and summary["new_rows"] == reference["rows"] and summary["shards"]["done"] == 6
 
 
+def test_uneven_shards_are_split_by_bytes_and_still_equal_one_process(tmp_path):
+    """One shard of 60 images and three of 10: round robin would give rank 0 70 images and
+    rank 1 20; split by bytes, rank 0 takes the big shard alone. The cache still equals a
+    1-process run's, row for row."""
+    import json
+
+    out = tmp_path / "uneven"
+    big = write_shards(out, ShapesConfig(classes=10, per_shard=60, shards=1, seed=21, prefix="a"))
+    small = write_shards(out, ShapesConfig(classes=10, per_shard=10, shards=3, seed=22, prefix="b"))
+    made = {"shards": big["shards"] + small["shards"], "classes_file": big["classes_file"]}
+    reference = str(tmp_path / "ref.zarr")
+    embed_shards(made["shards"], reference, EmbedConfig(classes=made["classes_file"], true_label_key="true_cls",
+                                                        workers=1), rank=0, world_size=1)
+    path = str(tmp_path / "two.zarr")
+    done = _torchrun(made, path)
+    summary = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    assert summary["shards"]["this_rank"] == 1  # rank 0: the big shard only
+    got, ref = _contents(path), _contents(reference)
+    _assert_same_set(got, ref)
+    assert (got["keys"] == ref["keys"]).all()
+
+
 def test_a_killed_rank_leaves_its_shards_undone_and_a_rerun_finishes_them(shards, reference, tmp_path):
     path = str(tmp_path / "killed.zarr")
     _kill_rank_mid_run(shards, path)
