@@ -223,11 +223,10 @@ class Cache:
                 finally:
                     self._lease = None
             return
-        import fcntl
+        from engine.files import lock_folder
 
-        fd = os.open(self.path, os.O_RDONLY)  # flock on the directory itself: no extra file
+        fd = lock_folder(self.path)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             self.root = zarr.open_group(self.path, mode="a")  # another process may have changed it
             yield
         finally:
@@ -400,12 +399,8 @@ class Cache:
         return outcome
 
     def _find_duplicates(self, keys: np.ndarray, rows: int):
-        """(key, row) of the first of `keys` already among the first `rows` rows, or None. The
-        key map is rebuilt when another job appended rows since it was made."""
-        if self._key_rows is None or len(self._key_rows) != rows:
-            stored = self.root["images/keys"][:rows] if rows else []
-            self._key_rows = {k: i for i, k in enumerate(np.asarray(stored, dtype=object).tolist())}
-        lookup = self._key_rows
+        """(key, row) of the first of `keys` already among the first `rows` rows, or None."""
+        lookup = self.key_rows(rows)
         for key in keys.tolist():
             row = lookup.get(key)
             if row is not None:
@@ -539,10 +534,14 @@ class Cache:
             raise EngineError(f"rows: expected indices in [0, {self.num_rows}), got {rows.min()}..{rows.max()}")
         return self.root["images/features"].get_orthogonal_selection((rows, slice(None)))
 
-    def key_rows(self) -> dict:
-        """key → row, built once per Cache object (again when rows were appended meanwhile)."""
-        if self._key_rows is None or len(self._key_rows) != self.num_rows:
-            self._key_rows = {k: i for i, k in enumerate(self.keys().tolist())}
+    def key_rows(self, rows: int | None = None) -> dict:
+        """key → row of the first `rows` rows (default: the recorded ones; a consolidation passes
+        the rows it has appended so far), built once per Cache object and again when the row
+        count changed (another job appended rows)."""
+        rows = self.num_rows if rows is None else rows
+        if self._key_rows is None or len(self._key_rows) != rows:
+            stored = self.root["images/keys"][:rows] if rows else []
+            self._key_rows = {k: i for i, k in enumerate(np.asarray(stored, dtype=object).tolist())}
         return self._key_rows
 
     def row_of(self, key: str) -> int:

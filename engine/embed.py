@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from engine import models
 from engine.cache import Cache
 from engine.classes import encode_prompts, load_classes
-from engine.reader import ReaderConfig, ShardReader, expand_shards, shard_fingerprints, split_for_rank
+from engine.reader import (ReaderConfig, ShardReader, expand_shards, fingerprint_size, shard_fingerprints,
+                           split_for_rank)
 from engine.distributed import ProcessGroup, process_group
 from engine.runtime import EngineError, Timer, autocast, available_cores, distributed_context, progress, \
     resolve_device, resolve_precision, worker_init_single_thread
@@ -27,6 +28,11 @@ _logger = logging.getLogger(__name__)
 _SLOW_WRITE = float(os.environ.get("ENGINE_TEST_SLOW_WRITE", "0") or 0)
 _SLOW_BATCH = float(os.environ.get("ENGINE_TEST_SLOW_BATCH", "0") or 0)
 _SLOW_RANK = os.environ.get("ENGINE_TEST_SLOW_WRITE_RANK")   # only this rank is slowed (tests)
+
+
+def _slowed(seconds: float) -> float:
+    """A testing aid's delay on this rank (all ranks unless ENGINE_TEST_SLOW_WRITE_RANK names one)."""
+    return seconds if _SLOW_RANK in (None, os.environ.get("RANK", "0")) else 0.0
 CONSOLIDATE_EVERY_S = float(os.environ.get("ENGINE_CONSOLIDATE_EVERY_S", "5"))
 _PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -113,7 +119,7 @@ class _Writer(threading.Thread):
         cat = (lambda name: np.concatenate([getattr(p[1], name) for p in parts]) if parts
                else np.zeros(0, np.int32))
         keys = [k for p in parts for k in p[1].keys]
-        if _SLOW_WRITE and _SLOW_RANK in (None, os.environ.get("RANK", "0")):
+        if _slowed(_SLOW_WRITE):
             time.sleep(_SLOW_WRITE)  # testing aid: widen the window in which a kill lands mid-run
         self.cache.stage_shard(shard, features=feats, keys=keys, labels=cat("labels"),
                                true_labels=cat("true_labels"), positions=cat("positions"), outcome=record)
@@ -298,7 +304,7 @@ def _prepare(cache_path, pending, loaded, class_set, dtype, device) -> dict:
     fingerprints = shard_fingerprints(pending)
     index = cache.register_shards(pending, fingerprints)
     cache.root.require_group("staging")
-    sizes = [int(fingerprints[u].split(":", 1)[0]) if fingerprints.get(u) else None for u in pending]
+    sizes = [fingerprint_size(fingerprints.get(u)) for u in pending]
     return {"shards": [(index[u], u) for u in pending], "sizes": sizes, "prompts_updated": updated,
             "run": uuid.uuid4().hex[:12]}
 
@@ -368,7 +374,7 @@ def _consume(loader, loaded, device, dtype, writer, timer, bar, should_stop) -> 
     shard in progress is dropped, finished ones are still staged by the writer)."""
     rows = 0
     batches = iter(loader)
-    slow = _SLOW_BATCH if _SLOW_RANK in (None, os.environ.get("RANK", "0")) else 0.0
+    slow = _slowed(_SLOW_BATCH)
     with torch.inference_mode():
         while True:
             reason = should_stop()

@@ -9,6 +9,24 @@ from pathlib import Path
 from typing import IO, Iterator
 
 
+def lock_folder(folder: str | os.PathLike, *, wait: bool = True) -> int | None:
+    """An exclusive `flock` on the folder itself (no extra file), held while the returned fd is
+    open; it follows the folder through renames. With `wait=False`, None when another process
+    holds it (a way to tell whether that process is still alive)."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def fsync_dir(directory: str | os.PathLike) -> None:
     """Make a rename inside `directory` durable (best effort: not every file system allows it)."""
     try:

@@ -25,6 +25,7 @@ one job per cache at a time).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -75,6 +76,7 @@ def _missing(err: BaseException) -> bool:
     return isinstance(err, FileNotFoundError) or code in ("404", "NoSuchKey") or status == 404
 
 
+@functools.cache
 def _check_client_supports_conditions() -> None:
     """s3fs drops keyword arguments its botocore does not know, which would make every
     conditional PUT unconditional: refuse instead of pretending to lock."""
@@ -139,8 +141,12 @@ class S3Lease:
         return EngineError(f"cache: {doing} the lock {self.url}/{LOCK_NAME} failed: {type(err).__name__}: {err}")
 
     def _ours(self) -> str | None:
-        """Our etag when the stored lock object is ours (a retried write that had succeeded)."""
-        current = self._head()
+        """Our etag when the stored lock object is ours (a retried write that had succeeded);
+        None when it is another's, absent, or cannot be read now."""
+        try:
+            current = self._head()
+        except EngineError:
+            return None
         if current is not None and current[1].get("nonce") == self.nonce:
             return current[0]
         return None
@@ -245,10 +251,7 @@ class S3Lease:
                 try:
                     self.etag = self._put(IfMatch=self.etag)
                 except Exception as err:
-                    try:
-                        mine = self._ours() if (_precondition_failed(err) or _conflict(err)) else None
-                    except EngineError:
-                        mine = None
+                    mine = self._ours() if (_precondition_failed(err) or _conflict(err)) else None
                     if mine is not None:   # the write had landed (a retried request), or a 409
                         self.etag = mine
                         continue
@@ -291,10 +294,7 @@ class S3Lease:
                     _logger.warning("cache %s: releasing the lock failed (%s); it expires in %.0f s",
                                     self.url, err, self.ttl)
                     return
-                try:
-                    mine = self._ours()
-                except EngineError:
-                    mine = None
+                mine = self._ours()
                 if mine is None and _precondition_failed(err):
                     self.lost = "another job took it over"
                     return

@@ -199,6 +199,11 @@ def shard_fingerprints(urls: list[str], *, edge_bytes: int = 16384) -> dict[str,
     return out
 
 
+def fingerprint_size(fingerprint: str | None) -> int | None:
+    """The byte size inside a `shard_fingerprints` value, None when there is none."""
+    return int(fingerprint.split(":", 1)[0]) if fingerprint else None
+
+
 def _remote_exists(url: str) -> bool:
     import fsspec
 

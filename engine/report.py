@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.cache import Cache
+from engine.files import lock_folder, read_json
 from engine.runtime import EngineError, Timer, available_cores, progress, resolve_device
 
 _logger = logging.getLogger(__name__)
@@ -317,8 +318,8 @@ def _previous_thumbnails(previous: Path | None, size: int) -> dict:
     if previous is None:
         return {}
     try:
-        index = json.loads((previous / THUMB_INDEX).read_text())
-    except (OSError, ValueError):
+        index = read_json(previous / THUMB_INDEX)
+    except ValueError:
         return {}
     if not (isinstance(index, dict) and index.get("size") == size and index.get("format") == THUMB_FORMAT
             and isinstance(index.get("shards"), dict)):
@@ -335,12 +336,8 @@ def _thumb_fingerprints(urls: list[str]) -> dict:
 
     out = shard_fingerprints(urls)
     for url, fingerprint in out.items():
-        if fingerprint is not None and "://" not in url and not url.startswith("pipe:"):
-            try:
-                st = os.stat(url)
-            except OSError:
-                out[url] = None
-                continue
+        if fingerprint is not None and os.path.isfile(url):   # object stores: the ETag already says it
+            st = os.stat(url)
             out[url] = f"{fingerprint}:{st.st_mtime_ns}:{st.st_ino}"
     return out
 
@@ -852,23 +849,9 @@ def _is_output(name: str) -> bool:
 
 def _hidden_sibling(out: Path, what: str) -> Path:
     """`.<out>.engine-report-<new|old>-<host>-<pid>-<random>` (host and pid for a person reading
-    the folder; whether its run is alive is told by the lock it holds, see `_hold`)."""
+    the folder; whether its run is alive is told by the lock it holds, `files.lock_folder`)."""
     host = socket.gethostname().replace("-", "_") or "host"
     return out.parent / f".{out.name}.engine-report-{what}-{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-
-
-def _hold(folder: Path) -> int | None:
-    """An exclusive `flock` on `folder` (kept while the returned fd is open; it follows the
-    folder through renames), or None when another process holds it."""
-    import fcntl
-
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
 
 
 def _dead_siblings(out: Path) -> list[tuple[str, Path, int]]:
@@ -881,10 +864,18 @@ def _dead_siblings(out: Path) -> list[tuple[str, Path, int]]:
         what = path.name[len(out.name) + len(".engine-report-") + 1:].split("-", 1)[0]
         if what not in ("new", "old") or not path.is_dir() or path.is_symlink():
             continue
-        fd = _hold(path)
+        fd = lock_folder(path, wait=False)
         if fd is not None:
             found.append((what, path, fd))
     return found
+
+
+def _free_name(folder: Path, name: str) -> Path | None:
+    """`folder/name`, or `folder/name.recovered-K` for the first K free, None after 99."""
+    for candidate in [name] + [f"{name}.recovered-{k}" for k in range(1, 100)]:
+        if not (folder / candidate).exists():
+            return folder / candidate
+    return None
 
 
 def _recover(out: Path) -> list[str]:
@@ -908,19 +899,17 @@ def _recover(out: Path) -> list[str]:
             for entry in sorted(path.iterdir()):
                 if _is_output(entry.name):
                     continue
-                target = out / entry.name
-                for k in range(1, 100):
-                    if not target.exists():
-                        break
-                    target = out / f"{entry.name}.recovered-{k}"
+                target = _free_name(out, entry.name) if out.is_dir() else None
                 try:
-                    if not out.is_dir() or target.exists():
-                        raise OSError("no place for it")
-                    os.rename(entry, target)  # the user's own files, moved by the swap
-                    done.append(f"moved {entry.name} back into {out}" + (f" as {target.name}" if target.name != entry.name
-                                                                          else ""))
+                    if target is not None:
+                        os.rename(entry, target)  # the user's own files, moved by the swap
                 except OSError:
+                    target = None
+                if target is None:
                     kept.append(entry.name)
+                else:
+                    done.append(f"moved {entry.name} back into {out}"
+                                + (f" as {target.name}" if target.name != entry.name else ""))
             if kept:
                 done.append(f"kept {path.name}: it holds {', '.join(kept[:3])} that could not be moved into {out}")
                 continue
@@ -996,11 +985,11 @@ def write_report(cache_path: str, out_dir: str, config: ReportConfig | None = No
     with timer("load"):
         data = _read_rows(cache)
     stage = _stage(out)      # built here, swapped in at the end: a failure leaves the earlier report
-    held = [_hold(stage)]    # tells a later run that this one is alive (see `_recover`)
+    held = [lock_folder(stage, wait=False)]   # tells a later run that this one is alive (see `_recover`)
     try:
         summary = _write(cache, cache_path, data, stage, out, config, device, show_progress, timer, started)
         if out.is_dir():
-            held.append(_hold(out))  # the earlier report, while the swap renames it away
+            held.append(lock_folder(out, wait=False))  # the earlier report, while the swap renames it away
         _swap_in(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

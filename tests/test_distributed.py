@@ -272,23 +272,28 @@ def test_a_shard_failing_on_rank_1_is_recorded_by_rank_0_and_retried_by_a_rerun(
     assert sorted(got["keys"]) == sorted(reference["keys"])
 
 
-def test_strict_stop_on_rank_1_stops_every_rank_with_one_line(shards, tmp_path):
+def _spoil_image(shard: str, position: int) -> str:
+    """Rewrite `shard` with the image at `position` replaced by bytes that do not decode; its key."""
     import webdataset as wds
 
     from engine.reader import read_samples
 
-    copy = _copy_shards(shards, tmp_path / "shards")
-    victim = copy["shards"][5]  # rank 1's last shard
-    samples = [s for _, s in read_samples(victim)]
-    samples[4]["jpg"] = b"this is not an image"
-    with wds.TarWriter(victim, encoder=False) as sink:
+    samples = [s for _, s in read_samples(shard)]
+    samples[position]["jpg"] = b"this is not an image"
+    with wds.TarWriter(shard, encoder=False) as sink:
         for sample in samples:
             sink.write(sample)
+    return samples[position]["__key__"]
+
+
+def test_strict_stop_on_rank_1_stops_every_rank_with_one_line(shards, tmp_path):
+    copy = _copy_shards(shards, tmp_path / "shards")
+    bad_key = _spoil_image(copy["shards"][5], 4)  # rank 1's last shard
     path = str(tmp_path / "c.zarr")
     start = time.time()
     done = _torchrun(copy, path, extra=("--strict",), expect=2)
     assert time.time() - start < 120
-    assert samples[4]["__key__"] in done.stderr and "--strict" in done.stderr
+    assert bad_key in done.stderr and "--strict" in done.stderr
     cache = Cache(path)
     status = [s["status"] for s in cache.manifest["shards"]]
     assert status[5] != "done" and status.count("done") >= 3  # rank 0's shards are all kept
@@ -298,23 +303,14 @@ def test_a_strict_stop_on_rank_1_reaches_rank_0_mid_run(shards, tmp_path):
     """Rank 1 fails on its first shard while rank 0 is slow: rank 0 stops at its next batch
     (through the rendezvous store) instead of finishing its shards, keeps what it staged, and
     the job's message is rank 1's reason, not rank 0's "stopped"."""
-    import webdataset as wds
-
-    from engine.reader import read_samples
-
     copy = _copy_shards(shards, tmp_path / "shards")
-    victim = copy["shards"][1]  # rank 1's first shard
-    samples = [s for _, s in read_samples(victim)]
-    samples[0]["jpg"] = b"this is not an image"
-    with wds.TarWriter(victim, encoder=False) as sink:
-        for sample in samples:
-            sink.write(sample)
+    bad_key = _spoil_image(copy["shards"][1], 0)  # rank 1's first shard
     path = str(tmp_path / "c.zarr")
     # rank 0: 3 shards x 5 batches x 0.4 s = 6 s of work if nobody stops it
     done = _torchrun(copy, path, extra=("--strict", "--batch-size", "4"), expect=2,
                      env={"ENGINE_TEST_SLOW_BATCH": "0.4", "ENGINE_TEST_SLOW_WRITE_RANK": "0"})
     last = next(line for line in done.stderr.splitlines() if "rank(s) failed" in line or "--strict" in line)
-    assert samples[0]["__key__"] in last and "--strict" in last and "stopped because" not in last
+    assert bad_key in last and "--strict" in last and "stopped because" not in last
     status = [s["status"] for s in Cache(path).manifest["shards"]]
     assert status[1] != "done" and status[4] != "done", status  # rank 0 never reached its last shard
     assert all(s in ("done", "pending") for s in status)

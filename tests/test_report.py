@@ -454,7 +454,7 @@ def test_a_run_killed_mid_swap_or_mid_build_is_undone_by_the_next(cache, tmp_pat
     import os
     import shutil
 
-    from engine import report as report_module
+    from engine.files import lock_folder
 
     out = tmp_path / "r"
     write_report(cache, str(out), CONFIG, device="cpu", show_progress=False)
@@ -466,7 +466,7 @@ def test_a_run_killed_mid_swap_or_mid_build_is_undone_by_the_next(cache, tmp_pat
     (old / "notes.txt").unlink()                    # and the user's file already moved into it
     live = tmp_path / ".r.engine-report-new-otherhost-4243-cccccccccccc"
     live.mkdir()
-    holder = report_module._hold(live)              # a report still running, on any host
+    holder = lock_folder(live, wait=False)             # a report still running, on any host
     try:
         write_report(cache, str(out), CONFIG, device="cpu", show_progress=False)
         assert (out / "notes.txt").read_text() == "mine" and (out / "index.html").is_file()
