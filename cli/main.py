@@ -267,6 +267,8 @@ def _select_lines(s: dict):
                "classifier accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in m["accuracy"].items()))
     if s.get("out"):
         yield f"  table: {s['out']}"
+    for line in s.get("warnings", []):
+        yield f"  warning: {line}"
 
 
 # ---------------------------------------------------------------- index / diagnose / neighbors

@@ -10,9 +10,13 @@
   bias not penalised, M labelled rows, K classes that have rows. It is solved by L-BFGS,
   full batch, with objective and gradient accumulated over row blocks (never more than
   `block_rows x C` logits at once), features kept in float16 and cast per block, on the
-  device asked for. As in scikit-learn the objective is minimised in its scaled form
-  `F = sum_i w_i CE_i / S + ||W||^2 / (2 c S)` (S = sum_i w_i) and `tol` bounds max |grad F|
-  (scikit-learn's `tol`, scipy's `gtol`).
+  device asked for. It is minimised in its scaled form `F = sum_i w_i CE_i / S + ||W||^2 / (2 c S)`
+  (S = sum_i w_i), but stopped as scikit-learn 1.2.2 (the authors' pin) stops: on the *summed*
+  objective `G = S F = sum_i w_i CE_i + ||W||^2 / (2 c)`, when max |grad G| <= `tol` (scipy's
+  `gtol`) or when an iteration lowers G by no more than `ftol` relative (scipy's default
+  2.2e-9). scikit-learn >= 1.4 applies the same `tol` to the scaled F instead, which at 1,000
+  classes is already met at the starting point (0 iterations, uniform probabilities); the rule
+  here means "converged" at any class count and any N.
   Classes without a labelled row are left out of the fit, as scikit-learn never sees them:
   their weight row is 0 and their bias `ABSENT_BIAS`, so their probability is 0 (exactly, in
   float32) while every log-probability stays finite. With 2 classes scikit-learn switches to
@@ -28,7 +32,7 @@ iterations about 1.7-2x (30 -> 15 at N=2k, 44 -> 26 at N=50k/C=100/D=512) and re
 objective than scikit-learn at the same `tol`. Measured and dropped: a warm start from a fit on
 nested 1/8 subsamples (more full-data iterations, not fewer: 26 vs 20 at N=200k), and one from
 class means (with balanced weights the first step from zero already is the class-mean
-direction). The stopping test is scikit-learn's: max |grad F| in (W, b) <= tol.
+direction). The stopping test is scikit-learn 1.2.2's, on the summed objective (above).
 """
 from __future__ import annotations
 
@@ -93,8 +97,10 @@ class LinearModel:
 
     weight (C, D) float32 and bias (C,) float32 on CPU; `present` (C,) bool the classes that had
     training rows (the others have weight 0, bias ABSENT_BIAS); `objective` in scikit-learn's
-    unscaled form 0.5 ||W||^2 + c sum_i w_i CE_i; `grad_max` max |grad F| of the scaled
-    objective at the solution; `converged` when grad_max <= tol."""
+    unscaled form 0.5 ||W||^2 + c sum_i w_i CE_i; `grad_max` max |grad G| of the summed
+    objective at the solution (the measure `tol` bounds); `stop` why the solver stopped:
+    "gtol" (grad_max <= tol), "ftol" (no relative progress beyond ftol), "max_iter" or
+    "line_search"; `converged` for the first two."""
 
     weight: torch.Tensor
     bias: torch.Tensor
@@ -104,9 +110,10 @@ class LinearModel:
     converged: bool
     objective: float
     grad_max: float
+    stop: str = "gtol"
 
     def summary(self) -> dict:
-        return {"n_iter": self.n_iter, "n_evals": self.n_evals, "converged": self.converged,
+        return {"n_iter": self.n_iter, "n_evals": self.n_evals, "converged": self.converged, "stop": self.stop,
                 "objective": self.objective, "grad_max": self.grad_max}
 
 
@@ -191,14 +198,14 @@ class _Objective:
         return loss, grad_w, grad_b
 
     def __call__(self, theta: torch.Tensor) -> tuple[float, torch.Tensor, float]:
-        """(F, grad F in the optimiser's coordinates, max |grad F| in (W, b))."""
+        """(F, grad F in the optimiser's coordinates, max |grad G| in (W, b) for the summed G = S F)."""
         self.evals += 1
         weight, bias = self.to_model(theta)
         loss, grad_w, grad_b = self.data_term(weight, bias)
         value = float(loss) / self.sw_sum + 0.5 * self.l2 * float((weight * weight).sum())
         grad_w = grad_w / self.sw_sum + self.l2 * weight
         grad_b = grad_b / self.sw_sum
-        gmax = max(float(grad_w.abs().max()), float(grad_b.abs().max()))
+        gmax = max(float(grad_w.abs().max()), float(grad_b.abs().max())) * self.sw_sum
         if self.whitening is not None:
             matrix, mean = self.whitening
             grad_w = (grad_w - grad_b[:, None] * mean[None, :]) @ matrix.T
@@ -268,12 +275,19 @@ def _first_step(grad: torch.Tensor) -> float:
     return 1.0 / max(float(grad.norm()), 1e-12)
 
 
-def _lbfgs(fun, theta, *, max_iter: int, tol: float, history_size: int, on_iter=None):
+def _lbfgs(fun, theta, *, max_iter: int, tol: float, ftol: float, history_size: int, value_scale: float = 1.0,
+           on_iter=None):
     """Minimise `fun` (theta -> (value, grad, stopping measure)) from `theta` until the measure is
-    <= tol; returns (theta, value, measure, n_iter, converged)."""
+    <= tol, or two iterations in a row lower the value by at most `ftol` relative (scipy's L-BFGS-B
+    test, (f_k - f_k+1) / max(|f_k|, |f_k+1|, 1) <= ftol on the value times `value_scale`, which
+    scipy applies to one iteration);
+    returns (theta, value, measure, n_iter, stop) with stop "gtol", "ftol", "max_iter" or
+    "line_search"."""
     value, grad, gmax = fun(theta)
     history: list = []
     n_iter = 0
+    stop = "gtol" if gmax <= tol else "max_iter"
+    flat = 0
     while gmax > tol and n_iter < max_iter:
         d = _two_loop(grad, history)
         gtd = float(grad.dot(d))
@@ -285,8 +299,11 @@ def _lbfgs(fun, theta, *, max_iter: int, tol: float, history_size: int, on_iter=
         if step is None:
             _logger.warning("linear: line search failed at iteration %d (max |grad| %.3g > tol %.3g); "
                             "stopping", n_iter, gmax, tol)
+            stop = "line_search"
             break
         t, value_new, grad_new, gmax = step
+        reduction = (value - value_new) * value_scale / max(abs(value) * value_scale,
+                                                            abs(value_new) * value_scale, 1.0)
         s, y = t * d, grad_new - grad
         ys = float(y.dot(s))
         if ys > 1e-10 * float(y.dot(y)) ** 0.5 * float(s.dot(s)) ** 0.5:
@@ -297,7 +314,13 @@ def _lbfgs(fun, theta, *, max_iter: int, tol: float, history_size: int, on_iter=
         n_iter += 1
         if on_iter is not None:
             on_iter(n_iter, value, gmax)
-    return theta, value, gmax, n_iter, gmax <= tol
+        flat = flat + 1 if ftol > 0 and reduction <= ftol else 0
+        if gmax <= tol:
+            stop = "gtol"
+        elif flat >= 2:   # twice in a row: one flat step can be float32 rounding in the value
+            stop = "ftol"
+            break
+    return theta, value, gmax, n_iter, stop
 
 
 def as_features(features, device: torch.device) -> torch.Tensor:
@@ -353,7 +376,7 @@ def _balanced_targets(labels, rows, num_classes):
     return present, targets, class_weight[targets].float()
 
 
-def _fit_rows(features, labels, rows, *, num_classes, c, max_iter, tol, whiten, history_size,
+def _fit_rows(features, labels, rows, *, num_classes, c, max_iter, tol, ftol, whiten, history_size,
               block_rows) -> LinearModel:
     """Fit on `rows` (M,) int64 (labelled) of features (N, D) float16 on the device; labels (N,) CPU."""
     device, dim = features.device, features.shape[1]
@@ -368,9 +391,10 @@ def _fit_rows(features, labels, rows, *, num_classes, c, max_iter, tol, whiten, 
         if it % 25 == 0:
             _logger.debug("linear: iteration %d, F %.10g, max|grad| %.3g", it, value, gmax)
 
-    theta, value, gmax, n_iter, converged = _lbfgs(
+    theta, value, gmax, n_iter, stop = _lbfgs(
         fun, torch.zeros(k * dim + k, dtype=torch.float64, device=device), max_iter=max_iter, tol=tol,
-        history_size=history_size, on_iter=on_iter)
+        ftol=ftol, history_size=history_size, value_scale=fun.sw_sum, on_iter=on_iter)
+    converged = stop in ("gtol", "ftol")
     weight, bias = fun.to_model(theta)
     full_w = torch.zeros(num_classes, dim, dtype=torch.float32)
     full_b = torch.full((num_classes,), ABSENT_BIAS, dtype=torch.float32)
@@ -380,16 +404,18 @@ def _fit_rows(features, labels, rows, *, num_classes, c, max_iter, tol, whiten, 
         _logger.warning("linear: not converged after %d iterations (max |grad| %.3g > tol %.3g)",
                         n_iter, gmax, tol)
     return LinearModel(weight=full_w, bias=full_b, present=present, n_iter=n_iter, n_evals=fun.evals,
-                       converged=bool(converged), objective=value * c * fun.sw_sum, grad_max=gmax)
+                       converged=bool(converged), objective=value * c * fun.sw_sum, grad_max=gmax, stop=stop)
 
 
-def _check_fit_options(c, max_iter, tol, whiten, history_size, block_rows) -> None:
+def _check_fit_options(c, max_iter, tol, ftol, whiten, history_size, block_rows) -> None:
     if not (isinstance(c, (int, float)) and c > 0 and math.isfinite(c)):
         raise EngineError(f"c: got {c!r}, expected a positive finite number")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise EngineError(f"max_iter: got {max_iter!r}, expected a positive integer")
     if not (isinstance(tol, (int, float)) and tol > 0):
         raise EngineError(f"tol: got {tol!r}, expected a positive number")
+    if not (isinstance(ftol, (int, float)) and ftol >= 0):
+        raise EngineError(f"ftol: got {ftol!r}, expected a number >= 0 (0: stop on tol only)")
     if isinstance(whiten, bool) or not isinstance(whiten, (int, float)) or not 0 <= whiten < math.inf:
         raise EngineError(f"whiten: got {whiten!r}, expected a ridge >= 0 (0 = no whitening)")
     if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1:
@@ -399,20 +425,24 @@ def _check_fit_options(c, max_iter, tol, whiten, history_size, block_rows) -> No
         raise EngineError(f"block_rows: got {block_rows!r}, expected a positive integer or None (auto)")
 
 
+FTOL = 2.220446049250313e-09   # scipy's L-BFGS-B default (factr 1e7), as scikit-learn 1.2.2 ran it
+
+
 def fit_linear(features, labels, *, num_classes: int | None = None, c: float = 1.0, max_iter: int = 10_000,
-               tol: float = 1e-4, whiten: float = 0.1, history_size: int = 10, device="auto",
+               tol: float = 1e-4, ftol: float = FTOL, whiten: float = 0.1, history_size: int = 10, device="auto",
                block_rows: int | None = None) -> LinearModel:
     """Fit scikit-learn's balanced multinomial logistic regression on the labelled rows.
 
     features (N, D) float16 (other float dtypes are cast: a float16 copy), unit rows;
-    labels (N,) int, -1 = unlabelled (left out). `tol` bounds max |grad| of the scaled objective
-    in (W, b), as scikit-learn's `tol`; `whiten` is the ridge of the whitening preconditioner
+    labels (N,) int, -1 = unlabelled (left out). `tol` bounds max |grad| of the summed objective
+    in (W, b) and `ftol` its relative progress per iteration, as scikit-learn 1.2.2 ran scipy's
+    L-BFGS-B (module docstring); `whiten` is the ridge of the whitening preconditioner
     (a fraction of the mean feature variance; 0 = none); `history_size` is L-BFGS's memory
     (scipy's default 10). Deterministic for a given device and block size.
     Memory: the float16 features on `device` (a copy unless already there), 3 * M int64/float32
     per-row arrays, blocks of block_rows x (D + C) float32 (reused), 2 * history_size + 6
     vectors of C x (D + 1) float64 and a D x D float64 whitening matrix."""
-    _check_fit_options(c, max_iter, tol, whiten, history_size, block_rows)
+    _check_fit_options(c, max_iter, tol, ftol, whiten, history_size, block_rows)
     device = _resolve(device)
     feats = as_features(features, device)
     labs, num_classes = as_labels(labels, len(feats), num_classes)
@@ -420,7 +450,7 @@ def fit_linear(features, labels, *, num_classes: int | None = None, c: float = 1
     if len(rows) == 0:
         raise EngineError("labels: got no labelled row (all -1), expected at least one to fit on")
     block_rows = block_rows or linear_block_rows(feats.shape[1], num_classes, device)
-    return _fit_rows(feats, labs, rows, num_classes=num_classes, c=c, max_iter=max_iter, tol=tol,
+    return _fit_rows(feats, labs, rows, num_classes=num_classes, c=c, max_iter=max_iter, tol=tol, ftol=ftol,
                      whiten=whiten, history_size=history_size, block_rows=block_rows)
 
 
@@ -445,7 +475,8 @@ def stratified_folds(labels, folds: int, *, seed: int = 0) -> np.ndarray:
 
 
 def fit_linear_folds(features, labels, *, folds: int, num_classes: int | None = None, c: float = 1.0,
-                     max_iter: int = 10_000, tol: float = 1e-4, whiten: float = 0.1, history_size: int = 10,
+                     max_iter: int = 10_000, tol: float = 1e-4, ftol: float = FTOL, whiten: float = 0.1,
+                     history_size: int = 10,
                      device="auto", block_rows: int | None = None,
                      seed: int = 0) -> tuple[list[LinearModel], np.ndarray]:
     """K = `folds` models, model k fitted on the labelled rows outside fold k (`stratified_folds`).
@@ -454,7 +485,7 @@ def fit_linear_folds(features, labels, *, folds: int, num_classes: int | None = 
     Other arguments and memory as `fit_linear` (one model at a time)."""
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
         raise EngineError(f"folds: got {folds!r}, expected an integer >= 2 (0 = in-sample, no folds)")
-    _check_fit_options(c, max_iter, tol, whiten, history_size, block_rows)
+    _check_fit_options(c, max_iter, tol, ftol, whiten, history_size, block_rows)
     device = _resolve(device)
     feats = as_features(features, device)
     labs, num_classes = as_labels(labels, len(feats), num_classes)
@@ -470,7 +501,7 @@ def fit_linear_folds(features, labels, *, folds: int, num_classes: int | None = 
         rows = torch.nonzero(labelled & (fold_t != k)).squeeze(1)
         _logger.info("linear: fold %d/%d, %d training rows", k + 1, folds, len(rows))
         models.append(_fit_rows(feats, labs, rows, num_classes=num_classes, c=c, max_iter=max_iter, tol=tol,
-                                whiten=whiten, history_size=history_size, block_rows=block_rows))
+                                ftol=ftol, whiten=whiten, history_size=history_size, block_rows=block_rows))
     return models, fold
 
 

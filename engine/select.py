@@ -106,7 +106,7 @@ class SelectConfig:
     tau: float = 0.07                 # zero-shot temperature
     linear_c: float = 1.0             # inverse penalty, scikit-learn's C
     linear_max_iter: int = 10_000
-    linear_tol: float = 1e-4          # max |grad| of the scaled objective (scikit-learn's tol)
+    linear_tol: float = 1e-4          # max |grad| of the summed objective (scikit-learn 1.2.2's tol)
     linear_whiten: float = 0.1        # ridge of the whitening preconditioner (0 = none)
     linear_folds: int = 0             # 0: in-sample (the paper); K >= 2: out-of-fold
     gmm_max_iter: int = 100
@@ -419,6 +419,50 @@ def selection_metrics(selected, labels, true_labels) -> dict:
             "noise_rate": 1.0 - int(correct.sum()) / int(known.sum()) if known.any() else 0.0}
 
 
+def label_agreement(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+    """How a classifier's predictions (N,) agree with the given labels (N,) (-1 = unlabelled, left out).
+
+    agreement: share of labelled rows where pred == label; chance: the agreement expected if the
+    two were independent with the same marginals, sum_k p_label(k) p_pred(k); kappa: Cohen's
+    (agreement - chance) / (1 - chance), 0 for a classifier that knows nothing of the labels."""
+    known = labels >= 0
+    if not known.any():
+        return {"agreement": 0.0, "chance": 0.0, "kappa": 0.0}
+    p, y = np.asarray(pred)[known], np.asarray(labels)[known]
+    agreement = float((p == y).mean())
+    chance = float((np.bincount(y, minlength=num_classes) * np.bincount(p, minlength=num_classes)).sum()) / len(y) ** 2
+    kappa = (agreement - chance) / (1.0 - chance) if chance < 1.0 else 0.0
+    return {"agreement": round(agreement, 6), "chance": round(chance, 6), "kappa": round(kappa, 6)}
+
+
+FEW_ITERATIONS = 5        # a fit that stops sooner has hardly left its starting point
+CHANCE_KAPPA = 0.05       # agreement with the given labels this close to chance is a warning
+
+
+def classifier_warnings(info: Mapping[str, dict]) -> list[str]:
+    """One line per sign that a classifier did not work: a fit that stopped within a handful of
+    iterations, hit its iteration cap or lost its line search; predictions that agree with the
+    given labels no better than chance."""
+    out = []
+    for name, entry in info.items():
+        for k, fit in enumerate(entry.get("fit", [])):
+            which = name if len(entry["fit"]) == 1 else f"{name} (fold {k + 1})"
+            if fit["stop"] == "max_iter":
+                out.append(f"{which}: hit its iteration cap ({fit['n_iter']}) before converging "
+                           f"(max |grad| {fit['grad_max']:.3g}); raise linear_max_iter")
+            elif fit["stop"] == "line_search":
+                out.append(f"{which}: the line search failed after {fit['n_iter']} iterations "
+                           f"(max |grad| {fit['grad_max']:.3g}); its probabilities may be far from the optimum")
+            elif fit["n_iter"] < FEW_ITERATIONS:
+                out.append(f"{which}: stopped after only {fit['n_iter']} iterations "
+                           f"(max |grad| {fit['grad_max']:.3g}); check linear_tol")
+        agree = entry.get("labels")
+        if agree and agree["kappa"] < CHANCE_KAPPA:
+            out.append(f"{name}: agrees with the given labels on {agree['agreement']:.1%} of rows, no better than "
+                       f"chance ({agree['chance']:.1%}); check that the classes (prompts) match the labels")
+    return out
+
+
 def classifier_accuracy(pred, true_labels) -> float:
     """Fraction of rows with a known true label (>= 0) where pred (N,) == true_labels (N,); 0 if none."""
     pred, true_labels = np.asarray(pred), np.asarray(true_labels)
@@ -460,12 +504,13 @@ class SelectionResult:
     config: SelectConfig
     metrics: dict | None = None
     linear_models: list = field(default_factory=list, repr=False)
+    warnings: list = field(default_factory=list)
 
     def summary(self) -> dict:
-        """JSON-ready: counts, per-class figures, classifier info, metrics, timings and the config."""
+        """JSON-ready: counts, per-class figures, classifier info, metrics, timings, warnings and the config."""
         return {"rows": int(len(self.selected)), "counts": self.counts, "per_class": self.per_class,
                 "unlabelled": self.unlabelled, "classifiers": self.classifier_info, "metrics": self.metrics,
-                "timings": self.timings, "config": self.config.to_dict()}
+                "warnings": self.warnings, "timings": self.timings, "config": self.config.to_dict()}
 
     def columns(self) -> dict[str, np.ndarray]:
         """Per-row columns for a table: selected, filled, noise_score, then per pair its score and
@@ -686,6 +731,7 @@ def select_samples(features, labels, *, text_features=None, text_mask=None, conf
         with timer(f"score:{name}"):
             per[name] = _score_rows(name, fn, inputs, probs_path=path, show_progress=show_progress)
         _criterion_scores(per[name], inputs, groups, config, timer, info[name])
+        info[name]["labels"] = label_agreement(per[name]["prediction"], inputs.labels, inputs.num_classes)
     with timer("select"):
         combined = _combine(per, inputs, groups, config)
     models = [m for name in info for m in info[name].pop("models", [])]
@@ -693,7 +739,10 @@ def select_samples(features, labels, *, text_features=None, text_mask=None, conf
         predictions={k: v["prediction"] for k, v in per.items()},
         confidences={k: v["confidence"] for k, v in per.items()},
         loss_scores={k: v["loss_score"] for k, v in per.items()}, unlabelled=int((inputs.labels < 0).sum()),
-        classifier_info=info, timings=timer.rounded(), config=config, linear_models=models, **combined)
+        classifier_info=info, timings=timer.rounded(), config=config, linear_models=models,
+        warnings=classifier_warnings(info), **combined)
+    for line in result.warnings:
+        _logger.info("select: warning: %s", line)
     if inputs.true_labels is not None:
         result.metrics = selection_metrics(result.selected, inputs.labels, inputs.true_labels)
         result.metrics["accuracy"] = {k: classifier_accuracy(v, inputs.true_labels)

@@ -1,6 +1,8 @@
 """engine.classifiers: zero-shot against a slow reference, the linear classifier against scikit-learn."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -84,8 +86,8 @@ def sklearn_fits(blobs):
 def test_linear_probabilities_match_sklearn(blobs, sklearn_fits):
     """Tolerance: max |P - P_sklearn| <= 1e-4 with both solved tightly (measured ~3e-6)."""
     feats, labels, _ = blobs
-    model = fit_linear(feats, labels, tol=1e-7, device="cpu")
-    assert model.converged and model.grad_max <= 1e-7
+    model = fit_linear(feats, labels, tol=2e-4, ftol=0, device="cpu")   # summed-gradient tol: 1e-7 x 2,000 rows
+    assert model.converged and model.grad_max <= 2e-4
     probs = linear_log_probs(model, torch.from_numpy(feats)).exp().numpy()
     ref = sklearn_fits[1e-8].predict_proba(feats.astype(np.float64))
     assert np.abs(probs - ref).max() <= 1e-4
@@ -105,8 +107,8 @@ def test_linear_objective_not_worse_than_sklearn_at_same_tol(blobs, sklearn_fits
 
 def test_linear_whitening_changes_iterations_not_solution(blobs):
     feats, labels, _ = blobs
-    plain = fit_linear(feats, labels, tol=1e-7, whiten=0, device="cpu")
-    white = fit_linear(feats, labels, tol=1e-7, device="cpu")
+    plain = fit_linear(feats, labels, tol=2e-4, ftol=0, whiten=0, device="cpu")
+    white = fit_linear(feats, labels, tol=2e-4, ftol=0, device="cpu")
     x = torch.from_numpy(feats)
     diff = (linear_log_probs(plain, x).exp() - linear_log_probs(white, x).exp()).abs().max()
     assert float(diff) <= 1e-4
@@ -115,10 +117,10 @@ def test_linear_whitening_changes_iterations_not_solution(blobs):
 
 def test_linear_block_size_and_unlabelled_rows_do_not_change_the_fit(blobs):
     feats, labels, _ = blobs
-    whole = fit_linear(feats[:600], labels[:600], tol=1e-6, device="cpu")
+    whole = fit_linear(feats[:600], labels[:600], tol=6e-4, ftol=0, device="cpu")
     padded_labels = np.r_[labels[:600], -np.ones(50, np.int64)]
     padded = np.r_[feats[:600], feats[600:650]]
-    blocked = fit_linear(padded, padded_labels, tol=1e-6, block_rows=77, device="cpu")
+    blocked = fit_linear(padded, padded_labels, tol=6e-4, ftol=0, block_rows=77, device="cpu")
     x = torch.from_numpy(feats[:600])
     diff = (linear_log_probs(whole, x).exp() - linear_log_probs(blocked, x).exp()).abs().max()
     assert float(diff) <= 1e-4
@@ -186,3 +188,57 @@ def test_linear_on_gpu_matches_cpu():
     gpu = fit_linear(feats, labels, tol=1e-6, device="cuda")
     x = torch.from_numpy(feats)
     assert float((linear_log_probs(cpu, x).exp() - linear_log_probs(gpu, x).exp()).abs().max()) <= 1e-3
+
+
+# ----------------------------------------------------------------------------- many classes
+
+def _clip_like(n, c, d, seed=0):
+    from benchmarks.features import clip_features
+
+    feats, labels, truth, _, _ = clip_features(n, c, d, noise="sym", rate=0.4, seed=seed)
+    return feats, labels.astype(np.int64), truth
+
+
+@pytest.mark.parametrize("n,c,d", [(2000, 10, 32), (5000, 100, 32), (8000, 1000, 32)])
+def test_linear_reaches_sklearns_tight_optimum_at_10_100_1000_classes(n, c, d):
+    """Default stopping rule (scikit-learn 1.2.2's, on the summed objective) against scikit-learn run
+    to a tight tolerance on the same objective. Bounds: objective within 1e-7 relative and
+    max |P - P_sklearn| <= 1e-3 (measured 2e-12 to 2e-10 and 3e-6 to 1e-5)."""
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    feats, labels, _ = _clip_like(n, c, d)
+    x = feats.astype(np.float64)
+    model = fit_linear(feats, labels, num_classes=c, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk = linear_model.LogisticRegression(class_weight="balanced", max_iter=10_000, tol=1e-10).fit(x, labels)
+    ours = _sk_objective(model.weight.double().numpy(), model.bias.double().numpy(), x, labels)
+    theirs = _sk_objective(sk.coef_, sk.intercept_, x, labels)
+    assert model.converged and model.stop in ("gtol", "ftol")
+    assert ours <= theirs * (1 + 1e-7)
+    probs = linear_log_probs(model, torch.from_numpy(feats)).exp().numpy()
+    assert np.abs(probs - sk.predict_proba(x)).max() <= 1e-3
+
+
+def test_linear_does_not_stop_at_its_start_with_1000_classes():
+    """At 1,000 classes and D = 512 the *mean* objective's gradient at zero is already below 1e-4
+    (scikit-learn >= 1.4 stops there: 0 iterations, chance accuracy); the summed rule must not."""
+    feats, labels, truth = _clip_like(20_000, 1000, 512, seed=1)
+    x = feats.astype(np.float64)
+    classes, counts = np.unique(labels, return_counts=True)
+    w = (len(labels) / (len(classes) * counts))[np.searchsorted(classes, labels)]
+    resid = np.full((len(labels), 1000), 1 / 1000) * w[:, None]
+    resid[np.arange(len(labels)), labels] -= w
+    start_grad = np.abs(resid.T @ x).max() / w.sum()                  # max |grad F| at W = 0, b = 0 (bias grad is 0)
+    assert start_grad < 1e-4
+    model = fit_linear(feats, labels, num_classes=1000, max_iter=12, device="cpu")   # capped to keep the test short
+    assert model.n_iter == 12 and model.stop == "max_iter"
+    pred = linear_log_probs(model, torch.from_numpy(feats)).argmax(1).numpy()
+    assert (pred == truth).mean() > 0.5                               # chance is 0.001
+
+
+def test_ftol_stop_needs_two_flat_iterations_and_gtol_is_on_the_summed_scale(blobs):
+    feats, labels, _ = blobs
+    model = fit_linear(feats, labels, ftol=0.0, tol=1e-3, device="cpu")   # gtol only
+    assert model.stop == "gtol" and model.grad_max <= 1e-3
+    capped = fit_linear(feats, labels, max_iter=2, device="cpu")
+    assert capped.stop == "max_iter" and not capped.converged and capped.n_iter == 2

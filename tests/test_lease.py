@@ -162,7 +162,9 @@ def test_two_jobs_embed_into_one_s3_cache_at_once(many_shards, s3, tmp_path):
     assert got.num_rows == ref.num_rows == len(set(keys))
     order, ref_order = np.argsort(keys), np.argsort(ref_keys)
     assert (keys[order] == ref_keys[ref_order]).all()
-    np.testing.assert_array_equal(got.load_features()[order], ref.load_features()[ref_order])
+    # the jobs run with one torch thread, the reference with the test's: bf16 rounding may differ by an ulp
+    np.testing.assert_allclose(got.load_features()[order].astype(np.float32),
+                               ref.load_features()[ref_order].astype(np.float32), atol=2e-3)
     np.testing.assert_array_equal(got.labels()[order], ref.labels()[ref_order])
     urls = [s["url"] for s in got.manifest["shards"]]
     shard, position = got.provenance()
