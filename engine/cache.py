@@ -1,4 +1,6 @@
-"""The Zarr v3 feature cache: schema, per-shard commit, consolidation, and the reader API.
+"""The Zarr v3 feature cache: its layout, the read view (`Cache`) and the result groups of the
+later stages. Appending rows (staging, consolidation, trim, fencing) is `engine.append`; the lock
+is `engine.locks`; the typed result groups are `engine.results`. More in docs/architecture.md.
 
 Layout (a Zarr v3 group, a directory)::
 
@@ -13,20 +15,10 @@ Layout (a Zarr v3 group, a directory)::
     staging/<shard>-<run>/    one shard's rows while they are being committed
     selection/, index/, train/, diagnostics/   results of later stages
 
-Commit protocol. A shard's rows are first written to `staging/<shard>-<run>/` (arrays of its own, so
-concurrent writers never share a chunk), then marked committed by one atomic attribute
-write (a failed shard is staged the same way, with its error and no rows). A single
-consolidator (the process holding the cache lock; rank 0 under torch.distributed, the only
-writer of the manifest) appends committed staged shards to `images/*` at row `rows` and only
-then records the shard as done with one atomic manifest write. Rows beyond
-`manifest["rows"]` are never read and are overwritten by the next append, so a kill at any
-moment leaves either the old or the new state, never half a shard. Uncommitted staging is
-never read; a later run stages under its own run id, and `trim()` removes it once its shard
-is done.
-
-Where. A local directory, or any fsspec URL (`s3://bucket/feats.zarr`, `gs://...`) through
-zarr's fsspec store: every commit point above is then one object PUT, which object stores
-make atomic. Listing caches are off, so the consolidator sees other ranks' staged shards.
+Rows are appended one whole shard at a time (`engine.append`); readers see only the first
+`manifest["rows"]` rows. A result group is written under a new name and then pointed to from
+`results/` in one write, so a reader (or a killed writer's next run) sees the old group or the
+new one, never half of one.
 """
 from __future__ import annotations
 
@@ -35,8 +27,9 @@ import hashlib
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import zarr
@@ -49,10 +42,10 @@ FORMAT = "engine-cache"
 VERSION = 1
 CHUNK_ROWS = 8192
 MAX_BAD_RECORDED = 100       # per shard, in the manifest; the count is always exact
-_ROW_ARRAYS = {"labels": "int32", "true_labels": "int32", "shard": "int32", "position": "int32"}
+ROW_ARRAYS = {"labels": "int32", "true_labels": "int32", "shard": "int32", "position": "int32"}
 
 
-def _feature_codec():
+def feature_codec():
     """Blosc-lz4 with 2-byte shuffle: ~5-10% smaller fp16 features, negligible CPU, and padded
     partial chunks cost nothing on disk (see benchmarks/bench_embed.py for the measurement)."""
     from zarr.codecs import BloscCodec
@@ -98,7 +91,7 @@ def _open_group_once(path: str, mode: str):
     return zarr.open_group(path, mode=mode, storage_options=options)
 
 
-def _group_names(group) -> list[str]:
+def group_names(group) -> list[str]:
     """Child group names; quiet about debris (arrays of a group whose zarr.json a kill removed)."""
     import warnings
 
@@ -150,7 +143,6 @@ class Cache:
             raise missing from None
         except (OSError, PermissionError) as err:  # object stores: credentials, endpoint, bucket
             raise EngineError(f"cache: cannot open {self.path!r}: {type(err).__name__}: {err}") from None
-        self._applied: set[int] = set()   # shard indexes this object has consolidated
         attrs = dict(self.root.attrs)
         if attrs and attrs.get("format") != FORMAT:
             raise EngineError(f"cache: {self.path!r} is a Zarr group but not an engine cache")
@@ -159,303 +151,21 @@ class Cache:
                               f"this engine reads up to {VERSION}; upgrade the engine")
         self._key_rows: dict | None = None
         self._keys: np.ndarray | None = None
-        self._lease = None   # the S3 lease while `lock()` holds one
 
     # ------------------------------------------------------------ manifest
     @property
     def manifest(self) -> dict:
         return dict(self.root.attrs)
 
-    def _write_manifest(self, manifest: dict) -> None:
-        self._fence()
-        self.root.attrs.put(manifest)  # one atomic write of zarr.json
-
-    def _fence(self) -> None:
-        """Before each write under the lock: on S3, stop if the lease may have been taken over."""
-        if self._lease is not None:
-            self._lease.check()
-
-    def initialise(self, identity: dict, *, dim: int, precision: str, source: str = "embed") -> None:
-        """Create the schema for a new cache, or check the model of an existing one (under the
-        lock: two jobs starting on one new cache create it once)."""
-        with self.lock():
-            self._initialise(identity, dim=dim, precision=precision, source=source)
-
-    def _initialise(self, identity: dict, *, dim: int, precision: str, source: str) -> None:
-        manifest = self.manifest
-        if manifest.get("model"):
-            from engine.models import describe, same_model
-
-            if not same_model(manifest["model"], identity):
-                raise EngineError(
-                    f"cache: {self.path} holds features of {describe(manifest['model'])}, but this run uses "
-                    f"{describe(identity)}; use another --cache or the same --model/--pretrained")
-            if manifest.get("precision") not in (None, precision):
-                _logger.warning("cache was embedded with precision %s, this run uses %s",
-                                manifest.get("precision"), precision)
-            return
-        self._fence()
-        images = self.root.require_group("images")
-        images.create_array("features", shape=(0, dim), chunks=(CHUNK_ROWS, dim), dtype="float16",
-                            compressors=_feature_codec(), overwrite=True)
-        images.create_array("keys", shape=(0,), chunks=(CHUNK_ROWS * 4,), dtype=str, overwrite=True)
-        for name, dtype in _ROW_ARRAYS.items():
-            images.create_array(name, shape=(0,), chunks=(CHUNK_ROWS * 4,), dtype=dtype,
-                                fill_value=-1, overwrite=True)
-        self._write_manifest({"format": FORMAT, "version": VERSION, "engine_version": engine_version(),
-                              "source": source, "model": identity, "precision": precision, "dim": dim,
-                              "rows": 0, "shards": [], "bad_samples": 0, "missing_labels": 0,
-                              "has_true_labels": False, "created": time.time()})
-
-    @contextlib.contextmanager
     def lock(self):
-        """Exclusive lock for manifest and array-shape changes: `flock` on a local cache, a lease
-        object written with conditional PUTs on S3 (`engine.lease`); other object stores have
-        none, so one job at a time there."""
-        if not is_local(self.path):
-            from engine.lease import remote_lock
-
-            with remote_lock(self.path, run=self.run_id) as lease:
-                self._lease = lease
-                try:
-                    self.root = _open_group(self.path, "a")  # the stored manifest, not an in-memory copy
-                    yield
-                finally:
-                    self._lease = None
-            return
-        from engine.files import lock_folder
-
-        fd = lock_folder(self.path)
-        try:
-            self.root = zarr.open_group(self.path, mode="a")  # another process may have changed it
-            yield
-        finally:
-            os.close(fd)  # closing releases the lock
-
-    def register_shards(self, urls: list[str], fingerprints: dict | None = None) -> dict[str, int]:
-        """Add unseen shard urls to the manifest (with the file fingerprint they are embedded
-        from, see `reader.shard_fingerprints`); return url → shard index for all of `urls`."""
-        fingerprints = fingerprints or {}
-        with self.lock():
-            manifest = self.manifest
-            known = {s["url"]: i for i, s in enumerate(manifest["shards"])}
-            for url in urls:
-                if url not in known:
-                    known[url] = len(manifest["shards"])
-                    manifest["shards"].append({"url": url, "id": shard_id(url), "status": "pending", "rows": 0})
-                entry = manifest["shards"][known[url]]
-                if entry["status"] != "done" and fingerprints.get(url):
-                    entry["fingerprint"] = fingerprints[url]
-            self._write_manifest(manifest)
-        return {url: known[url] for url in urls}
+        """The cache's exclusive lock (`engine.locks.cache_lock`), re-reading the stored group under it;
+        yields the S3 lease or None."""
+        return _reopening_lock(self)
 
     def shard_status(self) -> dict[str, str]:
         return {s["url"]: s["status"] for s in self.manifest.get("shards", [])}
 
-    # ------------------------------------------------------------ staging and commit
-    def _staging_name(self, url: str) -> str:
-        """`<shard id>-<run id>`: two jobs embedding the same shard never share a staging group."""
-        return f"{shard_id(url)}-{self.run_id}"
-
-    def stage_shard(self, index: int, *, features: np.ndarray, keys: list, labels: np.ndarray,
-                    true_labels: np.ndarray, positions: np.ndarray, outcome: dict) -> None:
-        """Write one whole shard into its own staging group, then mark it committed."""
-        if len(set(keys)) != len(keys):
-            seen, dup = set(), None
-            for k in keys:
-                if k in seen:
-                    dup = k
-                    break
-                seen.add(k)
-            raise EngineError(f"duplicate key {dup!r} twice within shard {outcome['url']}")
-        staging = self.root.require_group("staging")
-        group = staging.create_group(self._staging_name(outcome["url"]), overwrite=True)  # also debris
-        n = len(keys)
-        rows = max(1, n)
-        dim = int(self.manifest["dim"])
-        group.create_array("features", data=features.astype(np.float16, copy=False).reshape(n, dim),
-                           chunks=(rows, dim), compressors=_feature_codec())
-        group.create_array("keys", data=as_strings(keys).reshape(n), chunks=(rows,))
-        for name, data in (("labels", labels), ("true_labels", true_labels), ("shard", np.full(n, index)),
-                           ("position", positions)):
-            group.create_array(name, data=np.asarray(data, dtype=np.int32).reshape(n), chunks=(rows,))
-        group.attrs.put({"committed": True, "shard": index, "rows": n, "outcome": outcome})
-
-    def stage_failure(self, index: int, outcome: dict) -> None:
-        """Record that shard `index` failed (its error in `outcome`); applied by the consolidator."""
-        staging = self.root.require_group("staging")
-        staging.create_group(self._staging_name(outcome["url"]), overwrite=True).attrs.put(
-            {"committed": True, "failed": True, "shard": index, "rows": 0, "outcome": outcome})
-
-    def _staged(self, url: str) -> tuple[str, dict] | None:
-        """(name, attrs) of the shard's committed staging group of this run, or None."""
-        sid = self._staging_name(url)
-        try:
-            attrs = dict(self.root[f"staging/{sid}"].attrs)
-        except KeyError:
-            return None
-        return (sid, attrs) if attrs.get("committed") else None
-
-    def consolidate(self, order: list[int] | None = None, *, prefix: bool = True) -> list[dict]:
-        """Apply committed staged shards to images/* and the manifest; returns their outcomes.
-
-        `order` None: every committed staged shard found by listing `staging/`, in shard order
-        (leftovers of killed runs). `order` a run's plan of shard indexes, looked up by name (no
-        listing): with `prefix`, only the committed prefix of the plan not yet applied, so rows
-        land in plan order however ranks and workers interleave; without, every committed shard
-        of the plan, still in plan order (the end of a run). A shard of the plan that another
-        job has completed meanwhile is passed over. Uncommitted staging (a writer still at work,
-        or one that died) is left alone.
-        """
-        done = []
-        with self.lock():
-            if "staging" not in self.root:
-                return done
-            staging = self.root["staging"]
-            if order is None:
-                staged = []
-                for sid in _group_names(staging):
-                    attrs = dict(staging[sid].attrs)
-                    if attrs.get("committed"):
-                        staged.append((attrs["shard"], sid, attrs))
-                staged.sort(key=lambda t: t[0])
-            else:
-                staged = []
-                status = self.manifest["shards"]
-                for index in order:
-                    if index in self._applied:
-                        continue
-                    found = self._staged(status[index]["url"])
-                    if found is None:
-                        if status[index]["status"] == "done":  # another job appended it
-                            continue
-                        if prefix:
-                            break
-                        continue
-                    staged.append((index, *found))
-            if not staged:
-                return done
-            # One manifest write per call, not per shard (the manifest grows with the shard
-            # count). Each shard's entry changes only after its rows are written, so the
-            # manifest written here — also when a later shard fails — covers whole shards only.
-            manifest, applied = self.manifest, []
-            try:
-                for index, sid, attrs in staged:
-                    try:
-                        done.append(self._apply_staged(manifest, staging, sid, index, attrs))
-                    except EngineError:
-                        if manifest["shards"][index]["status"] == "failed":
-                            applied.append(sid)  # recorded as failed (a duplicate key): its staging goes
-                        raise
-                    self._applied.add(index)
-                    applied.append(sid)
-            except BaseException:
-                self._key_rows = None  # may hold rows the manifest will not record
-                raise
-            finally:
-                self._write_manifest(manifest)
-                for sid in applied:
-                    if sid in staging:
-                        del staging[sid]
-        return [d for d in done if d]
-
-    def _apply_staged(self, manifest: dict, staging, sid: str, index: int, attrs: dict) -> dict | None:
-        """Append one staged shard's rows and update its entry in `manifest` (written by the caller)."""
-        entry = manifest["shards"][index]
-        if entry["status"] == "done":  # appended before a crash that left staging behind
-            return None
-        if attrs.get("failed"):
-            entry.update(status="failed", error=attrs["outcome"].get("error"), rows=0)
-            return {**attrs["outcome"], "failed": True}
-        group = staging[sid]
-        keys = group["keys"][:]
-        clash = self._find_duplicates(keys, manifest["rows"])
-        if clash is not None:
-            key, row = clash
-            other = manifest["shards"][int(self.root["images/shard"][row])]["url"]
-            entry.update(status="failed", error=f"duplicate key {key!r}: already in shard {other}")
-            raise EngineError(f"duplicate key {key!r} in shard {entry['url']} is already in shard {other}")
-        start, n = manifest["rows"], len(keys)
-        images = self.root["images"]
-        for name in ("features", "keys", *_ROW_ARRAYS):
-            self._fence()  # a local check: before each array, so a slow upload cannot outlive the lease
-            arr = images[name]
-            if arr.shape[0] < start + n:
-                arr.resize((start + n, *arr.shape[1:]))
-            if n:
-                arr[start:start + n] = group[name][:]
-        outcome = dict(group.attrs)["outcome"]
-        bad = outcome.get("bad", [])
-        entry.update(status="done", rows=n, offset=start, bad_count=len(bad), bad=bad[:MAX_BAD_RECORDED],
-                     missing_labels=outcome.get("missing_labels", 0), samples=outcome.get("samples", n),
-                     error=None)
-        manifest["rows"] = start + n
-        manifest["bad_samples"] = manifest.get("bad_samples", 0) + len(bad)
-        manifest["missing_labels"] = manifest.get("missing_labels", 0) + outcome.get("missing_labels", 0)
-        manifest["has_true_labels"] = bool(manifest.get("has_true_labels")) or bool(
-            n and (group["true_labels"][:] >= 0).any())
-        if self._key_rows is not None:
-            self._key_rows.update(zip(keys.tolist(), range(start, start + n)))
-        return outcome
-
-    def _find_duplicates(self, keys: np.ndarray, rows: int):
-        """(key, row) of the first of `keys` already among the first `rows` rows, or None."""
-        lookup = self.key_rows(rows)
-        for key in keys.tolist():
-            row = lookup.get(key)
-            if row is not None:
-                return key, row
-        return None
-
-    def trim(self) -> None:
-        """Shrink images/* to exactly `rows` rows (drops leftovers of an interrupted append) and
-        remove uncommitted staging of shards that are done (debris of a killed writer)."""
-        with self.lock():
-            manifest = self.manifest
-            rows = manifest["rows"]
-            self._fence()
-            for name in ("features", "keys", *_ROW_ARRAYS):
-                arr = self.root["images"][name]
-                if arr.shape[0] != rows:
-                    arr.resize((rows, *arr.shape[1:]))
-            if "staging" in self.root:
-                done = {s["id"] for s in manifest["shards"] if s["status"] == "done"}
-                staging = self.root["staging"]
-                names = set(_group_names(staging))
-                if is_local(self.path) and os.path.isdir(os.path.join(self.path, "staging")):
-                    names |= set(os.listdir(os.path.join(self.path, "staging"))) - {"zarr.json"}
-                for name in names:
-                    if name.split("-")[0] not in done:
-                        continue
-                    if name in staging:
-                        del staging[name]
-                    else:  # debris of a kill in the middle of a delete: arrays without their group
-                        import shutil
-
-                        shutil.rmtree(os.path.join(self.path, "staging", name), ignore_errors=True)
-
     # ------------------------------------------------------------ text features
-    def write_text(self, class_set, features: np.ndarray, mask: np.ndarray) -> None:
-        """Replace text/* with (C, P, D) features, (C, P) mask, prompts and class names (under
-        the lock: two jobs starting on one cache would otherwise create the arrays at once)."""
-        prompts = np.full(mask.shape, "", dtype=object)
-        for c, ps in enumerate(class_set.prompts):
-            prompts[c, :len(ps)] = ps
-        with self.lock():
-            self._fence()
-            if "text" in self.root:
-                del self.root["text"]
-            text = self.root.create_group("text")
-            text.create_array("features", data=features.astype(np.float16))
-            text.create_array("mask", data=mask.astype(bool))
-            text.create_array("prompts", data=as_strings(prompts))
-            text.create_array("class_names", data=as_strings(class_set.class_names))
-            text.attrs.put({"classes": class_set.name, "fingerprint": class_set.fingerprint(),
-                            "num_classes": class_set.num_classes, "complete": True})
-            manifest = self.manifest
-            manifest["class_names"] = list(class_set.class_names)
-            self._write_manifest(manifest)
-
     def has_text(self) -> bool:
         return "text" in self.root and dict(self.root["text"].attrs).get("complete", False)
 
@@ -551,25 +261,113 @@ class Cache:
         return row
 
     # ------------------------------------------------------------ results of later stages
-    def write_group(self, name: str, arrays: dict, attrs: dict) -> None:
-        """Replace the result group `name` with `arrays`; `complete` is set last."""
-        if name in ("images", "text", "staging"):
-            raise EngineError(f"cache: cannot overwrite the {name!r} group")
-        if name in self.root:
-            del self.root[name]
-        group = self.root.create_group(name)
-        for key, value in arrays.items():
-            value = np.asarray(value)
-            is_text = value.dtype == object or value.dtype.kind in "UT"
-            group.create_array(key, data=as_strings(value) if is_text else value)
-        group.attrs.put({**attrs, "complete": True, "written": time.time()})
-
-    def read_group(self, name: str) -> tuple[dict, dict]:
-        """(arrays, attrs) of a complete result group; an error when missing."""
-        if name not in self.root or not dict(self.root[name].attrs).get("complete"):
-            raise EngineError(f"cache: {self.path} has no {name!r} results")
-        group = self.root[name]
-        return {k: group[k][:] for k in group.array_keys()}, dict(group.attrs)
+    def group_path(self, name: str) -> str | None:
+        """Where the current, complete result group `name` lives (`results/` points to it), or None.
+        A cache written before the pointers keeps its groups under their plain names."""
+        if RESULTS in self.root:
+            path = dict(self.root[RESULTS].attrs).get(name)
+            if path and path in self.root:
+                return path
+            return None
+        if name in self.root and dict(self.root[name].attrs).get("complete"):
+            return name
+        return None
 
     def has_group(self, name: str) -> bool:
-        return name in self.root and dict(self.root[name].attrs).get("complete", False)
+        return self.group_path(name) is not None
+
+    def open_group(self, name: str, *, missing: str | None = None):
+        """The current result group `name` (a zarr group, read lazily); EngineError when absent,
+        with `missing` as the hint (e.g. "run `engine select` first")."""
+        path = self.group_path(name)
+        if path is None:
+            hint = f"; {missing}" if missing else ""
+            raise EngineError(f"cache: {self.path} has no {name} results{hint}")
+        return self.root[path]
+
+    def replace_group(self, name: str, fill: Callable, attrs: dict) -> None:
+        """Replace result group `name`: `fill(group)` writes the arrays into a new group, then one
+        write of `results/` points to it (under the lock) and the old group is deleted. A kill at
+        any moment leaves the old group or the new one current; what it leaves behind is removed
+        by a later replace once it is older than `STALE_GROUP_S`."""
+        if self.mode == "r":
+            raise EngineError(f"cache: {self.path} was opened read-only")
+        if name in ("images", "text", "staging", RESULTS) or not name.isidentifier():
+            raise EngineError(f"cache: {name!r} is not a result group name")
+        path = f"{name}.{int(time.time())}-{uuid.uuid4().hex[:8]}"
+        group = self.root.create_group(path)
+        fill(group)
+        group.attrs.put({**attrs, "complete": True, "written": time.time()})
+        with self.lock() as lease:
+            results = self.root.require_group(RESULTS)
+            pointers = dict(results.attrs)
+            old = pointers.get(name) or (name if name in self.root and RESULTS not in pointers else None)
+            pointers[name] = path
+            if lease is not None:
+                lease.check()
+            results.attrs.put(pointers)
+            for stale in self._stale_groups(name, keep=path):
+                _delete(self.root, stale)
+            if old and old != path and old in self.root:
+                _delete(self.root, old)
+
+    def remove_group(self, name: str) -> None:
+        """Drop result group `name` (its pointer first, so readers never see half of it)."""
+        path = self.group_path(name)
+        if path is None:
+            return
+        with self.lock():
+            if RESULTS in self.root:
+                pointers = dict(self.root[RESULTS].attrs)
+                pointers.pop(name, None)
+                self.root[RESULTS].attrs.put(pointers)
+            _delete(self.root, path)
+
+    def _stale_groups(self, name: str, *, keep: str) -> list[str]:
+        """Groups `name.<time>-<id>` other than `keep` that a killed writer left, older than STALE_GROUP_S."""
+        stale = []
+        for child in group_names(self.root):
+            base, _, token = child.partition(".")
+            started = token.split("-")[0]
+            if base == name and child != keep and started.isdigit() and time.time() - int(started) > STALE_GROUP_S:
+                stale.append(child)
+        return stale
+
+    def write_group(self, name: str, arrays: dict, attrs: dict) -> None:
+        """Replace result group `name` with flat `arrays` {array name: (N, ...) array} (`replace_group`)."""
+        def fill(group):
+            for key, value in arrays.items():
+                write_array(group, key, value)
+        self.replace_group(name, fill, attrs)
+
+    def read_group(self, name: str) -> tuple[dict, dict]:
+        """(arrays, attrs) of a complete result group with flat arrays; an error when missing."""
+        group = self.open_group(name)
+        return {k: group[k][:] for k in group.array_keys()}, dict(group.attrs)
+
+
+RESULTS = "results"           # the group whose attributes point to each current result group
+STALE_GROUP_S = 6 * 3600      # a result group left by a killed writer is removed after this long
+
+
+def write_array(group, name: str, value) -> None:
+    """Store `value` (numpy-like) as array `name` of `group`; text as variable-length strings."""
+    value = np.asarray(value)
+    is_text = value.dtype == object or value.dtype.kind in "UT"
+    group.create_array(name, data=as_strings(value) if is_text else value)
+
+
+def _delete(root, path: str) -> None:
+    try:
+        del root[path]
+    except KeyError:
+        pass
+
+
+@contextlib.contextmanager
+def _reopening_lock(cache: "Cache"):
+    from engine.locks import cache_lock
+
+    with cache_lock(cache.path, run=cache.run_id) as lease:
+        cache.root = _open_group(cache.path, "a")  # the stored manifest, not an in-memory copy
+        yield lease

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import models
+from engine.append import CacheWriter
 from engine.cache import Cache
 from engine.classes import encode_prompts, load_classes
 from engine.reader import (ReaderConfig, ShardReader, expand_shards, fingerprint_size, shard_fingerprints,
@@ -146,7 +147,7 @@ def _update_prompts(cache: Cache, class_set, loaded: models.LoadedModel, device)
 
 def write_prompts(cache_path: str, classes: str, *, device: str = "auto") -> dict:
     """Recompute text/* of an existing cache with the cache's own model; images untouched."""
-    cache = Cache(cache_path, mode="a")
+    cache = CacheWriter(cache_path)
     identity = cache.identity
     if not identity:
         raise EngineError(f"cache: {cache_path} has no model recorded; embed or import features first")
@@ -225,7 +226,7 @@ def _embed(specs, cache_path, config, group: ProcessGroup, show_progress) -> dic
         loaded = group.on_every_rank(lambda: models.load_model(config.model, config.pretrained, device=device))
     plan = group.from_leader(lambda: _prepare(cache_path, survey["pending"], loaded, class_set, dtype, device))
     summary["prompts_updated"] = plan["prompts_updated"]
-    cache = group.on_every_rank(lambda: Cache(cache_path, mode="a"))
+    cache = group.on_every_rank(lambda: CacheWriter(cache_path))
     cache.run_id = plan["run"]
     order = [i for i, _ in plan["shards"]]
     mine = split_for_rank(plan["shards"], group.rank, group.world_size, plan["sizes"])  # by bytes when uneven
@@ -269,7 +270,7 @@ def _rank_device(name: str, group: ProcessGroup) -> str:
 
 def _survey(cache_path, urls, config, class_set) -> dict:
     """Leader: open (or create) the cache, finish what a killed run staged, list pending shards."""
-    cache = Cache(cache_path, mode="a", create=True)
+    cache = CacheWriter(cache_path, create=True)
     _check_identity_early(cache, config)
     if cache.identity:
         cache.consolidate()  # shards staged by an interrupted run
@@ -298,7 +299,7 @@ def _check_done_shards_unchanged(cache: Cache, done: list[str]) -> None:
 
 def _prepare(cache_path, pending, loaded, class_set, dtype, device) -> dict:
     """Leader: schema or model check, prompts, and the plan [(shard index, url)] in sorted order."""
-    cache = Cache(cache_path, mode="a", create=True)
+    cache = CacheWriter(cache_path, create=True)
     cache.initialise(loaded.identity, dim=loaded.embed_dim, precision=_PRECISION_NAMES[dtype])
     updated = _update_prompts(cache, class_set, loaded, device) if class_set else False
     fingerprints = shard_fingerprints(pending)

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.cache import Cache, is_local
+from engine.results import Selection, Training
 from engine.files import json_kind, read_json, write_json_atomic
 from engine.runtime import EngineError
 
@@ -57,7 +58,7 @@ class CacheRows:
     position: np.ndarray              # int32 sample position within its shard
     urls: list
     class_names: list
-    selection: dict                   # the selection group's arrays (name → (N,))
+    selection: dict                   # the selection's table columns (name → (N,)), `Selection.table_columns`
     selection_written: float
     true_labels: np.ndarray | None = None
     mixfix_labels: np.ndarray | None = None     # int32, the train group's final labels y'
@@ -71,35 +72,26 @@ class CacheRows:
 
 def read_cache_rows(cache: Cache) -> CacheRows:
     """Everything an export needs; errors name `engine select` / `engine train` when stale or absent."""
-    if not cache.has_group("selection"):
-        raise EngineError(f"cache: {cache.path} has no selection; run `engine select --cache {cache.path}` first")
-    selection, attrs = cache.read_group("selection")
-    n = cache.num_rows
-    if selection["selected"].shape != (n,):
-        raise EngineError(f"cache: the selection in {cache.path} covers {selection['selected'].shape[0]} rows but "
-                          f"the cache has {n}; rerun `engine select --cache {cache.path}`")
+    stored = Selection.read(cache)
+    attrs = stored.attrs
     shard, position = cache.provenance()
     mixfix = {}
-    if cache.has_group("train"):
+    if Training.exists(cache):
         mixfix = _read_train(cache, float(attrs.get("written", 0.0)))
-    return CacheRows(keys=cache.keys(), labels=cache.labels(), selected=selection["selected"].astype(bool),
+    return CacheRows(keys=cache.keys(), labels=cache.labels(), selected=stored.selected,
                      shard=np.asarray(shard, np.int32), position=np.asarray(position, np.int32),
                      urls=[s["url"] for s in cache.manifest.get("shards", [])],
-                     class_names=list(cache.class_names or []), selection=selection,
+                     class_names=list(cache.class_names or []), selection=stored.table_columns(),
                      selection_written=float(attrs.get("written", 0.0)), true_labels=cache.true_labels(), **mixfix)
 
 
 def _read_train(cache: Cache, selection_written: float) -> dict:
-    arrays, attrs = cache.read_group("train")
-    written = float(attrs.get("written", 0.0))
-    if arrays["labels"].shape != (cache.num_rows,):
-        raise EngineError(f"cache: the train results in {cache.path} cover {arrays['labels'].shape[0]} rows but the "
-                          f"cache has {cache.num_rows}; rerun `engine train --cache {cache.path}`")
+    trained = Training.read(cache)
+    written = float(trained.attrs.get("written", 0.0))
     if written < selection_written:
         raise EngineError(f"cache: the train results in {cache.path} predate its selection (their labels belong to "
                           f"an earlier selection); rerun `engine train --cache {cache.path}`")
-    return {"mixfix_labels": arrays["labels"].astype(np.int32), "mixfix_selected": arrays["selection"].astype(bool),
-            "train_written": written}
+    return {"mixfix_labels": trained.labels, "mixfix_selected": trained.selection, "train_written": written}
 
 
 # ---------------------------------------------------------------- label table
@@ -132,10 +124,9 @@ def label_table(rows: CacheRows) -> dict[str, np.ndarray]:
     trained), true_label (when known), shard (url), position."""
     columns = {"key": rows.keys, "label": rows.labels, "class": _lookup(rows.class_names, rows.labels),
                "selected": rows.selected}
-    first = [name for name in ("filled", "noise_score") if name in rows.selection]
-    rest = sorted(name for name in rows.selection if name not in ("selected", *first))
-    for name in first + rest:
-        columns[name.replace("__", "/")] = rows.selection[name]
+    for name, values in rows.selection.items():
+        if name != "selected":
+            columns[name] = values
     if rows.mixfix_labels is not None:
         columns["mixfix_label"] = rows.mixfix_labels
         columns["mixfix_selected"] = rows.mixfix_selected

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.cache import Cache, cache_exists
+from engine.append import CacheWriter
+from engine.cache import cache_exists
 from engine.classes import ClassSet
 from engine.runtime import EngineError
 
@@ -92,7 +93,7 @@ def import_npz(path: str, cache_path: str, *, model_name: str | None = None) -> 
     _require((norms > 0).all(), f"features: {(norms == 0).sum()} rows are all zeros (first: row {np.argmax(norms == 0)})")
     renormalised = int((np.abs(norms - 1) > 1e-3).sum())
     features = (features / norms[:, None]).astype(np.float16)
-    cache = Cache(cache_path, mode="a", create=True)
+    cache = CacheWriter(cache_path, create=True)
     identity = {"model": model_name, "pretrained": "imported", "embed_dim": int(features.shape[1])}
     if not model_name:
         identity.update(model=f"import:{Path(path).name}", sha256=_sha256(path))
@@ -105,10 +106,7 @@ def import_npz(path: str, cache_path: str, *, model_name: str | None = None) -> 
                       outcome={"url": url, "samples": n, "bad": [], "missing_labels": int((data["labels"] < 0).sum())})
     cache.consolidate()
     if "class_names" in data and "text" not in data:
-        with cache.lock():
-            manifest = cache.manifest
-            manifest["class_names"] = data["class_names"].tolist()
-            cache._write_manifest(manifest)
+        cache.set_class_names(data["class_names"].tolist())
     if "text" in data:
         class_set = ClassSet(name="imported", class_names=tuple(data["class_names"].tolist()),
                              prompts=tuple(("<imported>",) * int(m.sum()) for m in data["mask"]))

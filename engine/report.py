@@ -52,6 +52,7 @@ import numpy as np
 
 from engine.cache import Cache
 from engine.files import lock_folder, read_json
+from engine.results import GROUPS, Diagnostics, Neighbors, Selection
 from engine.runtime import EngineError, Timer, available_cores, progress, resolve_device
 
 _logger = logging.getLogger(__name__)
@@ -118,31 +119,24 @@ def _class_names(cache: Cache, labels: np.ndarray, predictions: dict) -> list[st
 
 
 def _read_rows(cache: Cache) -> _Rows:
-    from engine.stages import read_selection
-
-    selected = read_selection(cache)  # one-line error naming `engine select` when absent
-    arrays, attrs = cache.read_group("selection")
-    split = {name: name.split("__") for name in arrays}
-    classifiers = [p[0] for p in split.values() if len(p) == 2 and p[1] == "prediction"]
-    losses = [arrays[f"{c}__loss_score"].astype(np.float32) for c in classifiers if f"{c}__loss_score" in arrays]
-    if losses:
-        suspicion = np.mean(losses, axis=0)
-    elif "noise_score" in arrays:
-        suspicion = -arrays["noise_score"].astype(np.float32)
+    stored = Selection.read(cache)  # one-line error naming `engine select` when absent or stale
+    classifiers = stored.classifiers
+    if stored.clean_score is not None:
+        suspicion = stored.clean_score.astype(np.float32)
+    elif classifiers:
+        suspicion = np.mean([c.loss_score.astype(np.float32) for c in classifiers.values()], axis=0)
     else:
-        suspicion = np.zeros(len(selected), np.float32)
-    predictions = {c: arrays[f"{c}__prediction"].astype(np.int64) for c in classifiers}
+        suspicion = -stored.noise_score.astype(np.float32)
+    predictions = {name: c.prediction.astype(np.int64) for name, c in classifiers.items()}
     labels = cache.labels().astype(np.int64)
     shard, position = cache.provenance()
     return _Rows(keys=cache.keys(), labels=labels, true=cache.true_labels(), shard=shard.astype(np.int64),
-                 position=position.astype(np.int64), selected=selected, suspicion=suspicion,
-                 predictions=predictions, confidences={c: arrays[f"{c}__confidence"] for c in classifiers
-                                                       if f"{c}__confidence" in arrays},
-                 consistency={c: arrays[f"{c}__consistency__score"] for c in classifiers
-                              if f"{c}__consistency__score" in arrays},
-                 passes={f"{p[0]}/{p[1]}": arrays[n].astype(bool) for n, p in split.items()
-                         if len(p) == 3 and p[2] == "pass"},
-                 attrs=attrs, names=_class_names(cache, labels, predictions),
+                 position=position.astype(np.int64), selected=stored.selected, suspicion=suspicion,
+                 predictions=predictions, confidences={name: c.confidence for name, c in classifiers.items()},
+                 consistency={pair.split("/")[0]: p.score for pair, p in stored.pairs.items()
+                              if pair.endswith("/consistency")},
+                 passes={pair: p.passed for pair, p in stored.pairs.items()},
+                 attrs=stored.attrs, names=_class_names(cache, labels, predictions),
                  urls=[s["url"] for s in cache.manifest.get("shards", [])])
 
 
@@ -201,17 +195,17 @@ def find_neighbours(cache: Cache, rows: np.ndarray, k: int, *, device: str = "au
     FAISS index (built and stored when missing or stale) for just these rows.
     `features`: a callable returning the cache's (N, D) features (to share one load), or None."""
     from engine import index as ix
-    from engine.stages import knn_group_is_current, load_cached_index
+    from engine.stages import load_cached_index
 
     rows = np.asarray(rows, dtype=np.int64)
     if k == 0 or rows.size == 0:
         return np.zeros((rows.size, 0), np.float32), np.zeros((rows.size, 0), np.int64), "none"
-    if knn_group_is_current(cache, k=k, at_least=True):
-        sims = cache.root["knn/similarities"].get_orthogonal_selection((rows, slice(0, k)))
-        ids = cache.root["knn/ids"].get_orthogonal_selection((rows, slice(0, k)))
-        return np.asarray(sims, np.float32), np.asarray(ids, np.int64), \
-            f"knn group (k={dict(cache.root['knn'].attrs)['k']})"
-    if cache.has_group("knn"):
+    stored = Neighbors.current(cache, k=k, at_least=True)
+    if stored is not None:
+        sims = stored.similarities.get_orthogonal_selection((rows, slice(0, k)))
+        ids = stored.ids.get_orthogonal_selection((rows, slice(0, k)))
+        return np.asarray(sims, np.float32), np.asarray(ids, np.int64), f"knn group (k={stored.k})"
+    if cache.has_group(Neighbors.NAME):
         _logger.info("the cache's knn/ group is stale or has k < %d; searching the index", k)
     features = (features or cache.load_features)()
     index = load_cached_index(cache, features, device=device)
@@ -449,8 +443,8 @@ def confusable_classes(cache: Cache, data: _Rows, max_classes: int, *, features=
         text, mask = cache.text_features()
         if text.shape[0] == c:
             sim, source = ix.text_class_similarity(text, mask), "text: class prompt centroids"
-    if sim is None and cache.has_group("diagnostics") and "image_similarity" in cache.root["diagnostics"]:
-        stored = cache.root["diagnostics/image_similarity"][:]
+    if sim is None and cache.has_group(Diagnostics.NAME):
+        stored = Diagnostics.read(cache).image_similarity
         if stored.shape == (c, c):
             sim, source = stored, "image: class centroids of the features"
     if sim is None:
@@ -651,10 +645,10 @@ def _selection_rows(data: _Rows) -> list[str]:
 
 def _timing_rows(cache: Cache, report_seconds: dict) -> list[str]:
     out = []
-    for group in ("selection", "index", "knn", "diagnostics", "train"):
+    for group in (kind.NAME for kind in GROUPS):
         if not cache.has_group(group):
             continue
-        seconds = dict(cache.root[group].attrs).get("seconds")
+        seconds = dict(cache.open_group(group).attrs).get("seconds")
         if isinstance(seconds, dict) and seconds:
             out.append(_stat(f"seconds.{group}", f"{group} (s)",
                              ", ".join(f"{k} {float(v):.2f}" for k, v in seconds.items())))

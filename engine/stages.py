@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.cache import Cache
+from engine.results import Diagnostics, IndexGroup, Neighbors, Selection, Training
 from engine.runtime import EngineError, Timer
 
 _logger = logging.getLogger(__name__)
@@ -33,45 +34,28 @@ def _same_features(a: Cache, b: Cache, what: str) -> None:
                           f"{describe(a.identity)}; embed both with the same model")
 
 
-def read_selection(cache: Cache) -> np.ndarray:
-    """The final selected mask (N,) bool; an error naming `engine select` when absent."""
-    if not cache.has_group("selection"):
-        raise EngineError(f"cache: {cache.path} has no selection; run `engine select --cache {cache.path}` first")
-    selected = cache.root["selection/selected"][:]
-    if selected.shape != (cache.num_rows,):
-        raise EngineError(f"cache: the selection in {cache.path} covers {selected.shape[0]} rows but the cache "
-                          f"has {cache.num_rows}; rerun `engine select`")
-    return selected.astype(bool)
-
-
 # ---------------------------------------------------------------- select
-def _knn_source(cache: Cache, features, labels, num_classes: int, *, k: int, device: str):
-    """The kNN classifier over the cache's stored neighbour lists (computed when missing or stale)."""
+def neighbors_for(cache: Cache, features, *, k: int, device: str) -> Neighbors:
+    """The cache's current `knn/` group for exactly k neighbors, computed (and stored) when
+    missing or stale."""
     from engine import index as ix
 
-    if knn_group_is_current(cache, k=k, features=features):
-        arrays, _ = cache.read_group("knn")
-        return _wrap_knn(ix.knn_classifier(arrays["similarities"], arrays["ids"], labels, num_classes))
+    stored = Neighbors.current(cache, k=k, features=features)
+    if stored is not None:
+        return Neighbors.read(cache)
     index = load_cached_index(cache, features, device=device)
     sims, ids = ix.knn_all(index, features, k=k)
-    cache.write_group("knn", {"ids": ids, "similarities": sims},
-                      {"k": k, "fingerprint": index.info.fingerprint, "index": index.info.kind})
-    return _wrap_knn(ix.knn_classifier(sims, ids, labels, num_classes))
+    found = Neighbors(ids=ids, similarities=sims, k=k, fingerprint=index.info.fingerprint, index=index.info.kind)
+    found.write(cache)
+    return found
 
 
-def knn_group_is_current(cache: Cache, *, k: int, features=None, at_least: bool = False) -> bool:
-    """Whether the cache's `knn/` group holds the neighbours of its current rows, for exactly `k`
-    (or, `at_least`, k or more). `features (N, D)` when already loaded; else only the few rows
-    the fingerprint samples are read."""
-    from engine.index import row_fingerprint
+def _knn_source(cache: Cache, features, labels, num_classes: int, *, k: int, device: str):
+    """The kNN classifier over the cache's stored neighbor lists (computed when missing or stale)."""
+    from engine import index as ix
 
-    if not cache.has_group("knn"):
-        return False
-    attrs = dict(cache.root["knn"].attrs)
-    stored = attrs.get("k", 0)
-    if stored < k or (stored != k and not at_least):
-        return False
-    return attrs.get("fingerprint") == row_fingerprint(cache if features is None else features, keys=cache.keys())
+    found = neighbors_for(cache, features, k=k, device=device)
+    return _wrap_knn(ix.knn_classifier(found.similarities, found.ids, labels, num_classes))
 
 
 def _wrap_knn(fn):
@@ -104,10 +88,10 @@ def select_from_cache(cache_path: str, config, *, out: str | None = None, probs_
         result = select_samples(features, labels, text_features=text, text_mask=mask, config=config,
                                 num_classes=num_classes, extra_classifiers=extra, true_labels=true,
                                 probs_dir=probs_dir, show_progress=show_progress)
-    columns = result.columns()
     summary = {"cache": cache_path, **result.summary(), "seconds": {**timer.rounded(), **result.timings}}
-    cache.write_group("selection", {name.replace("/", "__"): value for name, value in columns.items()},
-                      {k: v for k, v in summary.items() if k != "cache"})
+    stored = Selection.from_result(result, {k: v for k, v in summary.items() if k != "cache"})
+    stored.write(cache)
+    columns = stored.table_columns()
     if out:
         table = {"key": cache.keys(), "label": labels, **columns}
         if true is not None:
@@ -128,7 +112,7 @@ def train_from_cache(cache_path: str, config, *, eval_cache: str | None = None, 
     if resume and baselines:
         raise EngineError("resume: --resume continues one MixFix run; it cannot be combined with --baselines")
     cache = Cache(cache_path, mode="a")
-    selected = read_selection(cache)
+    selected = Selection.read(cache).selected
     timer = Timer()
     with timer("load"):
         features, labels = cache.load_features(), cache.labels()
@@ -162,9 +146,9 @@ def train_from_cache(cache_path: str, config, *, eval_cache: str | None = None, 
     if result.best_state is not None:
         save_head(Path(out).with_suffix(".best.pt"), result, class_names=names, feature_identity=cache.identity,
                   config=config, which="best")
-    cache.write_group("train", {"labels": result.labels, "selection": result.selection},
-                      {"config": config.to_dict(), "eval_acc": result.eval_acc, "table": table,
-                       "head": str(out), "seconds": timer.rounded()})
+    Training(labels=result.labels, selection=result.selection,
+             attrs={"config": config.to_dict(), "eval_acc": result.eval_acc, "table": table, "head": str(out),
+                    "seconds": timer.rounded()}).write(cache)
     last = result.log[-1] if result.log else {}
     return {"cache": cache_path, "head": str(out), "metrics": str(metrics_path), "epochs": len(result.log),
             "initial_selected": int(selected.sum()), "final_set": int(result.selection.sum()),
@@ -208,8 +192,8 @@ def index_from_cache(cache_path: str, config, *, device: str = "auto") -> dict:
         features, keys = cache.load_features(), cache.keys()
     with timer("build"):
         index = build_index(features, config, keys=keys, device=device)
-    cache.write_group("index", {"faiss": index_to_bytes(index)},
-                      {"info": index.info.to_dict(), "config": _asdict(config), "seconds": timer.rounded()})
+    IndexGroup(data=index_to_bytes(index), info=index.info.to_dict(),
+               attrs={"config": _asdict(config), "seconds": timer.rounded()}).write(cache)
     return {"cache": cache_path, "kind": index.info.kind, "rows": index.info.rows, "params": index.info.params,
             "device": index.device, "seconds": timer.rounded()}
 
@@ -218,10 +202,11 @@ def load_cached_index(cache: Cache, features, *, device: str = "auto", build_con
     """The cache's stored index when it is current; else one is built (and stored when writable)."""
     from engine.index import IndexConfig, IndexInfo, index_from_bytes, index_is_stale
 
-    if cache.has_group("index"):
-        info = IndexInfo.from_dict(dict(cache.root["index"].attrs)["info"])
+    stored_info = IndexGroup.read_info(cache)
+    if stored_info is not None:
+        info = IndexInfo.from_dict(stored_info)
         if not index_is_stale(info, features, keys=cache.keys()):
-            return index_from_bytes(cache.root["index/faiss"][:], info, device=device)
+            return index_from_bytes(IndexGroup.read(cache).data, info, device=device)
         _logger.warning("the stored index is stale (rows changed); rebuilding")
     index_from_cache(cache.path, build_config or IndexConfig(), device=device)
     return load_cached_index(Cache(cache.path), features, device=device)
@@ -247,8 +232,7 @@ def diagnose_from_cache(cache_path: str, *, k: int = 10, top: int = 10, device: 
         index = load_cached_index(cache, features, device=device)
     with timer("knn"):
         sims, ids = ix.knn_all(index, features, k=k)
-    cache.write_group("knn", {"ids": ids, "similarities": sims},
-                      {"k": k, "fingerprint": index.info.fingerprint, "index": index.info.kind})
+    Neighbors(ids=ids, similarities=sims, k=k, fingerprint=index.info.fingerprint, index=index.info.kind).write(cache)
     with timer("diagnostics"):
         report = ix.knn_diagnostics(ids, labels, len(names), top=top)
         image_sim = ix.image_class_similarity(features, labels, len(names))
@@ -263,9 +247,9 @@ def diagnose_from_cache(cache_path: str, *, k: int = 10, top: int = 10, device: 
                "agreement_mean": round(float(report.mean_agreement), 4),
                "class_agreement": {names[c]: round(float(v), 4) for c, v in enumerate(report.class_agreement)
                                    if np.isfinite(v)}}
-    cache.write_group("diagnostics", {"agreement": report.agreement, "majority": report.majority,
-                                      "class_agreement": report.class_agreement, "image_similarity": image_sim},
-                      {key: summary[key] for key in ("confusable_text", "confusable_image", "swaps", "k")})
+    Diagnostics(agreement=report.agreement, majority=report.majority, class_agreement=report.class_agreement,
+                image_similarity=image_sim,
+                attrs={key: summary[key] for key in ("confusable_text", "confusable_image", "swaps", "k")}).write(cache)
     if export_knn:
         ix.save_knn_graph(ix.knn_graph(sims, ids), export_knn)
         summary["knn_graph"] = export_knn

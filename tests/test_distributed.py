@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from engine.cache import Cache
+from engine.results import Selection
 from engine.embed import EmbedConfig, embed_shards
 from engine.synthetic import ShapesConfig, write_shards
 
@@ -378,7 +379,7 @@ def test_report_and_export_run_on_an_s3_cache_of_s3_shards(shards, s3, tmp_path)
     report = write_report(cache, str(tmp_path / "report"), ReportConfig(neighbours=2))
     assert report["thumbnails"] > 0 and report["placeholders"] == 0  # images read back from S3 shards
     exported = export_cache(cache, shards=str(tmp_path / "clean" / "{000000..}.tar"), config=ShardExportConfig())
-    selected = Cache(cache).root["selection/selected"][:].astype(bool)
+    selected = Selection.read(Cache(cache)).selected
     keys = [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in (tmp_path / "clean").glob("*.tar")),
                                                   shardshuffle=False)]
     assert keys == list(Cache(cache).keys()[selected]) and exported["shards"]["rows_written"] == selected.sum()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from engine.append import CacheWriter
 from engine.cache import Cache
 from engine.embed import EmbedConfig, embed_shards, write_prompts
 from engine.runtime import EngineError
@@ -159,7 +160,7 @@ def test_a_duplicate_appended_by_another_job_meanwhile_is_still_caught(tmp_path,
     is refused, not appended twice."""
     path = tmp_path / "c.zarr"
     _embed([shard_paths[0]], path)
-    first, second = Cache(path, mode="a"), Cache(path, mode="a")
+    first, second = CacheWriter(path), CacheWriter(path)
     first.run_id, second.run_id = "job1", "job2"
     first.key_rows()  # job 1 has looked its keys up once
     index = first.register_shards(["x/a.tar", "x/b.tar"])
@@ -316,8 +317,8 @@ def test_the_manifest_is_written_per_consolidation_not_per_shard(tmp_path, shard
     import engine.embed as embed_module
 
     writes = []
-    original = Cache._write_manifest
-    monkeypatch.setattr(Cache, "_write_manifest", lambda self, m: (writes.append(1), original(self, m)))
+    original = CacheWriter._write_manifest
+    monkeypatch.setattr(CacheWriter, "_write_manifest", lambda self, m: (writes.append(1), original(self, m)))
     counts = {}
     for every in (0.0, 3600.0):
         monkeypatch.setattr(embed_module, "CONSOLIDATE_EVERY_S", every)

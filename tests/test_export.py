@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from engine.cache import Cache
+from engine.results import Selection, Training
 from engine.embed import EmbedConfig, embed_shards
 from engine.export import ShardExportConfig, ShardPattern, export_cache, export_shards, export_table
 from engine.runtime import EngineError
@@ -48,12 +49,13 @@ def caches(tmp_path_factory):
 def _arrays(path):
     cache = Cache(path)
     shard, position = cache.provenance()
-    out = {"keys": cache.keys().tolist(), "labels": cache.labels(), "selected": cache.root["selection/selected"][:],
+    out = {"keys": cache.keys().tolist(), "labels": cache.labels(), "selected": Selection.read(cache).selected,
            "true": cache.true_labels(), "shard": shard, "position": position,
            "urls": [s["url"] for s in cache.manifest["shards"]], "names": cache.class_names}
-    if cache.has_group("train"):
-        out["mixfix"] = cache.root["train/labels"][:]
-        out["mixfix_selected"] = cache.root["train/selection"][:]
+    if Training.exists(cache):
+        trained = Training.read(cache)
+        out["mixfix"] = trained.labels
+        out["mixfix_selected"] = trained.selection
     return out
 
 
@@ -108,10 +110,10 @@ def test_keep_selected_writes_the_train_groups_labels(caches, tmp_path):
     relabelled = str(tmp_path / "relabelled.zarr")
     shutil.copytree(caches["trained"], relabelled)
     cache = Cache(relabelled, mode="a")
-    arrays, attrs = cache.read_group("train")
-    labels = arrays["labels"].copy()
+    trained = Training.read(cache)
+    labels = trained.labels.copy()
     labels[::2] = (labels[::2] + 1) % 20
-    cache.write_group("train", {"labels": labels, "selection": arrays["selection"]}, {"config": attrs["config"]})
+    Training(labels=labels, selection=trained.selection, attrs={"config": trained.attrs["config"]}).write(cache)
     export_shards(relabelled, str(tmp_path / "out" / "{0..}.tar"), show_progress=False)
     a = _arrays(relabelled)
     rows = np.flatnonzero(a["selected"])
@@ -206,7 +208,7 @@ def test_csv_and_parquet_tables_equal_the_cache(caches, tmp_path):
     import pyarrow.parquet as pq
 
     a = _arrays(caches["trained"])
-    selection, _ = Cache(caches["trained"]).read_group("selection")
+    selection = Selection.read(Cache(caches["trained"]))
     export_table(caches["trained"], str(tmp_path / "t.csv"))
     export_cache(caches["trained"], out=str(tmp_path / "t.parquet"), table_format="parquet")
     with open(tmp_path / "t.csv", newline="") as handle:
@@ -227,8 +229,8 @@ def test_csv_and_parquet_tables_equal_the_cache(caches, tmp_path):
     assert [int(r["true_label"]) for r in rows] == table["true_label"] == a["true"].tolist()
     assert [r["shard"] for r in rows] == table["shard"] == [a["urls"][s] for s in a["shard"]]
     assert [int(r["position"]) for r in rows] == table["position"] == a["position"].tolist()
-    assert np.allclose([float(r["noise_score"]) for r in rows], selection["noise_score"])
-    assert table["zeroshot/prediction"] == selection["zeroshot__prediction"].tolist()
+    assert np.allclose([float(r["noise_score"]) for r in rows], selection.noise_score)
+    assert table["zeroshot/prediction"] == selection.classifiers["zeroshot"].prediction.tolist()
     untrained = export_table(caches["untrained"], str(tmp_path / "u.csv"))
     assert "mixfix_label" not in untrained["columns"] and "true_label" in untrained["columns"]
 
@@ -237,8 +239,9 @@ def test_train_older_than_selection_is_refused(caches, tmp_path):
     stale = str(tmp_path / "stale.zarr")
     shutil.copytree(caches["trained"], stale)
     cache = Cache(stale, mode="a")
-    arrays, attrs = cache.read_group("selection")
-    cache.write_group("selection", arrays, {k: v for k, v in attrs.items() if k not in ("complete", "written")})
+    stored = Selection.read(cache)
+    stored.attrs = {k: v for k, v in stored.attrs.items() if k not in ("complete", "written")}
+    stored.write(cache)
     with pytest.raises(EngineError, match="predate its selection.*engine train"):
         export_table(stale, str(tmp_path / "t.csv"))
 
@@ -259,7 +262,7 @@ def test_cli_errors_are_one_line_and_name_the_problem(caches, tmp_path):
     assert not out.exists()  # checked before any writing: no folder, no export.json, no shard
     bare = str(tmp_path / "bare.zarr")
     shutil.copytree(caches["untrained"], bare)
-    del Cache(bare, mode="a").root["selection"]
+    Cache(bare, mode="a").remove_group("selection")
     err = _one_line_error(["--cache", bare, "--out", str(tmp_path / "t.csv")])
     assert "no selection" in err and "engine select" in err
     err = _one_line_error(["--cache", caches["trained"], "--format", "csv", "--out", str(tmp_path / "t.parquet")])

@@ -13,6 +13,7 @@ import uuid
 import numpy as np
 import pytest
 
+from engine.append import CacheWriter
 from engine.cache import Cache
 from engine.embed import EmbedConfig, embed_shards
 from engine.lease import LOCK_NAME, S3Lease
@@ -107,7 +108,7 @@ def test_a_holder_that_was_taken_over_writes_nothing_more_and_says_so(s3, tmp_pa
 def test_every_manifest_change_on_s3_holds_the_lease(s3, shard_paths, monkeypatch):
     """Creation, schema, register, consolidate, trim and prompts each take and release the lock."""
     taken, callers = [], []
-    real_acquire, real_lock = S3Lease.acquire, Cache.lock
+    real_acquire, real_lock = S3Lease.acquire, CacheWriter._locked
 
     def counting(self):
         taken.append(self.url)
@@ -118,7 +119,7 @@ def test_every_manifest_change_on_s3_holds_the_lease(s3, shard_paths, monkeypatc
         return real_lock(self)
 
     monkeypatch.setattr(S3Lease, "acquire", counting)
-    monkeypatch.setattr(Cache, "lock", lock)
+    monkeypatch.setattr(CacheWriter, "_locked", lock)
     url = _url()
     embed_shards(shard_paths[:1], url, EmbedConfig(workers=0, classes="shapes"), rank=0, world_size=1)
     assert {"initialise", "register_shards", "consolidate", "trim", "write_text"} <= set(callers)

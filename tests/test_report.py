@@ -15,6 +15,7 @@ from PIL import Image
 from browser import Browser, find_chromium
 from cli.main import cli
 from engine.cache import Cache
+from engine.results import Selection
 from engine.embed import EmbedConfig, embed_shards
 from engine.report import (MARKER, THUMB_FORMAT, ReportConfig, _shard_thumbnails, class_stats, rank_rejected, summary_lines,
                            write_report)
@@ -91,8 +92,10 @@ def odd(tmp_path_factory):
 
 def _rows(path: str):
     c = Cache(path)
-    arrays, attrs = c.read_group("selection")
-    return c, arrays, attrs
+    stored = Selection.read(c)
+    arrays = {"selected": stored.selected, **{f"{name}/loss_score": r.loss_score
+                                              for name, r in stored.classifiers.items()}}
+    return c, arrays, stored.attrs
 
 
 def _class_page(report: dict, c: int) -> str:
@@ -300,7 +303,7 @@ def test_summary_numbers_equal_the_selection_group(report):
 def test_galleries_hold_only_rejected_rows_of_their_class_most_suspicious_first(report):
     c, arrays, _ = _rows(report["cache"])
     labels, selected = c.labels(), arrays["selected"]
-    suspicion = (arrays["zeroshot__loss_score"] + arrays["linear__loss_score"]) / 2
+    suspicion = (arrays["zeroshot/loss_score"] + arrays["linear/loss_score"]) / 2
     total = 0
     for k in range(6):
         rows = [row for row, _ in _gallery(_class_page(report, k))]
@@ -335,7 +338,7 @@ def test_fresh_knn_group_is_used_and_a_stale_one_ignored(cache, report, tmp_path
         ours = _gallery(f"{tmp_path}/a/classes/{k:04d}.html")
         theirs = _gallery(_class_page(report, k))
         assert [[r for r, _ in n] for _, n in ours] == [[r for r, _ in n] for _, n in theirs]
-    Cache(copy, mode="a").root["knn"].attrs.update({"fingerprint": "stale"})
+    Cache(copy, mode="a").open_group("knn").attrs.update({"fingerprint": "stale"})
     stale = write_report(copy, str(tmp_path / "b"), CONFIG, device="cpu", show_progress=False)
     assert stale["neighbours"]["source"] == "flat index"
 
@@ -376,7 +379,7 @@ def test_a_current_knn_group_is_checked_without_loading_every_feature(cache, rep
     for k in range(6):
         ours = _gallery(f"{tmp_path}/a/classes/{k:04d}.html")
         assert [[r for r, _ in n] for _, n in ours] == [[r for r, _ in n] for _, n in _gallery(_class_page(report, k))]
-    Cache(copy, mode="a").root["knn"].attrs.update({"fingerprint": "stale"})   # a stale one does load them
+    Cache(copy, mode="a").open_group("knn").attrs.update({"fingerprint": "stale"})   # a stale one does load them
     with pytest.raises(AssertionError, match="load_features"):
         write_report(copy, str(tmp_path / "b"), CONFIG, device="cpu", show_progress=False)
 
@@ -600,7 +603,8 @@ def test_imported_cache_without_text_or_images(tmp_path):
     np.savez(tmp_path / "f.npz", features=feats / np.linalg.norm(feats, axis=1, keepdims=True), labels=labels)
     import_npz(str(tmp_path / "f.npz"), str(tmp_path / "c.zarr"))
     selected = rng.random(60) < 0.7
-    Cache(str(tmp_path / "c.zarr"), mode="a").write_group("selection", {"selected": selected}, {})
+    Selection(selected=selected, filled=np.zeros(60, bool), noise_score=np.zeros(60, np.float32)).write(
+        Cache(str(tmp_path / "c.zarr"), mode="a"))
     s = write_report(str(tmp_path / "c.zarr"), str(tmp_path / "r"), CONFIG, device="cpu", show_progress=False)
     assert s["heatmap"] == {"classes": 3, "source": "image: class centroids of the features"}
     shown = set()

@@ -9,7 +9,8 @@ from benchmarks.common import clip_like_features
 from engine.cache import Cache
 from engine.importer import import_npz
 from engine.runtime import EngineError
-from engine.stages import predict_from_cache, read_selection, train_from_cache, write_table
+from engine.results import IndexGroup, Neighbors, Selection, Training
+from engine.stages import predict_from_cache, train_from_cache, write_table
 from engine.train import TrainConfig, load_head
 
 
@@ -32,10 +33,17 @@ def _cache(tmp_path, name, n, seed, noise="sym", rate=0.4):
     return str(tmp_path / f"{name}.zarr")
 
 
+def _store_selection(cache, selected):
+    """A selection group holding just `selected` (N,) bool, as if `engine select` had chosen it."""
+    n = len(selected)
+    Selection(selected=selected, filled=np.zeros(n, bool), noise_score=np.zeros(n, np.float32),
+              attrs={"config": {}}).write(cache)
+
+
 def test_train_needs_a_selection(tmp_path):
     path = _cache(tmp_path, "a", 200, 0)
     with pytest.raises(EngineError, match="engine select"):
-        read_selection(Cache(path))
+        Selection.read(Cache(path))
 
 
 def test_train_predict_round_trip_with_baselines(tmp_path):
@@ -43,7 +51,7 @@ def test_train_predict_round_trip_with_baselines(tmp_path):
     test = _cache(tmp_path, "test", 400, 1, noise="none", rate=0.0)
     cache = Cache(train, mode="a")
     selected = cache.labels() == cache.true_labels()  # an oracle selection is enough for plumbing
-    cache.write_group("selection", {"selected": selected}, {"config": {}})
+    _store_selection(cache, selected)
     out = tmp_path / "head.pt"
     cfg = TrainConfig(epochs=3, lr=0.1, seed=0, device="cpu")
     summary = train_from_cache(train, cfg, eval_cache=test, out=str(out), baselines=True)
@@ -53,8 +61,8 @@ def test_train_predict_round_trip_with_baselines(tmp_path):
     assert len(lines) == 9 and {x["run"] for x in lines} == {"noisy", "selection", "mixfix"}
     head = load_head(out)
     assert head.num_classes == 8 and head.feature_identity == Cache(train).identity
-    arrays, attrs = Cache(train).read_group("train")
-    assert arrays["labels"].shape == (1500,) and attrs["eval_acc"] == summary["eval_acc"]
+    trained = Training.read(Cache(train))
+    assert trained.labels.shape == (1500,) and trained.attrs["eval_acc"] == summary["eval_acc"]
     pred = predict_from_cache(str(out), test, out=str(tmp_path / "p.csv"))
     assert abs(pred["accuracy"] - summary["eval_acc"]) < 1e-6
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
@@ -67,7 +75,7 @@ def test_eval_cache_from_another_model_is_refused(tmp_path):
     np.savez(tmp_path / "o.npz", features=other_feats, labels=np.zeros(50, int))
     import_npz(str(tmp_path / "o.npz"), str(tmp_path / "o.zarr"))
     cache = Cache(train, mode="a")
-    cache.write_group("selection", {"selected": np.ones(300, bool)}, {})
+    _store_selection(cache, np.ones(300, bool))
     with pytest.raises(EngineError, match="same model"):
         train_from_cache(train, TrainConfig(epochs=1, device="cpu"), eval_cache=str(tmp_path / "o.zarr"),
                          out=str(tmp_path / "h.pt"))
@@ -105,8 +113,8 @@ def test_diagnose_recovers_planted_hard_noise_pairs(hard_noise_cache, tmp_path):
     swaps = summary["swaps"][:4]
     assert swaps and all(partner[s["label"]] == s["neighbours_say"] for s in swaps), swaps
     assert 0 < summary["agreement_mean"] < 1
-    arrays, attrs = Cache(hard_noise_cache).read_group("knn")
-    assert arrays["ids"].shape == (300, 10) and attrs["k"] == 10
+    stored = Neighbors.read(Cache(hard_noise_cache))
+    assert stored.ids.shape == (300, 10) and stored.k == 10
     import scipy.sparse
 
     graph = scipy.sparse.load_npz(tmp_path / "knn.npz")
@@ -124,9 +132,9 @@ def test_stored_index_is_reused_until_rows_change(hard_noise_cache):
 
     index_from_cache(hard_noise_cache, IndexConfig(kind="flat"))
     cache = Cache(hard_noise_cache)
-    written = cache.read_group("index")[1]["written"]
+    written = IndexGroup.read(cache).attrs["written"]
     load_cached_index(cache, cache.load_features())
-    assert Cache(hard_noise_cache).read_group("index")[1]["written"] == written  # not rebuilt
+    assert IndexGroup.read(Cache(hard_noise_cache)).attrs["written"] == written  # not rebuilt
 
 
 def test_select_on_a_real_shapes_cache_then_cli_table(hard_noise_cache, tmp_path):
@@ -147,7 +155,7 @@ def test_select_on_a_real_shapes_cache_then_cli_table(hard_noise_cache, tmp_path
     cache = Cache(hard_noise_cache)
     assert [row["key"] for row in rows] == cache.keys().tolist()
     assert list(rows[0])[:3] == ["key", "label", "selected"]
-    selected = read_selection(cache)
+    selected = Selection.read(cache).selected
     assert [row["selected"] == "True" for row in rows] == selected.tolist()
     probs = np.load(tmp_path / "probs" / "probs_zeroshot.npy")
     assert probs.shape == (300, 10) and np.allclose(probs.sum(1), 1, atol=1e-4)
