@@ -40,8 +40,6 @@ IVF_LISTS_PER_SQRT_N = 2        # auto: nlist = 2 * sqrt(N), rounded to a power 
 TRAIN_POINTS_PER_LIST = 40      # k-means sample: faiss asks for at least 39 points per centroid
 DEFAULT_BLOCK_ROWS = 65_536
 CALIBRATION_K = 10              # recall@10 is what nprobe / efSearch is calibrated for
-KNN_TAU = 0.07                  # kNN vote temperature (InstDisc / DINO kNN classifier)
-KNN_SMOOTHING = 0.01            # mixed with the uniform distribution, so log-probs are finite
 META_SUFFIX = ".json"
 META_FORMAT = "engine-index"
 
@@ -144,13 +142,13 @@ def _check_features(features, name: str = "features") -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-def _check_positive(value, name: str) -> int:
+def check_positive(value, name: str) -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise EngineError(f"{name}: got {value!r}, expected a positive integer")
     return int(value)
 
 
-def _check_labels(labels, n: int | None, num_classes: int) -> np.ndarray:
+def check_labels(labels, n: int | None, num_classes: int) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1 or (n is not None and labels.shape[0] != n):
         raise EngineError(f"labels: got shape {labels.shape}, expected ({n if n is not None else 'N'},)")
@@ -162,7 +160,7 @@ def _check_labels(labels, n: int | None, num_classes: int) -> np.ndarray:
     return labels.astype(np.int64, copy=False)
 
 
-def _check_neighbors(similarities, ids) -> tuple[np.ndarray, np.ndarray]:
+def check_neighbors(similarities, ids) -> tuple[np.ndarray, np.ndarray]:
     similarities = np.asarray(similarities, dtype=np.float32)
     ids = np.asarray(ids)
     if ids.ndim != 2 or similarities.shape != ids.shape:
@@ -173,7 +171,7 @@ def _check_neighbors(similarities, ids) -> tuple[np.ndarray, np.ndarray]:
     return similarities, ids.astype(np.int64, copy=False)
 
 
-def _check_ids(ids, n: int) -> np.ndarray:
+def check_ids(ids, n: int) -> np.ndarray:
     ids = np.asarray(ids)
     if ids.ndim != 2 or ids.dtype.kind not in "iu":
         raise EngineError(f"ids: got shape {ids.shape} dtype {ids.dtype}, expected (N, k) integers")
@@ -445,7 +443,7 @@ def exact_search(features, queries: np.ndarray, *, k: int,
     approximate indexes are measured against."""
     faiss = _faiss()
     n = int(features.shape[0])
-    k = _check_positive(k, "k")
+    k = check_positive(k, "k")
     if k > n:
         raise EngineError(f"k: got {k}, expected at most N = {n}")
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -473,7 +471,7 @@ def search_index(index: FeatureIndex, queries: np.ndarray, *, k: int) -> tuple[n
     queries = np.asarray(queries)
     if queries.ndim != 2 or queries.shape[1] != index.info.dim:
         raise EngineError(f"queries: got shape {queries.shape}, expected (M, {index.info.dim})")
-    k = _check_positive(k, "k")
+    k = check_positive(k, "k")
     sims, ids = index.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     return _clean(sims, ids)
 
@@ -493,8 +491,8 @@ def knn_all(index: FeatureIndex, features, *, k: int = 10, exclude_self: bool = 
     With `exclude_self`, k+1 are searched and the row itself dropped by id (see `_drop_self`).
     Returns (similarities (N, k) float32 descending, ids (N, k) int64; -1 / -inf if missing)."""
     n = _check_index_rows(index, features)
-    k = _check_positive(k, "k")
-    block_rows = _check_positive(block_rows, "block_rows")
+    k = check_positive(k, "k")
+    block_rows = check_positive(block_rows, "block_rows")
     extra = 1 if exclude_self else 0
     if k + extra > n:
         raise EngineError(f"k: got {k}, expected at most N{' - 1' if extra else ''} = {n - extra}")
@@ -520,7 +518,7 @@ def query_neighbors(index: FeatureIndex, features, row: int, *, k: int = 10,
     n = _check_index_rows(index, features)
     if not isinstance(row, (int, np.integer)) or not 0 <= row < n:
         raise EngineError(f"row: got {row!r}, expected an integer in [0, {n})")
-    k = _check_positive(k, "k")
+    k = check_positive(k, "k")
     extra = 1 if exclude_self else 0
     if k + extra > n:
         raise EngineError(f"k: got {k}, expected at most N{' - 1' if extra else ''} = {n - extra}")
@@ -612,12 +610,12 @@ def class_centroids(features, labels, num_classes: int, *,
     in row blocks, renormalised -> (centroids (C, D) float32 unit rows, NaN for classes without
     samples; counts (C,) int64)."""
     n, dim = _check_features(features)
-    num_classes = _check_positive(num_classes, "num_classes")
-    labels = _check_labels(labels, n, num_classes)
+    num_classes = check_positive(num_classes, "num_classes")
+    labels = check_labels(labels, n, num_classes)
     import scipy.sparse as sp
 
     sums = np.zeros((num_classes, dim), dtype=np.float64)
-    for start, stop in _blocks(n, _check_positive(block_rows, "block_rows")):
+    for start, stop in _blocks(n, check_positive(block_rows, "block_rows")):
         lab = labels[start:stop]
         cols = np.flatnonzero(lab >= 0)
         onehot = sp.csr_matrix((np.ones(cols.size, np.float32), (lab[cols], cols)),
@@ -645,7 +643,7 @@ def top_confusable_pairs(similarity, *, top: int = 20) -> list[tuple[int, int, f
     sim = np.asarray(similarity)
     if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
         raise EngineError(f"similarity: got shape {sim.shape}, expected (C, C)")
-    top = _check_positive(top, "top")
+    top = check_positive(top, "top")
     c = sim.shape[0]
     found_a, found_b, found_v = [], [], []
     for start, stop in _blocks(c, max(1, 2 ** 22 // max(1, c))):
@@ -667,7 +665,7 @@ def top_confusable_pairs(similarity, *, top: int = 20) -> list[tuple[int, int, f
 # ---------------------------------------------------------------------------------------------
 # kNN label agreement and "which classes swap"
 
-def _neighbor_labels(ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def neighbor_labels(ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """labels of the neighbours, -1 where the neighbour is missing or unlabelled. (N, k) int64."""
     return np.where(ids >= 0, labels[np.clip(ids, 0, None)], -1)
 
@@ -678,11 +676,11 @@ def neighbor_agreement(ids, labels) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise EngineError(f"labels: got shape {labels.shape} dtype {labels.dtype}, expected (N,) integers")
-    ids = _check_ids(ids, labels.shape[0])
+    ids = check_ids(ids, labels.shape[0])
     if ids.shape[0] != labels.shape[0]:
         raise EngineError(f"ids: got {ids.shape[0]} rows, expected one per label ({labels.shape[0]})")
     labels = labels.astype(np.int64, copy=False)
-    neighbor = _neighbor_labels(ids, labels)
+    neighbor = neighbor_labels(ids, labels)
     valid = neighbor >= 0
     same = (neighbor == labels[:, None]) & valid
     total = valid.sum(axis=1)
@@ -695,7 +693,7 @@ def neighbor_agreement(ids, labels) -> np.ndarray:
 def class_agreement(agreement, labels, num_classes: int) -> np.ndarray:
     """Mean of `agreement (N,)` per given label over labelled rows with a value. (C,) float32,
     NaN for classes with no such row."""
-    labels = _check_labels(labels, np.shape(agreement)[0], _check_positive(num_classes, "num_classes"))
+    labels = check_labels(labels, np.shape(agreement)[0], check_positive(num_classes, "num_classes"))
     agreement = np.asarray(agreement, dtype=np.float64)
     ok = (labels >= 0) & ~np.isnan(agreement)
     sums = np.bincount(labels[ok], weights=agreement[ok], minlength=num_classes)
@@ -707,11 +705,11 @@ def class_agreement(agreement, labels, num_classes: int) -> np.ndarray:
 def neighbor_majority(ids, labels, num_classes: int, *, block_rows: int = DEFAULT_BLOCK_ROWS) -> np.ndarray:
     """The most frequent label among each row's labelled neighbours (ties: the smaller class
     id), -1 when none is labelled. In row blocks (a (B, k, k) comparison each). (N,) int64."""
-    labels = _check_labels(labels, None, _check_positive(num_classes, "num_classes"))
-    ids = _check_ids(ids, labels.shape[0])
+    labels = check_labels(labels, None, check_positive(num_classes, "num_classes"))
+    ids = check_ids(ids, labels.shape[0])
     majority = np.empty(ids.shape[0], dtype=np.int64)
-    for start, stop in _blocks(ids.shape[0], _check_positive(block_rows, "block_rows")):
-        neighbor = np.sort(_neighbor_labels(ids[start:stop], labels), axis=1)   # -1 first, then ascending
+    for start, stop in _blocks(ids.shape[0], check_positive(block_rows, "block_rows")):
+        neighbor = np.sort(neighbor_labels(ids[start:stop], labels), axis=1)   # -1 first, then ascending
         valid = neighbor >= 0
         counts = ((neighbor[:, :, None] == neighbor[:, None, :]) & valid[:, None, :]).sum(axis=2)
         counts[~valid] = -1
@@ -725,9 +723,9 @@ def neighbor_majority(ids, labels, num_classes: int, *, block_rows: int = DEFAUL
 def label_confusion(labels, majority, num_classes: int) -> np.ndarray:
     """Counts (C, C) int64: row = given label, column = neighbour-majority label, over rows where
     both are known. Dense: C^2 * 8 bytes (8 MB at C = 1000)."""
-    num_classes = _check_positive(num_classes, "num_classes")
-    labels = _check_labels(labels, None, num_classes)
-    majority = _check_labels(majority, labels.shape[0], num_classes)
+    num_classes = check_positive(num_classes, "num_classes")
+    labels = check_labels(labels, None, num_classes)
+    majority = check_labels(majority, labels.shape[0], num_classes)
     ok = (labels >= 0) & (majority >= 0)
     codes = labels[ok] * num_classes + majority[ok]
     return np.bincount(codes, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
@@ -741,7 +739,7 @@ def top_label_swaps(labels, majority, *, top: int = 20) -> list[tuple[int, int, 
     if labels.ndim != 1 or majority.shape != labels.shape:
         raise EngineError(f"labels/majority: got shapes {labels.shape} and {majority.shape}, "
                           "expected (N,) each")
-    top = _check_positive(top, "top")
+    top = check_positive(top, "top")
     ok = (labels >= 0) & (majority >= 0) & (labels != majority)
     pairs, counts = np.unique(np.stack([labels[ok], majority[ok]], axis=1), axis=0, return_counts=True)
     if pairs.size == 0:
@@ -764,7 +762,7 @@ class KnnDiagnostics:
 
 def knn_diagnostics(ids, labels, num_classes: int, *, top: int = 20) -> KnnDiagnostics:
     """Agreement, per-class agreement and the top label swaps from `ids (N, k)` (self excluded)."""
-    labels = _check_labels(labels, np.shape(ids)[0], _check_positive(num_classes, "num_classes"))
+    labels = check_labels(labels, np.shape(ids)[0], check_positive(num_classes, "num_classes"))
     agreement = neighbor_agreement(ids, labels)
     majority = neighbor_majority(ids, labels, num_classes)
     mean = float(np.nanmean(agreement)) if (~np.isnan(agreement)).any() else float("nan")
@@ -774,63 +772,7 @@ def knn_diagnostics(ids, labels, num_classes: int, *, top: int = 20) -> KnnDiagn
 
 
 # ---------------------------------------------------------------------------------------------
-# kNN classifier and the kNN graph
-
-def knn_log_probs(similarities, ids, labels, num_classes: int, *, tau: float = KNN_TAU,
-                  smoothing: float = KNN_SMOOTHING) -> np.ndarray:
-    """Class log-probabilities from similarity-weighted neighbour votes, for a block of rows.
-
-    `similarities (B, k)`, `ids (B, k)` (self excluded), `labels (N,)` of all rows. A labelled
-    neighbour j votes exp((s_j - s_max) / tau) for its label (tau = 0.07, the InstDisc/DINO kNN
-    classifier); p = (1 - smoothing) * votes / sum(votes) + smoothing / C, so log p is finite.
-    Rows without a labelled neighbour get the uniform distribution. Returns (B, C) float32."""
-    sims, ids = _check_neighbors(similarities, ids)
-    num_classes = _check_positive(num_classes, "num_classes")
-    labels = _check_labels(labels, None, num_classes)
-    ids = _check_ids(ids, labels.shape[0])
-    _check_vote_options(tau, smoothing)
-    return _knn_votes(sims, ids, labels, num_classes, tau=tau, smoothing=smoothing)
-
-
-def _check_vote_options(tau: float, smoothing: float) -> None:
-    if not tau > 0 or not 0 < smoothing <= 1:
-        raise EngineError(f"tau/smoothing: got {tau!r}/{smoothing!r}, expected tau > 0 and 0 < smoothing <= 1")
-
-
-def _knn_votes(sims: np.ndarray, ids: np.ndarray, labels: np.ndarray, num_classes: int, *, tau: float,
-               smoothing: float) -> np.ndarray:
-    """`knn_log_probs` on inputs already validated (the per-block hot path)."""
-    neighbor = _neighbor_labels(ids, labels)
-    valid = (neighbor >= 0) & np.isfinite(sims)
-    top = np.max(np.where(valid, sims, -np.inf), axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", over="ignore"):
-        weights = np.where(valid, np.exp((sims - np.where(np.isfinite(top), top, 0.0)) / tau), 0.0)
-    b = ids.shape[0]
-    rows = np.repeat(np.arange(b), ids.shape[1])
-    codes = rows * num_classes + np.where(valid, neighbor, 0).ravel()
-    votes = np.bincount(codes, weights=weights.ravel(), minlength=b * num_classes).reshape(b, num_classes)
-    total = votes.sum(axis=1, keepdims=True)
-    share = np.divide(votes, total, out=np.full_like(votes, 1.0 / num_classes), where=total > 0)
-    return np.log((1.0 - smoothing) * share + smoothing / num_classes).astype(np.float32)
-
-
-def knn_classifier(similarities, ids, labels, num_classes: int, *, tau: float = KNN_TAU,
-                   smoothing: float = KNN_SMOOTHING) -> Callable[[int, int], np.ndarray]:
-    """A row-block classifier over precomputed neighbours: `fn(start, stop) -> (B, C) float32`
-    log-probabilities of rows start..stop (see `knn_log_probs`)."""
-    sims, ids = _check_neighbors(similarities, ids)
-    num_classes = _check_positive(num_classes, "num_classes")
-    labels = _check_labels(labels, sims.shape[0], num_classes)
-    ids = _check_ids(ids, labels.shape[0])
-    _check_vote_options(tau, smoothing)
-
-    def log_probs(start: int, stop: int) -> np.ndarray:  # validated once above, not per block
-        if not 0 <= start <= stop <= sims.shape[0]:
-            raise EngineError(f"rows: got [{start}, {stop}), expected within [0, {sims.shape[0]}]")
-        return _knn_votes(sims[start:stop], ids[start:stop], labels, num_classes, tau=tau, smoothing=smoothing)
-
-    return log_probs
-
+# the kNN graph (cleanlab's Datalab)
 
 def knn_graph(similarities, ids, n: int | None = None):
     """The kNN graph as cleanlab's Datalab takes it (`knn_graph=`): a scipy.sparse.csr_matrix
@@ -839,9 +781,9 @@ def knn_graph(similarities, ids, n: int | None = None):
     are stored as explicit zeros so every row has k entries (cleanlab counts nnz / N)."""
     import scipy.sparse as sp
 
-    sims, ids = _check_neighbors(similarities, ids)
+    sims, ids = check_neighbors(similarities, ids)
     rows, k = ids.shape
-    n = rows if n is None else _check_positive(n, "n")
+    n = rows if n is None else check_positive(n, "n")
     if n != rows:
         raise EngineError(f"n: got {n}, expected the number of rows of ids ({rows})")
     if (ids < 0).any() or (ids >= n).any():

@@ -1,4 +1,4 @@
-"""CLIPCleaner selection (METHOD.md §3-4): scores, batched mixtures, intersection, fill-in.
+"""CLIPCleaner selection (docs/method.md): scores, batched mixtures, intersection, fill-in.
 
 For every classifier (zero-shot, linear, and any passed in, e.g. kNN from engine.index) one
 streaming pass over row blocks turns log P (B, C) into per-row scores; nothing N x C is held:
@@ -47,8 +47,8 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from engine.classifiers import (as_features, as_labels, auto_block_rows, fit_linear, fit_linear_folds,
-                                linear_log_probs, linear_oof_log_probs, zeroshot_log_probs)
+from engine.classifiers import (CLASSIFIERS, NEEDS_HINT, ClassifierInputs, LogProbsFn, as_features, as_labels,
+                                auto_block_rows)
 from engine.runtime import DEVICES, EngineError, Timer, progress, resolve_device
 
 _logger = logging.getLogger(__name__)
@@ -58,14 +58,6 @@ CRITERIA = {
     "loss": "per-class 2-component GMM on the normalised log P(y|x); posterior of the larger-mean "
             "component >= theta_gmm",
 }
-CLASSIFIERS = {
-    "zeroshot": "CLIP zero-shot with the class prompts (text features from `engine prompts`)",
-    "linear": "balanced multinomial logistic regression fitted here on the features and given labels",
-    "knn": "k-nearest-neighbour vote from engine.index, passed in extra_classifiers",
-}
-BUILTIN_CLASSIFIERS = ("zeroshot", "linear")
-
-LogProbsFn = Callable[[int, int], torch.Tensor]   # (start, stop) -> log P (stop - start, C)
 
 
 # ----------------------------------------------------------------------------- config
@@ -512,32 +504,8 @@ class SelectionResult:
                 "unlabelled": self.unlabelled, "classifiers": self.classifier_info, "metrics": self.metrics,
                 "warnings": self.warnings, "timings": self.timings, "config": self.config.to_dict()}
 
-    def columns(self) -> dict[str, np.ndarray]:
-        """Per-row columns for a table: selected, filled, noise_score, then per pair its score and
-        mask, and per classifier its prediction, confidence and normalised loss."""
-        out = {"selected": self.selected, "filled": self.filled, "noise_score": self.noise_score}
-        for pair in self.scores:
-            out[f"{pair}/score"] = self.scores[pair]
-            out[f"{pair}/pass"] = self.masks[pair]
-        for name in self.predictions:
-            out[f"{name}/prediction"] = self.predictions[name]
-            out[f"{name}/confidence"] = self.confidences[name]
-            out[f"{name}/loss_score"] = self.loss_scores[name]
-        return out
-
 
 # ----------------------------------------------------------------------------- pipeline
-
-@dataclass
-class _Inputs:
-    features: torch.Tensor              # (N, D) float16 on the device
-    labels: np.ndarray                  # (N,) int64, -1 = unlabelled
-    num_classes: int
-    text: tuple | None                  # (text (C, P, D) float32, mask (C, P) bool) on the device
-    true_labels: np.ndarray | None
-    device: torch.device
-    block_rows: int
-
 
 def _as_text(text_features, text_mask, dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     text = torch.as_tensor(np.asarray(text_features) if not isinstance(text_features, torch.Tensor) else text_features)
@@ -557,7 +525,7 @@ def _as_text(text_features, text_mask, dim: int, device: torch.device) -> tuple[
     return text.to(device=device, dtype=torch.float32), mask.to(device)
 
 
-def _check_sources(config: SelectConfig, extra: Mapping, has_text: bool) -> None:
+def _check_sources(config: SelectConfig, extra: Mapping, available: set) -> None:
     stray = [name for name in extra if name not in config.classifiers]
     if stray:
         raise EngineError(f"extra_classifiers: got {stray}, which are not in config.classifiers "
@@ -565,15 +533,24 @@ def _check_sources(config: SelectConfig, extra: Mapping, has_text: bool) -> None
     for name in config.classifiers:
         if name in extra:
             continue
-        if name == "zeroshot" and not has_text:
-            raise EngineError("classifiers: zeroshot needs text features and none were given; run "
-                              "`engine prompts --cache ... --classes ...` first, or drop zeroshot from --classifiers")
-        if name not in BUILTIN_CLASSIFIERS:
-            raise EngineError(f"classifiers: {name!r} ({CLASSIFIERS[name]}) needs its log-probabilities passed "
-                              f"in extra_classifiers={{{name!r}: fn(start, stop)}}; got none")
+        missing = [need for need in CLASSIFIERS[name].needs if need not in available]
+        if missing:
+            hint = NEEDS_HINT[missing[0]].format(name=name)
+            raise EngineError(f"classifiers: {name} needs {missing[0]} and none were given; {hint}")
 
 
-def _prepare(features, labels, text_features, text_mask, num_classes, true_labels, config, extra) -> _Inputs:
+def _neighbors(neighbors, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    if neighbors is None:
+        return None
+    similarities, ids = (np.asarray(a) for a in neighbors)
+    if similarities.ndim != 2 or similarities.shape != ids.shape or len(ids) != n:
+        raise EngineError(f"neighbors: got shapes {similarities.shape} and {ids.shape}, expected two ({n}, k) arrays "
+                          f"(similarities, ids)")
+    return similarities, ids
+
+
+def _prepare(features, labels, text_features, text_mask, num_classes, true_labels, neighbors, config,
+             extra) -> tuple[ClassifierInputs, np.ndarray | None]:
     """Validate everything at the boundary; features become float16 on the device."""
     device = resolve_device(config.device)
     feats = as_features(features, device)
@@ -594,44 +571,19 @@ def _prepare(features, labels, text_features, text_mask, num_classes, true_label
         num_classes = classes
     if not (labs >= 0).any():
         raise EngineError(f"labels: got {n} rows and none labelled (all -1), expected some labelled rows")
-    _check_sources(config, extra, text is not None)
+    found = _neighbors(neighbors, n)
+    available = {name for name, present in (("text", text is not None), ("neighbors", found is not None)) if present}
+    _check_sources(config, extra, available)
     true = None
     if true_labels is not None:
         true = as_labels(true_labels, n, num_classes, name="true_labels")[0].numpy()
     columns = max(num_classes * (text[0].shape[1] if text is not None else 1), num_classes, dim)
-    return _Inputs(features=feats, labels=labs.numpy(), num_classes=num_classes, text=text, true_labels=true,
-                   device=device, block_rows=config.block_rows or auto_block_rows(columns))
+    inputs = ClassifierInputs(features=feats, labels=labs.numpy(), num_classes=num_classes, text=text,
+                              neighbors=found, device=device, block_rows=config.block_rows or auto_block_rows(columns))
+    return inputs, true
 
 
-def _zeroshot_source(inputs: _Inputs, config: SelectConfig, timer: Timer, info: dict) -> LogProbsFn:
-    text, mask = inputs.text
-    return lambda start, stop: zeroshot_log_probs(inputs.features[start:stop], text, mask, tau=config.tau)
-
-
-def _linear_source(inputs: _Inputs, config: SelectConfig, timer: Timer, info: dict) -> LogProbsFn:
-    options = dict(num_classes=inputs.num_classes, c=config.linear_c, max_iter=config.linear_max_iter,
-                   tol=config.linear_tol, whiten=config.linear_whiten, device=inputs.device,
-                   block_rows=config.block_rows)
-    with timer("linear_fit"):
-        if config.linear_folds:
-            models, fold = fit_linear_folds(inputs.features, inputs.labels, folds=config.linear_folds,
-                                            seed=config.seed, **options)
-        else:
-            models, fold = [fit_linear(inputs.features, inputs.labels, **options)], None
-    info["fit"] = [m.summary() for m in models]
-    info["models"] = models
-    dev = inputs.device
-    placed = [replace(m, weight=m.weight.to(dev), bias=m.bias.to(dev)) for m in models]  # moved once, not per block
-    if fold is None:
-        return lambda start, stop: linear_log_probs(placed[0], inputs.features[start:stop])
-    fold_t = torch.from_numpy(fold).to(dev)
-    return lambda start, stop: linear_oof_log_probs(placed, fold_t[start:stop], inputs.features[start:stop])
-
-
-_SOURCES = {"zeroshot": _zeroshot_source, "linear": _linear_source}
-
-
-def _score_rows(name: str, fn: LogProbsFn, inputs: _Inputs, *, probs_path, show_progress) -> dict:
+def _score_rows(name: str, fn: LogProbsFn, inputs: ClassifierInputs, *, probs_path, show_progress) -> dict:
     """One pass over the row blocks: per-row scores (N,) of classifier `name`, and its P to `probs_path`."""
     n, c = len(inputs.labels), inputs.num_classes
     out = {"consistency": np.empty(n, np.float32), "log_p": np.empty(n, np.float32),
@@ -660,7 +612,7 @@ def _score_rows(name: str, fn: LogProbsFn, inputs: _Inputs, *, probs_path, show_
     return out
 
 
-def _criterion_scores(per: dict, inputs: _Inputs, groups: ClassGroups, config: SelectConfig, timer: Timer,
+def _criterion_scores(per: dict, inputs: ClassifierInputs, groups: ClassGroups, config: SelectConfig, timer: Timer,
                       info: dict) -> None:
     """Adds loss_score (N,) and, with the loss criterion, posterior (N,) to one classifier's `per`."""
     with timer("normalise"):
@@ -671,7 +623,7 @@ def _criterion_scores(per: dict, inputs: _Inputs, groups: ClassGroups, config: S
             per["posterior"], info["gmm"] = loss_posteriors(per["loss_score"], groups, degenerate, config=config)
 
 
-def _combine(per: dict, inputs: _Inputs, groups: ClassGroups, config: SelectConfig) -> dict:
+def _combine(per: dict, inputs: ClassifierInputs, groups: ClassGroups, config: SelectConfig) -> dict:
     """Masks per pair, their intersection, the fill-in, the noise score and the counts."""
     labelled = inputs.labels >= 0
     value_of = {"consistency": lambda p: p["consistency"], "loss": lambda p: p["posterior"]}
@@ -706,27 +658,30 @@ def _combine(per: dict, inputs: _Inputs, groups: ClassGroups, config: SelectConf
 
 def select_samples(features, labels, *, text_features=None, text_mask=None, config: SelectConfig | None = None,
                    num_classes: int | None = None, extra_classifiers: Mapping[str, LogProbsFn] | None = None,
-                   true_labels=None, probs_dir=None, show_progress: bool | None = None) -> SelectionResult:
-    """Select the rows whose given label looks clean (METHOD.md §2-4).
+                   neighbors=None, true_labels=None, probs_dir=None,
+                   show_progress: bool | None = None) -> SelectionResult:
+    """Select the rows whose given label looks clean (docs/method.md).
 
     features (N, D) float16 unit rows (numpy or torch; other float dtypes are cast: a float16
     copy); labels (N,) int, -1 = unlabelled; text_features (C, P, D) or (C, D) float with
     text_mask (C, P) bool (None: all prompts real), needed for "zeroshot"; num_classes needed
     only without text features when the labels do not reach the last class;
     extra_classifiers {name: fn(start, stop) -> log P (stop - start, C)} supplies classifiers
-    built elsewhere (e.g. "knn" from engine.index) or replaces a built-in one; true_labels (N,)
+    built elsewhere or replaces a registered one; neighbors (similarities (N, k), ids (N, k)), each
+    row's nearest other rows, needed for "knn"; true_labels (N,)
     int (-1 = unknown) adds precision/recall/F1 and accuracies; probs_dir writes each
     classifier's P as probs_<name>.npy (N, C) float32. Memory: see the module docstring."""
     config = config or SelectConfig()
     extra = dict(extra_classifiers or {})
     timer = Timer()
     with timer("prepare"):
-        inputs = _prepare(features, labels, text_features, text_mask, num_classes, true_labels, config, extra)
+        inputs, true = _prepare(features, labels, text_features, text_mask, num_classes, true_labels, neighbors,
+                                config, extra)
         groups = ClassGroups.build(inputs.labels, inputs.num_classes)
     per, info = {}, {}
     for name in config.classifiers:
         info[name] = {"source": "extra_classifiers" if name in extra else "built-in"}
-        fn = extra[name] if name in extra else _SOURCES[name](inputs, config, timer, info[name])
+        fn = extra[name] if name in extra else CLASSIFIERS[name].build(inputs, config, timer, info[name])
         path = None if probs_dir is None else Path(probs_dir) / f"probs_{name}.npy"
         with timer(f"score:{name}"):
             per[name] = _score_rows(name, fn, inputs, probs_path=path, show_progress=show_progress)
@@ -743,9 +698,9 @@ def select_samples(features, labels, *, text_features=None, text_mask=None, conf
         warnings=classifier_warnings(info), **combined)
     for line in result.warnings:
         _logger.info("select: warning: %s", line)
-    if inputs.true_labels is not None:
-        result.metrics = selection_metrics(result.selected, inputs.labels, inputs.true_labels)
-        result.metrics["accuracy"] = {k: classifier_accuracy(v, inputs.true_labels)
+    if true is not None:
+        result.metrics = selection_metrics(result.selected, inputs.labels, true)
+        result.metrics["accuracy"] = {k: classifier_accuracy(v, true)
                                       for k, v in result.predictions.items()}
     _logger.info("select: %d of %d rows selected (%s)", result.counts["final"], len(inputs.labels),
                  ", ".join(f"{k} {v}" for k, v in result.counts.items()))

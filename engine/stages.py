@@ -50,20 +50,6 @@ def neighbors_for(cache: Cache, features, *, k: int, device: str) -> Neighbors:
     return found
 
 
-def _knn_source(cache: Cache, features, labels, num_classes: int, *, k: int, device: str):
-    """The kNN classifier over the cache's stored neighbor lists (computed when missing or stale)."""
-    from engine import index as ix
-
-    found = neighbors_for(cache, features, k=k, device=device)
-    return _wrap_knn(ix.knn_classifier(found.similarities, found.ids, labels, num_classes))
-
-
-def _wrap_knn(fn):
-    import torch
-
-    return lambda start, stop: torch.from_numpy(np.asarray(fn(start, stop)))
-
-
 def select_from_cache(cache_path: str, config, *, out: str | None = None, probs_dir: str | None = None,
                       knn_k: int = 10, show_progress: bool | None = None) -> dict:
     """CLIPCleaner selection on the cache; results into `selection/`, optional table and P matrices."""
@@ -78,15 +64,16 @@ def select_from_cache(cache_path: str, config, *, out: str | None = None, probs_
         features, labels, true = cache.load_features(), cache.labels(), cache.true_labels()
     text, mask = cache.text_features() if cache.has_text() else (None, None)
     num_classes = text.shape[0] if text is not None else len(_class_names(cache, labels))
-    extra = {}
+    neighbors = None
     if "knn" in config.classifiers:
         with timer("knn"):
-            extra["knn"] = _knn_source(cache, features, labels, num_classes, k=knn_k, device=config.device)
+            found = neighbors_for(cache, features, k=knn_k, device=config.device)
+            neighbors = (np.asarray(found.similarities), np.asarray(found.ids))
     if probs_dir:
         Path(probs_dir).mkdir(parents=True, exist_ok=True)
     with timer("select_total"):
         result = select_samples(features, labels, text_features=text, text_mask=mask, config=config,
-                                num_classes=num_classes, extra_classifiers=extra, true_labels=true,
+                                num_classes=num_classes, neighbors=neighbors, true_labels=true,
                                 probs_dir=probs_dir, show_progress=show_progress)
     summary = {"cache": cache_path, **result.summary(), "seconds": {**timer.rounded(), **result.timings}}
     stored = Selection.from_result(result, {k: v for k, v in summary.items() if k != "cache"})

@@ -7,6 +7,7 @@ import scipy.sparse as sp
 import torch
 
 from benchmarks.common import clip_like_features
+from engine.classifiers import knn_classifier, knn_log_probs
 from engine.index import (
     FLAT_MAX_ROWS,
     IndexConfig,
@@ -18,10 +19,8 @@ from engine.index import (
     image_class_similarity,
     index_is_stale,
     knn_all,
-    knn_classifier,
     knn_diagnostics,
     knn_graph,
-    knn_log_probs,
     label_confusion,
     load_index,
     neighbor_agreement,

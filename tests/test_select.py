@@ -304,7 +304,7 @@ def test_bad_input_is_refused_at_the_boundary():
         select_samples(feats, np.array([0, 1, -2, 1, 0, 1]), text_features=text)
     with pytest.raises(EngineError, match="text_features: got shape"):
         select_samples(feats, labels, text_features=np.eye(4, 5, dtype=np.float32))
-    with pytest.raises(EngineError, match="knn.*extra_classifiers"):
+    with pytest.raises(EngineError, match="knn needs neighbors"):
         select_samples(feats, labels, text_features=text, config=SelectConfig(classifiers=("zeroshot", "knn")))
     with pytest.raises(EngineError, match="not in config.classifiers"):
         select_samples(feats, labels, text_features=text, extra_classifiers={"knn": _fixed(np.zeros((6, 4)))})
@@ -317,23 +317,25 @@ def test_bad_input_is_refused_at_the_boundary():
                        extra_classifiers={"knn": _fixed(np.full((6, 4), np.nan))})
 
 
-def test_knn_from_engine_index_plugs_in_as_an_extra_classifier():
+def test_knn_classifier_from_neighbor_lists_and_as_an_extra_classifier():
     from benchmarks.common import clip_like_features
+    from engine.classifiers import knn_classifier
 
-    index = pytest.importorskip("engine.index")
-    if not hasattr(index, "knn_classifier"):
-        pytest.skip("engine.index has no knn_classifier yet")
     feats, labels, truth, text, _ = clip_like_features(600, 5, 16, noise="sym", rate=0.3, seed=8)
     x = feats.astype(np.float32)
     sims = x @ x.T
     np.fill_diagonal(sims, -np.inf)
     ids = np.argsort(-sims, axis=1)[:, :10]
-    knn = index.knn_classifier(np.take_along_axis(sims, ids, 1), ids, labels, 5)
+    neighbors = (np.take_along_axis(sims, ids, 1), ids)
     config = SelectConfig(classifiers=("zeroshot", "linear", "knn"), device="cpu")
-    res = select_samples(feats, labels, text_features=text, true_labels=truth, config=config,
-                         extra_classifiers={"knn": knn})
-    assert len(res.masks) == 6 and res.classifier_info["knn"]["source"] == "extra_classifiers"
+    res = select_samples(feats, labels, text_features=text, true_labels=truth, config=config, neighbors=neighbors)
+    assert len(res.masks) == 6 and res.classifier_info["knn"] == {**res.classifier_info["knn"], "source": "built-in",
+                                                                   "k": 10}
     assert res.metrics["precision"] > 0.9
+    extra = select_samples(feats, labels, text_features=text, true_labels=truth, config=config,
+                           extra_classifiers={"knn": knn_classifier(*neighbors, labels, 5)})
+    assert extra.classifier_info["knn"]["source"] == "extra_classifiers"
+    np.testing.assert_array_equal(extra.selected, res.selected)
 
 
 @pytest.mark.gpu_test

@@ -1,38 +1,7 @@
-"""The classifiers behind selection (METHOD.md §2), all evaluated in row blocks.
-
-- **zero-shot**: `zeroshot_log_probs` turns a block of image features and the padded prompt
-  features into log P_zs (prompt ensemble by logsumexp of cos/tau, then log-softmax).
-- **linear** (induced): `fit_linear` minimises exactly scikit-learn's
-  `LogisticRegression(class_weight='balanced', C=c)` multinomial objective,
-
-      0.5 * ||W||^2 + c * sum_i w_i * CE(softmax(W f_i + b), y_i),   w_i = M / (K * n_{y_i}),
-
-  bias not penalised, M labelled rows, K classes that have rows. It is solved by L-BFGS,
-  full batch, with objective and gradient accumulated over row blocks (never more than
-  `block_rows x C` logits at once), features kept in float16 and cast per block, on the
-  device asked for. It is minimised in its scaled form `F = sum_i w_i CE_i / S + ||W||^2 / (2 c S)`
-  (S = sum_i w_i), but stopped as scikit-learn 1.2.2 (the authors' pin) stops: on the *summed*
-  objective `G = S F = sum_i w_i CE_i + ||W||^2 / (2 c)`, when max |grad G| <= `tol` (scipy's
-  `gtol`) or when an iteration lowers G by no more than `ftol` relative (scipy's default
-  2.2e-9). scikit-learn >= 1.4 applies the same `tol` to the scaled F instead, which at 1,000
-  classes is already met at the starting point (0 iterations, uniform probabilities); the rule
-  here means "converged" at any class count and any N.
-  Classes without a labelled row are left out of the fit, as scikit-learn never sees them:
-  their weight row is 0 and their bias `ABSENT_BIAS`, so their probability is 0 (exactly, in
-  float32) while every log-probability stays finite. With 2 classes scikit-learn switches to
-  a binary model whose optimum equals this multinomial one fitted with c / 2; `engine`
-  always fits the multinomial objective.
-  Out-of-fold (`fit_linear_folds`): K models on stratified folds; each row gets the
-  log-probabilities of the model that did not see it.
-
-Conditioning: the optimiser works in centred and whitened coordinates, W = V A and
-b = b' - W mu, A (Cov + ridge I) A^T = I for the training features: the same function,
-so the same minimiser, but CLIP features are far from isotropic and this cuts the L-BFGS
-iterations about 1.7-2x (30 -> 15 at N=2k, 44 -> 26 at N=50k/C=100/D=512) and reaches a lower
-objective than scikit-learn at the same `tol`. Measured and dropped: a warm start from a fit on
-nested 1/8 subsamples (more full-data iterations, not fewer: 26 vs 20 at N=200k), and one from
-class means (with balanced weights the first step from zero already is the class-mean
-direction). The stopping test is scikit-learn 1.2.2's, on the summed objective (above).
+"""The linear (induced) classifier: scikit-learn's `LogisticRegression(class_weight='balanced', C=c)`
+multinomial objective, solved by L-BFGS in torch over row blocks, stopped as scikit-learn 1.2.2
+(the authors' pin) stops. Out-of-fold variants for `--linear-folds`. The objective, the stopping
+rule and the conditioning are in docs/method.md.
 """
 from __future__ import annotations
 
@@ -43,18 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.classifiers.common import as_features, as_labels, resolve
 from engine.runtime import EngineError
 
 _logger = logging.getLogger(__name__)
 
 ABSENT_BIAS = -1.0e4          # bias of classes without training rows: probability exp(-1e4) = 0
-BLOCK_ELEMENTS = 1 << 24      # default scoring block: about 16M float32 logits (64 MB) at once
 LINEAR_BLOCK_ELEMENTS = 1 << 22
-
-
-def auto_block_rows(columns: int, *, budget: int = BLOCK_ELEMENTS) -> int:
-    """Rows per block so that one (rows, columns) float32 array holds about `budget` elements."""
-    return int(min(1 << 18, max(256, budget // max(1, columns))))
 
 
 def linear_block_rows(dim: int, num_classes: int, device: torch.device) -> int:
@@ -64,32 +28,6 @@ def linear_block_rows(dim: int, num_classes: int, device: torch.device) -> int:
     budget = LINEAR_BLOCK_ELEMENTS * (8 if device.type == "cuda" else 1)
     return int(min(1 << 18, max(1024, budget // (dim + num_classes))))
 
-
-# ----------------------------------------------------------------------------- zero-shot
-
-def zeroshot_log_probs(features: torch.Tensor, text_features: torch.Tensor, text_mask: torch.Tensor, *,
-                       tau: float = 0.07) -> torch.Tensor:
-    """log P_zs (B, C) float32 for one block of rows.
-
-    features (B, D) any float dtype, unit rows; text_features (C, P, D) unit rows (padding
-    ignored); text_mask (C, P) bool, True for real prompts (every class needs one). Computed on
-    the device of `features`; memory B x C x P float32."""
-    if features.ndim != 2 or text_features.ndim != 3 or features.shape[1] != text_features.shape[2]:
-        raise EngineError(f"zeroshot_log_probs: got features {tuple(features.shape)} and text_features "
-                          f"{tuple(text_features.shape)}, expected (B, D) and (C, P, D) with the same D")
-    if tuple(text_mask.shape) != tuple(text_features.shape[:2]):
-        raise EngineError(f"text_mask: got shape {tuple(text_mask.shape)}, expected "
-                          f"{tuple(text_features.shape[:2])} (C, P)")
-    x = features.to(torch.float32)
-    text = text_features.to(device=x.device, dtype=torch.float32)
-    mask = text_mask.to(device=x.device, dtype=torch.bool)
-    num_classes, prompts, dim = text.shape
-    sims = (x @ text.reshape(num_classes * prompts, dim).T).view(len(x), num_classes, prompts)
-    sims.mul_(1.0 / tau).masked_fill_(~mask, float("-inf"))
-    return torch.log_softmax(torch.logsumexp(sims, dim=2), dim=1)
-
-
-# ----------------------------------------------------------------------------- linear
 
 @dataclass(frozen=True)
 class LinearModel:
@@ -323,47 +261,6 @@ def _lbfgs(fun, theta, *, max_iter: int, tol: float, ftol: float, history_size: 
     return theta, value, gmax, n_iter, stop
 
 
-def as_features(features, device: torch.device) -> torch.Tensor:
-    """(N, D) float16 tensor on `device` (no copy for a CPU float16 array or tensor)."""
-    if isinstance(features, torch.Tensor):
-        tensor = features.detach()
-    else:
-        array = np.asarray(features)
-        if array.dtype.kind != "f":
-            raise EngineError(f"features: got dtype {array.dtype}, expected a floating point (N, D) array")
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if tensor.ndim != 2 or not tensor.is_floating_point() or len(tensor) == 0:
-        raise EngineError(f"features: got shape {tuple(tensor.shape)} dtype {tensor.dtype}, "
-                          f"expected (N, D) floating point with N >= 1")
-    return tensor.to(device=device, dtype=torch.float16)
-
-
-def as_labels(labels, n: int, num_classes: int | None, *, name: str = "labels") -> tuple[torch.Tensor, int]:
-    """(N,) int64 CPU labels checked against [-1, num_classes); num_classes from the labels when None."""
-    tensor = labels.detach().cpu() if isinstance(labels, torch.Tensor) else torch.from_numpy(
-        np.ascontiguousarray(np.asarray(labels)))
-    if tensor.ndim != 1 or tensor.is_floating_point() or tensor.dtype is torch.bool or len(tensor) != n:
-        raise EngineError(f"{name}: got shape {tuple(tensor.shape)} dtype {tensor.dtype}, "
-                          f"expected ({n},) integer (-1 = unlabelled)")
-    tensor = tensor.long()
-    top = int(tensor.max()) if n else -1
-    if num_classes is None and top < 0:
-        raise EngineError(f"{name}: got no labelled row (all -1) and no num_classes, expected some labelled rows")
-    num_classes = top + 1 if num_classes is None else num_classes
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise EngineError(f"num_classes: got {num_classes!r}, expected a positive integer")
-    if n and (int(tensor.min()) < -1 or top >= num_classes):
-        raise EngineError(f"{name}: got values in [{int(tensor.min())}, {top}], expected "
-                          f"[-1, {num_classes - 1}] (-1 = unlabelled, num_classes={num_classes})")
-    return tensor, num_classes
-
-
-def _resolve(device) -> torch.device:
-    from engine.runtime import resolve_device
-
-    return device if isinstance(device, torch.device) else resolve_device(device)
-
-
 def _balanced_targets(labels, rows, num_classes):
     """(present (C,) bool, targets (M,) int64 in 0..K-1, sample_weight (M,) float32) for the rows,
     class_weight='balanced' over the K classes that have rows: M / (K * n_k)."""
@@ -443,7 +340,7 @@ def fit_linear(features, labels, *, num_classes: int | None = None, c: float = 1
     per-row arrays, blocks of block_rows x (D + C) float32 (reused), 2 * history_size + 6
     vectors of C x (D + 1) float64 and a D x D float64 whitening matrix."""
     _check_fit_options(c, max_iter, tol, ftol, whiten, history_size, block_rows)
-    device = _resolve(device)
+    device = resolve(device)
     feats = as_features(features, device)
     labs, num_classes = as_labels(labels, len(feats), num_classes)
     rows = torch.nonzero(labs >= 0).squeeze(1)
@@ -486,7 +383,7 @@ def fit_linear_folds(features, labels, *, folds: int, num_classes: int | None = 
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
         raise EngineError(f"folds: got {folds!r}, expected an integer >= 2 (0 = in-sample, no folds)")
     _check_fit_options(c, max_iter, tol, ftol, whiten, history_size, block_rows)
-    device = _resolve(device)
+    device = resolve(device)
     feats = as_features(features, device)
     labs, num_classes = as_labels(labels, len(feats), num_classes)
     labelled = labs >= 0
