@@ -20,6 +20,7 @@ the `selection/` group is an error (its labels belong to another selection). A l
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,8 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from engine.cache import Cache, is_local
+from engine.files import json_kind
+from engine.outputs import Resume, UnitFolder, records_problem
 from engine.results import Selection, Training
-from engine.files import json_kind, read_json, write_json_atomic
 from engine.runtime import EngineError
 
 _logger = logging.getLogger(__name__)
@@ -310,8 +312,8 @@ def plan_export(rows: CacheRows, *, cache_path: str, pattern: ShardPattern, conf
 
 
 # ---------------------------------------------------------------- export.json
-class _UnreadableManifest(EngineError):
-    """export.json exists but cannot be parsed, or is not of the expected shape."""
+def _shard_record_ok(entry: dict) -> bool:
+    return isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256", ""), str)
 
 
 def _shape_problem(manifest) -> str | None:
@@ -320,119 +322,49 @@ def _shape_problem(manifest) -> str | None:
         return f"holds {json_kind(manifest)}, expected an object"
     if not isinstance(manifest.get("plan", {}), dict):
         return f"has {json_kind(manifest['plan'])} as \"plan\", expected an object"
-    shards = manifest.get("shards")
-    if not isinstance(shards, dict):
-        return f"has {json_kind(shards)} as \"shards\", expected an object"
-    for name, entry in shards.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) \
-                or not isinstance(entry.get("sha256", ""), str):
-            return f"records shard {name!r} as {json.dumps(entry)[:60]}, expected an object with bytes and sha256"
-    return None
+    return records_problem(manifest.get("shards"), name="shards", expected=dict, check=_shard_record_ok,
+                           what="an object with bytes and sha256")
 
 
-def _read_manifest(path: Path) -> dict | None:
-    """The export.json at `path`, None when absent; `_UnreadableManifest` when corrupt or misshapen."""
-    if not path.is_file():
-        return None
-    try:
-        manifest = read_json(path)
-    except ValueError as err:
-        raise _UnreadableManifest(f"shards: {path} is {err}; delete it or use --overwrite") from None
-    if isinstance(manifest, dict) and manifest.get("format") != MANIFEST_FORMAT:
-        raise EngineError(f"shards: {path} was not written by `engine export`; use another folder")
-    problem = _shape_problem(manifest)
-    if problem is not None:
-        raise _UnreadableManifest(f"shards: {path} {problem}; delete it or use --overwrite")
-    return manifest
+def _folder(pattern: ShardPattern) -> UnitFolder:
+    return UnitFolder(pattern.directory, command="export", manifest_name=MANIFEST_NAME, kind="an export manifest",
+                      format=MANIFEST_FORMAT, shape_problem=_shape_problem, units_of=lambda m: m["shards"],
+                      option="shards", temp_suffix=TMP_SUFFIX)
 
 
-def _write_manifest(path: Path, manifest: dict) -> None:
+def _write_manifest(folder: UnitFolder, manifest: dict) -> None:
     """Write export.json atomically: a temp file, fsynced, renamed over it."""
     manifest["updated"] = time.time()
-    write_json_atomic(path, manifest, suffix=TMP_SUFFIX, sort_keys=True)
+    folder.save(manifest, sort_keys=True)
 
 
-@dataclass
-class ExistingExport:
-    """What the pattern's folder holds: `old` the readable export.json (None when absent or corrupt),
-    `resume` whether this run continues it, `corrupt` whether an unreadable one is being replaced."""
-
-    old: dict | None
-    resume: bool
-    corrupt: bool = False
+def _plan_change(old: dict, plan: ExportPlan) -> str:
+    was, now = old.get("plan", {}), plan.description
+    return (f"cache {was.get('cache')}, keep {was.get('keep')}, {was.get('per_shard')} per shard, "
+            f"{was.get('samples')} samples; this run: cache {now['cache']}, keep {now['keep']}, "
+            f"{now['per_shard']} per shard, {now['samples']} samples")
 
 
-def inspect_export(pattern: ShardPattern, plan: ExportPlan, *, overwrite: bool) -> ExistingExport:
-    """Decide, without writing anything, whether `plan` resumes the export in the pattern's folder,
-    replaces it (`overwrite`), or is an error (another plan or unrecorded shards there)."""
-    path = pattern.directory / MANIFEST_NAME
-    try:
-        old = _read_manifest(path)
-    except _UnreadableManifest as err:
-        if not overwrite:
-            raise
-        _logger.warning("--overwrite: %s; treating it as absent", str(err).split("; delete it")[0])
-        return ExistingExport(old=None, resume=False, corrupt=True)
-    if old is not None and old.get("fingerprint") == plan.fingerprint and not overwrite:
-        return ExistingExport(old=old, resume=True)
-    if not overwrite:
-        if old is not None:
-            was = old.get("plan", {})
-            now = plan.description
-            raise EngineError(
-                f"shards: {pattern.directory} holds an export of another plan (cache {was.get('cache')}, keep "
-                f"{was.get('keep')}, {was.get('per_shard')} per shard, {was.get('samples')} samples; this run: cache "
-                f"{now['cache']}, keep {now['keep']}, {now['per_shard']} per shard, {now['samples']} samples); "
-                "use --overwrite to replace it, or another folder")
-        clash = next((pattern.name(j) for j in range(plan.num_shards) if pattern.path(j).exists()), None)
-        if clash is not None:
-            raise EngineError(f"shards: {pattern.directory / clash} exists and no {MANIFEST_NAME} records it; "
-                              "use --overwrite to replace it, or another folder")
-    return ExistingExport(old=old, resume=False)
-
-
-def _remove_old_export(pattern: ShardPattern, existing: ExistingExport, names: list[str], keep: set[str]) -> int:
-    """--overwrite: delete the shards an earlier export recorded (or, its export.json being corrupt,
-    the files in the folder that the pattern could have named), and this plan's names and temps;
-    never a path in `keep` (the cache's source shards)."""
-    victims = set(names) | set((existing.old or {}).get("shards", {}))
-    if existing.corrupt and pattern.directory.is_dir():
-        for entry in pattern.directory.iterdir():
-            name = entry.name[:-len(TMP_SUFFIX)] if entry.name.endswith(TMP_SUFFIX) else entry.name
-            if pattern.matches(name):
-                victims.add(name)
-    removed = 0
-    for name in victims:
-        for path in (pattern.directory / name, pattern.directory / (name + TMP_SUFFIX)):
-            if os.path.abspath(path) not in keep and path.is_file():
-                path.unlink()
-                removed += 1
-    return removed
-
-
-def commit_manifest(pattern: ShardPattern, plan: ExportPlan, existing: ExistingExport, pending: list[int], *,
-                    keep: set[str] = frozenset()) -> dict:
+def commit_manifest(folder: UnitFolder, pattern: ShardPattern, plan: ExportPlan, resume: Resume,
+                    pending: list[int], *, keep: frozenset = frozenset()) -> dict:
     """The first write of a run, once every check has passed: a resumed export.json forgets the
     shards about to be rewritten; otherwise the earlier export is removed and a fresh one written."""
-    path = pattern.directory / MANIFEST_NAME
-    if existing.resume:
-        manifest = existing.old
+    names = [pattern.name(j) for j in range(plan.num_shards)]
+    folder.clean(resume, names, protect=keep)
+    if resume.manifest is not None:
+        manifest = resume.manifest
         stale = [pattern.name(j) for j in pending if pattern.name(j) in manifest["shards"]]
         if stale:
             for name in stale:
                 del manifest["shards"][name]
             manifest["complete"] = False
-            _write_manifest(path, manifest)
+            _write_manifest(folder, manifest)
         return manifest
-    names = [pattern.name(j) for j in range(plan.num_shards)]
-    removed = _remove_old_export(pattern, existing, names, keep)
-    if removed:
-        _logger.info("--overwrite: removed %d files of an earlier export in %s", removed, pattern.directory)
     manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "fingerprint": plan.fingerprint,
                 "plan": {**plan.description, "shards": plan.num_shards, "labels_from": plan.labels_from},
                 "shards": {}, "complete": False}
     pattern.directory.mkdir(parents=True, exist_ok=True)
-    _write_manifest(path, manifest)
+    _write_manifest(folder, manifest)
     return manifest
 
 
@@ -444,20 +376,15 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def finished_shards(pattern: ShardPattern, plan: ExportPlan, manifest: dict | None, *, verify: bool = False) -> set[int]:
-    """Output shards recorded in `manifest` whose file is still there with the recorded size (the
+def _finished(path: Path, entry: dict, *, verify: bool) -> bool:
+    """An output shard recorded in export.json whose file is still there with the recorded size (the
     fast check: a same-size corruption passes it) and, with `verify`, the recorded sha256."""
-    done = set()
-    for j in range(plan.num_shards if manifest is not None else 0):
-        entry = manifest["shards"].get(pattern.name(j))
-        path = pattern.path(j)
-        if not (entry and path.is_file() and path.stat().st_size == entry["bytes"]):
-            continue
-        if verify and _file_sha256(path) != entry.get("sha256"):
-            _logger.warning("--verify: %s differs from the sha256 in %s; writing it again", path, MANIFEST_NAME)
-            continue
-        done.add(j)
-    return done
+    if not (path.is_file() and path.stat().st_size == entry["bytes"]):
+        return False
+    if verify and _file_sha256(path) != entry.get("sha256"):
+        _logger.warning("--verify: %s differs from the sha256 in %s; writing it again", path, MANIFEST_NAME)
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- reading the sources
@@ -556,11 +483,11 @@ def output_sample(sample: dict, *, label: int, given: int, selected: bool | None
 class _ShardWriter:
     """One output shard: written under NAME.tmp, renamed and recorded in export.json on `finish`."""
 
-    def __init__(self, pattern: ShardPattern, shard: int, *, mtime: float):
+    def __init__(self, folder: UnitFolder, pattern: ShardPattern, shard: int, *, mtime: float):
         import webdataset as wds
 
-        self.shard, self.path = shard, pattern.path(shard)
-        self.tmp = self.path.with_name(self.path.name + TMP_SUFFIX)
+        self.shard, self.path, self.folder = shard, pattern.path(shard), folder
+        self.tmp = folder.temp_path(self.path.name)
         self.file = _HashingFile(self.tmp)
         self.tar = wds.TarWriter(self.file, encoder=False, mtime=mtime)
         self.rows = 0
@@ -569,13 +496,13 @@ class _ShardWriter:
         self.tar.write(sample)
         self.rows += 1
 
-    def finish(self, manifest: dict, manifest_path: Path) -> None:
+    def finish(self, manifest: dict) -> None:
         self.tar.close()
         self.file.close()
         os.replace(self.tmp, self.path)
         manifest["shards"][self.path.name] = {"rows": self.rows, "bytes": self.file.bytes,
                                               "sha256": self.file.sha256.hexdigest()}
-        _write_manifest(manifest_path, manifest)
+        _write_manifest(self.folder, manifest)
 
     def abort(self) -> None:
         try:
@@ -585,13 +512,12 @@ class _ShardWriter:
             self.tmp.unlink(missing_ok=True)
 
 
-def write_pending(rows: CacheRows, plan: ExportPlan, pending: list[int], *, pattern: ShardPattern, manifest: dict,
-                  progress=None) -> int:
+def write_pending(rows: CacheRows, plan: ExportPlan, pending: list[int], *, folder: UnitFolder, pattern: ShardPattern,
+                  manifest: dict, progress=None) -> int:
     """Write the `pending` output shards in order, streaming each needed source run once; returns rows written."""
     if not pending:
         return 0
     entries = np.concatenate([np.arange(plan.entries(j).start, plan.entries(j).stop) for j in pending])
-    manifest_path = pattern.directory / MANIFEST_NAME
     mtime = int(max(plan.description["selection_written"], plan.description["train_written"] or 0))
     keep_all = plan.keep == "all"
     writer, written = None, 0
@@ -600,15 +526,15 @@ def write_pending(rows: CacheRows, plan: ExportPlan, pending: list[int], *, patt
             shard = entry // plan.per_shard
             if writer is None or writer.shard != shard:
                 if writer is not None:
-                    writer.finish(manifest, manifest_path)
-                writer = _ShardWriter(pattern, shard, mtime=mtime)
+                    writer.finish(manifest)
+                writer = _ShardWriter(folder, pattern, shard, mtime=mtime)
             writer.write(output_sample(sample, label=int(plan.labels[entry]), given=int(plan.given[entry]),
                                        selected=bool(plan.selected[entry]) if keep_all else None))
             written += 1
             if progress is not None:
                 progress(1)
         if writer is not None:
-            writer.finish(manifest, manifest_path)
+            writer.finish(manifest)
             writer = None
     finally:
         if writer is not None:
@@ -625,6 +551,7 @@ class _ShardJob:
     manifest: dict
     pending: list
     skipped: int
+    folder: UnitFolder
 
 
 def prepare_shards(rows: CacheRows, pattern: ShardPattern, config: ShardExportConfig, *, cache_path: str) -> _ShardJob:
@@ -636,13 +563,15 @@ def prepare_shards(rows: CacheRows, pattern: ShardPattern, config: ShardExportCo
     clash = next((pattern.path(j) for j in range(plan.num_shards) if os.path.abspath(pattern.path(j)) in sources), None)
     if clash is not None:
         raise EngineError(f"shards: {clash} is one of the cache's source shards; write the export to another folder")
-    existing = inspect_export(pattern, plan, overwrite=config.overwrite)
-    done = finished_shards(pattern, plan, existing.old, verify=config.verify) if existing.resume else set()
-    pending = [j for j in range(plan.num_shards) if j not in done]
+    folder = _folder(pattern)
+    resume = folder.start(fingerprint=plan.fingerprint, names=[pattern.name(j) for j in range(plan.num_shards)],
+                          overwrite=config.overwrite, changes=lambda old: _plan_change(old, plan), stray=pattern.matches,
+                          is_done=lambda name, entry: _finished(pattern.directory / name, entry, verify=config.verify))
+    pending = [j for j in range(plan.num_shards) if pattern.name(j) not in resume.done]
     check_sources(rows, plan, pending, cache_path=cache_path)
     # every check passed: only now is anything removed or written
-    manifest = commit_manifest(pattern, plan, existing, pending, keep=sources)
-    return _ShardJob(rows, plan, pattern, manifest, pending, skipped=len(done))
+    manifest = commit_manifest(folder, pattern, plan, resume, pending, keep=frozenset(sources))
+    return _ShardJob(rows, plan, pattern, manifest, pending, skipped=plan.num_shards - len(pending), folder=folder)
 
 
 def run_shards(job: _ShardJob, *, show_progress: bool | None = None) -> dict:
@@ -652,10 +581,10 @@ def run_shards(job: _ShardJob, *, show_progress: bool | None = None) -> dict:
     total = sum(len(plan.entries(j)) for j in job.pending)
     disable = None if show_progress is None else not show_progress
     with progress(total=total, desc="export", unit="img", disable=disable) as bar:
-        written = write_pending(job.rows, plan, job.pending, pattern=job.pattern, manifest=job.manifest,
+        written = write_pending(job.rows, plan, job.pending, folder=job.folder, pattern=job.pattern, manifest=job.manifest,
                                 progress=bar.update)
     job.manifest["complete"] = True
-    _write_manifest(job.pattern.directory / MANIFEST_NAME, job.manifest)
+    _write_manifest(job.folder, job.manifest)
     seconds = time.perf_counter() - started
     return {"pattern": job.pattern.spec, "dir": str(job.pattern.directory), "keep": plan.keep,
             "per_shard": plan.per_shard, "labels_from": plan.labels_from, "samples": int(len(plan.rows)),
@@ -671,8 +600,9 @@ def export_shards(cache_path: str, pattern: str, config: ShardExportConfig = Sha
                   show_progress: bool | None = None) -> dict:
     """Write cleaned WebDataset shards of `cache_path`'s source samples to `pattern` (resumable)."""
     parsed = ShardPattern.parse(pattern)
-    job = prepare_shards(read_cache_rows(Cache(cache_path)), parsed, config, cache_path=cache_path)
-    return run_shards(job, show_progress=show_progress)
+    with _locked(parsed):
+        job = prepare_shards(read_cache_rows(Cache(cache_path)), parsed, config, cache_path=cache_path)
+        return run_shards(job, show_progress=show_progress)
 
 
 def export_cache(cache_path: str, *, out: str | None = None, table_format: str | None = None,
@@ -685,11 +615,22 @@ def export_cache(cache_path: str, *, out: str | None = None, table_format: str |
         raise EngineError("export: nothing to do; give --out FILE.csv|FILE.parquet and/or --shards OUT/{000000..}.tar")
     pattern = ShardPattern.parse(shards) if shards is not None else None
     rows = read_cache_rows(Cache(cache_path))
-    job = prepare_shards(rows, pattern, config, cache_path=cache_path) if pattern is not None else None
-    summary = {"cache": cache_path, "rows": rows.num_rows, "selected": int(rows.selected.sum()),
-               "trained": rows.mixfix_labels is not None}
-    if out is not None:
-        summary["table"] = write_label_table(rows, out)
-    if job is not None:
-        summary["shards"] = run_shards(job, show_progress=show_progress)
+    with _locked(pattern) if pattern is not None else contextlib.nullcontext():
+        job = prepare_shards(rows, pattern, config, cache_path=cache_path) if pattern is not None else None
+        summary = {"cache": cache_path, "rows": rows.num_rows, "selected": int(rows.selected.sum()),
+                   "trained": rows.mixfix_labels is not None}
+        if out is not None:
+            summary["table"] = write_label_table(rows, out)
+        if job is not None:
+            summary["shards"] = run_shards(job, show_progress=show_progress)
     return summary
+
+
+@contextlib.contextmanager
+def _locked(pattern: ShardPattern):
+    """One export at a time into a folder; the folder is only made once the lock can be taken."""
+    if not pattern.directory.is_dir():
+        yield            # nothing there yet: checks come first, the folder is made by the first write
+        return
+    with _folder(pattern).lock():
+        yield

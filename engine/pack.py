@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.files import atomic_file, json_kind, read_json, write_json_atomic
+from engine.files import atomic_file, json_kind, write_json_atomic
+from engine.outputs import UnitFolder, records_problem
 from engine.runtime import EngineError, available_cores, engine_version
 
 _logger = logging.getLogger(__name__)
@@ -470,43 +471,26 @@ def _shape_problem(manifest) -> str | None:
     """What makes a parsed pack.json unusable (the fields this module reads), or None."""
     if not isinstance(manifest, dict):
         return f"the top level is {json_kind(manifest)}, expected an object"
-    if not isinstance(manifest.get("shards"), list):
-        return f"'shards' is {json_kind(manifest.get('shards'))}, expected an array"
-    for name, expected in (("plan", {}), ("bad", [])):
-        if name in manifest and not isinstance(manifest[name], type(expected)):
-            return f"{name!r} is {json_kind(manifest[name])}, expected {json_kind(expected)}"
-    for name in ("shards", "bad"):
-        for index, item in enumerate(manifest.get(name, [])):
-            if not isinstance(item, dict):
-                return f"{name}[{index}] is {json_kind(item)}, expected an object"
+    for name, expected in (("shards", list), ("plan", dict), ("bad", list)):
+        if name in manifest or name == "shards":
+            problem = records_problem(manifest.get(name), name=name, expected=expected) if expected is list else (
+                None if isinstance(manifest[name], dict) else
+                f"{name!r} is {json_kind(manifest[name])}, expected an object")
+            if problem:
+                return problem
     return None
 
 
-def _read_manifest(out: Path, overwrite: bool = False) -> dict | None:
-    """OUT/pack.json, None when there is none; an unreadable or malformed one is an EngineError,
-    or (with --overwrite) a warning, and then counts as absent."""
-    path = out / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        manifest = read_json(path)
-    except ValueError as err:
-        problem = f"is {err}"
-    else:
-        shape = _shape_problem(manifest)
-        if shape is None:
-            return manifest
-        problem = f"is not a pack manifest ({shape})"
-    if not overwrite:
-        raise EngineError(f"out: {path} {problem}; use --overwrite to start again")
-    _logger.warning("out: %s %s; --overwrite: starting again", path, problem)
-    return None
+def _folder(out: Path) -> UnitFolder:
+    return UnitFolder(out, command="pack", manifest_name=MANIFEST, kind="a pack manifest", format=FORMAT_VERSION,
+                      shape_problem=_shape_problem, temp_suffix=PARTIAL,
+                      units_of=lambda m: {str(r.get("name", "")): r for r in m["shards"] if r.get("name")})
 
 
 def _save_manifest(out: Path, manifest: dict) -> None:
     manifest["bad"].sort(key=lambda b: b["shard"] or "")  # stable: plan order within a shard
     manifest["complete"] = all(s["status"] == "done" for s in manifest["shards"])
-    write_json_atomic(out / MANIFEST, manifest, suffix=PARTIAL)
+    _folder(out).save(manifest)
 
 
 def _plan_changes(old: dict, new: dict) -> str:
@@ -531,48 +515,24 @@ def _bad_record_ok(bad: dict) -> bool:
     return isinstance(bad.get("path"), str) and isinstance(bad.get("reason"), str)
 
 
-def _carry_over(fresh: dict, old: dict, out: Path) -> None:
-    """Keep the shards the previous run of this plan finished (recorded and still in place)."""
-    for index, record in enumerate(old["shards"][:len(fresh["shards"])]):
-        if record.get("name") == fresh["shards"][index]["name"] and _is_done(out, record):
-            bad = [b for b in old.get("bad", []) if b.get("shard") == record["name"]]
-            if all(_bad_record_ok(b) for b in bad):
-                fresh["shards"][index] = record
-                fresh["bad"].extend(bad)
-
-
-def _remove_outputs(out: Path, old: dict) -> None:
-    """--overwrite: the previous plan's shards (names from its manifest only) and class file."""
-    for record in old["shards"]:
-        name = str(record.get("name", ""))
-        if name and Path(name).name == name:
-            (out / name).unlink(missing_ok=True)
-            (out / (name + PARTIAL)).unlink(missing_ok=True)
-    if old.get("classes"):
-        (out / CLASSES).unlink(missing_ok=True)
-
-
 def _prepare_out(out: Path, plan: Plan, config: PackConfig) -> dict:
-    """The manifest to work from: fresh, or the previous run's progress on the same plan."""
+    """The manifest to work from: fresh, with the shards the previous run of this plan finished
+    (recorded, still in place, with readable bad-file records) carried over."""
     fresh = _new_manifest(plan, config)
-    old = _read_manifest(out, config.overwrite)
-    if old is not None and old.get("fingerprint") == plan.fingerprint and not config.overwrite:
-        _carry_over(fresh, old, out)
-    elif old is not None and not config.overwrite:
-        changes = _plan_changes(old.get("plan", {}), fresh["plan"])
-        raise EngineError(f"out: {out} holds shards of a different plan ({changes}); "
-                          "use --overwrite to replace them, or another --out")
-    elif old is not None:
-        _remove_outputs(out, old)
-    else:
-        taken = [s["name"] for s in fresh["shards"] if (out / s["name"]).exists()]
-        if taken and not config.overwrite:
-            raise EngineError(f"out: {out} already holds {taken[0]} ({len(taken)} shard names taken) but no "
-                              f"{MANIFEST}; use --overwrite to replace them, or another --out")
-        for name in taken:  # --overwrite without a (usable) manifest: this plan's names only
-            (out / name).unlink(missing_ok=True)
-    for record in fresh["shards"]:  # left by a killed run
-        (out / (record["name"] + PARTIAL)).unlink(missing_ok=True)
+    folder, names = _folder(out), [s["name"] for s in fresh["shards"]]
+    resume = folder.start(fingerprint=plan.fingerprint, names=names, overwrite=config.overwrite,
+                          is_done=lambda name, record: _is_done(out, record),
+                          changes=lambda old: _plan_changes(old.get("plan", {}), fresh["plan"]))
+    folder.clean(resume, names)
+    if config.overwrite:
+        (out / CLASSES).unlink(missing_ok=True)
+    old_bad = (resume.manifest or {}).get("bad", [])
+    for index, record in enumerate(fresh["shards"]):
+        done = resume.done.get(record["name"])
+        bad = [b for b in old_bad if isinstance(b, dict) and b.get("shard") == record["name"]]
+        if done is not None and all(_bad_record_ok(b) for b in bad):
+            fresh["shards"][index] = done
+            fresh["bad"].extend(bad)
     return fresh
 
 
@@ -586,23 +546,6 @@ def _write_classes(out: Path, plan: Plan) -> str | None:
     doc = {"name": plan.prefix, "templates": ["a photo of a {name}"], "suffix": ".", "classes": classes}
     write_json_atomic(out / CLASSES, doc, suffix=PARTIAL)
     return str(out / CLASSES)
-
-
-@contextlib.contextmanager
-def _locked(out: Path):
-    """One `engine pack` at a time per output folder (flock where the OS has it)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(out / ".pack.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise EngineError(f"out: another `engine pack` is writing into {out}; "
-                              "wait for it or use another --out") from None
-        yield
 
 
 # ---------------------------------------------------------------- running
@@ -711,7 +654,7 @@ def pack_dataset(root: str | os.PathLike, out_dir: str | os.PathLike, config: Pa
                           "choose an --out outside ROOT")
     plan = build_plan(root, config)
     out.mkdir(parents=True, exist_ok=True)
-    with _locked(out):
+    with _folder(out).lock():
         manifest = _prepare_out(out, plan, config)
         classes_file = _write_classes(out, plan)
         pending = [i for i, s in enumerate(manifest["shards"]) if s["status"] != "done"]

@@ -32,18 +32,14 @@ classifiers) normalised given-label log-probability (`<classifier>/loss_score` o
 """
 from __future__ import annotations
 
-import fnmatch
 import functools
-import glob
 import html
 import json
 import logging
 import os
 import shutil
-import socket
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,7 +47,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.cache import Cache
-from engine.files import lock_folder, read_json
+from engine.files import read_json
+from engine.outputs import FolderSwap
 from engine.results import GROUPS, Diagnostics, Neighbors, Selection
 from engine.runtime import EngineError, Timer, available_cores, progress, resolve_device
 
@@ -828,127 +825,6 @@ def _class_page(c: int, rows: np.ndarray, sims: np.ndarray, ids: np.ndarray, dat
 
 
 # ---------------------------------------------------------------- the report
-def _check_out(out: Path) -> None:
-    """Refuse a file, or a non-empty folder that is not an earlier report, before any work."""
-    if out.exists() and not out.is_dir():
-        raise EngineError(f"out: {out} is a file; expected a folder for the report")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
-        raise EngineError(f"out: {out} exists and is not an engine report folder (no {MARKER}); "
-                          "give an empty or new --out")
-
-
-def _is_output(name: str) -> bool:
-    return name == MARKER or any(fnmatch.fnmatchcase(name, pattern) for pattern in _OUTPUTS)
-
-
-def _hidden_sibling(out: Path, what: str) -> Path:
-    """`.<out>.engine-report-<new|old>-<host>-<pid>-<random>` (host and pid for a person reading
-    the folder; whether its run is alive is told by the lock it holds, `files.lock_folder`)."""
-    host = socket.gethostname().replace("-", "_") or "host"
-    return out.parent / f".{out.name}.engine-report-{what}-{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-
-
-def _dead_siblings(out: Path) -> list[tuple[str, Path, int]]:
-    """(new|old, folder, fd of its lock, now ours) left by report runs that no longer hold
-    their lock: killed, on any host that shares the folder; live runs' folders are skipped."""
-    if not out.parent.is_dir():
-        return []
-    found = []
-    for path in out.parent.glob(f".{glob.escape(out.name)}.engine-report-*"):
-        what = path.name[len(out.name) + len(".engine-report-") + 1:].split("-", 1)[0]
-        if what not in ("new", "old") or not path.is_dir() or path.is_symlink():
-            continue
-        fd = lock_folder(path, wait=False)
-        if fd is not None:
-            found.append((what, path, fd))
-    return found
-
-
-def _free_name(folder: Path, name: str) -> Path | None:
-    """`folder/name`, or `folder/name.recovered-K` for the first K free, None after 99."""
-    for candidate in [name] + [f"{name}.recovered-{k}" for k in range(1, 100)]:
-        if not (folder / candidate).exists():
-            return folder / candidate
-    return None
-
-
-def _recover(out: Path) -> list[str]:
-    """Undo what a report run killed mid-way left next to `out`: when it died inside the swap
-    (after the earlier report was renamed away), the earlier report is put back; files of the
-    user's that the swap had moved are returned to `out` (renamed `NAME.recovered-K` if `out`
-    has one of that name); a killed run's folder is removed only once it holds nothing of the
-    user's. Returns what was done, for the log."""
-    done = []
-    dead = _dead_siblings(out)
-    try:
-        if not out.exists():
-            olds = sorted((p for what, p, _ in dead if what == "old"), key=lambda p: p.stat().st_mtime)
-            if olds:
-                os.rename(olds[-1], out)
-                done.append(f"restored the earlier report from {olds[-1].name}")
-        for _, path, _ in dead:
-            if not path.exists():
-                continue
-            kept = []
-            for entry in sorted(path.iterdir()):
-                if _is_output(entry.name):
-                    continue
-                target = _free_name(out, entry.name) if out.is_dir() else None
-                try:
-                    if target is not None:
-                        os.rename(entry, target)  # the user's own files, moved by the swap
-                except OSError:
-                    target = None
-                if target is None:
-                    kept.append(entry.name)
-                else:
-                    done.append(f"moved {entry.name} back into {out}"
-                                + (f" as {target.name}" if target.name != entry.name else ""))
-            if kept:
-                done.append(f"kept {path.name}: it holds {', '.join(kept[:3])} that could not be moved into {out}")
-                continue
-            shutil.rmtree(path, ignore_errors=True)
-            done.append(f"removed {path.name}")
-    finally:
-        for _, _, fd in dead:
-            os.close(fd)
-    return done
-
-
-def _stage(out: Path) -> Path:
-    """A new, empty folder next to `out` (same parent: the final swap is a rename) with the marker."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = _hidden_sibling(out, "new")
-    stage.mkdir()
-    (stage / "classes").mkdir()
-    (stage / MARKER).write_text("made by engine report; a rerun replaces this folder's report\n")
-    return stage
-
-
-def _swap_in(stage: Path, out: Path) -> None:
-    """Put the finished report `stage` at `out`: the earlier folder is renamed away, its entries
-    that are not report outputs move into the new one, the new one is renamed in and the earlier
-    one deleted. If a rename fails, the earlier folder is put back as it was."""
-    if not out.exists():
-        os.rename(stage, out)
-        return
-    old = _hidden_sibling(out, "old")
-    os.rename(out, old)
-    moved = []
-    try:
-        for entry in sorted(old.iterdir()):
-            if not _is_output(entry.name):
-                os.rename(entry, stage / entry.name)
-                moved.append(entry.name)
-        os.rename(stage, out)
-    except BaseException:
-        for name in moved:
-            os.rename(stage / name, old / name)
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _placeholder_summary(thumbs: Thumbnails) -> tuple[dict, list]:
     reasons: dict[str, int] = {}
     missing = set()
@@ -957,6 +833,11 @@ def _placeholder_summary(thumbs: Thumbnails) -> tuple[dict, list]:
         if kind == "shard missing":
             missing.add(detail)
     return reasons, sorted(missing)
+
+
+def report_folder(out: Path) -> FolderSwap:
+    """The report's output folder: marked by MARKER, replaced whole (`engine.outputs.FolderSwap`)."""
+    return FolderSwap(Path(out), command="report", marker=MARKER, outputs=_OUTPUTS)
 
 
 def write_report(cache_path: str, out_dir: str, config: ReportConfig | None = None, *, device: str = "auto",
@@ -971,27 +852,23 @@ def write_report(cache_path: str, out_dir: str, config: ReportConfig | None = No
     config = config or ReportConfig()
     started, timer = time.perf_counter(), Timer()
     out = Path(out_dir)
-    for line in _recover(out):   # a run killed mid-way (SIGKILL, power) leaves hidden folders
+    folder = report_folder(out)
+    for line in folder.recover():   # a run killed mid-way (SIGKILL, power) leaves hidden folders
         _logger.warning("report: %s", line)
-    _check_out(out)
+    folder.check()
     resolve_device(device)   # `--device cuda` without CUDA fails here, before any work
     cache = Cache(cache_path)
     with timer("load"):
         data = _read_rows(cache)
-    stage = _stage(out)      # built here, swapped in at the end: a failure leaves the earlier report
-    held = [lock_folder(stage, wait=False)]   # tells a later run that this one is alive (see `_recover`)
+    stage = folder.stage(("classes",))   # built here, swapped in at the end: a failure leaves the earlier report
     try:
         summary = _write(cache, cache_path, data, stage, out, config, device, show_progress, timer, started)
-        if out.is_dir():
-            held.append(lock_folder(out, wait=False))  # the earlier report, while the swap renames it away
-        _swap_in(stage, out)
+        folder.swap_in(stage)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     finally:
-        for fd in held:
-            if fd is not None:
-                os.close(fd)
+        folder.release()
     return summary
 
 

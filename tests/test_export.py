@@ -178,7 +178,7 @@ def test_resume_rewrites_only_missing_or_partial_shards(caches, tmp_path):
     assert not list(out.glob("*.tmp"))
     recorded = json.loads((out / "export.json").read_text())["shards"]
     assert {n: e["sha256"] for n, e in recorded.items()} == digests
-    with pytest.raises(EngineError, match="another plan"):
+    with pytest.raises(EngineError, match="different plan"):
         export_shards(caches["trained"], pattern, ShardExportConfig(per_shard=40), show_progress=False)
     bigger = export_shards(caches["trained"], pattern, ShardExportConfig(per_shard=40, overwrite=True),
                            show_progress=False)
@@ -320,10 +320,10 @@ def test_overwrite_replaces_an_unreadable_export_json(caches, tmp_path, caplog):
     (out / "other.tar").write_bytes(b"not named by the pattern")
     err = _one_line_error(["--cache", caches["trained"], "--shards", pattern, "--per-shard", "40"])
     assert str(manifest) in err and "unreadable" in err and "--overwrite" in err
-    with caplog.at_level("WARNING", logger="engine.export"):
+    with caplog.at_level("WARNING", logger="engine.outputs"):
         again = export_shards(caches["trained"], pattern, ShardExportConfig(per_shard=40, overwrite=True),
                               show_progress=False)
-    assert any("unreadable" in r.getMessage() and "treating it as absent" in r.getMessage() for r in caplog.records)
+    assert any("unreadable" in r.getMessage() and "--overwrite: starting again" in r.getMessage() for r in caplog.records)
     assert again["shards"] < first["shards"] and again["written"] == again["shards"]
     names = [f"{j:06d}.tar" for j in range(again["shards"])]
     assert sorted(p.name for p in out.iterdir()) == sorted(names + ["export.json", "notes.txt", "other.tar"])

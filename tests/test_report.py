@@ -496,9 +496,9 @@ def test_recovery_never_deletes_a_file_of_the_users(cache, tmp_path):
     stray_debris = tmp_path / ".elsewhere.engine-report-new-h-1-eeeeeeeeeeee"
     stray_debris.mkdir()
     (stray_debris / "mine.txt").write_text("x")
-    from engine.report import _recover
+    from engine.report import report_folder
 
-    assert any("kept" in line for line in _recover(stray)) and (stray_debris / "mine.txt").exists()
+    assert any("kept" in line for line in report_folder(stray).recover()) and (stray_debris / "mine.txt").exists()
 
 
 def test_a_rerun_reuses_thumbnails_and_rereads_only_a_changed_shard(cache, tmp_path, monkeypatch):
