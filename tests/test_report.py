@@ -17,8 +17,10 @@ from cli.main import cli
 from engine.cache import Cache
 from engine.results import Selection
 from engine.embed import EmbedConfig, embed_shards
-from engine.report import (MARKER, THUMB_FORMAT, ReportConfig, _shard_thumbnails, class_stats, rank_rejected, summary_lines,
-                           write_report)
+from engine.report import ReportConfig, summary_lines, write_report
+from engine.report.config import MARKER
+from engine.report.rows import class_stats, rank_rejected
+from engine.report.thumbnails import THUMB_FORMAT, _shard_thumbnails
 from engine.runtime import EngineError
 from engine.select import SelectConfig
 from engine.stages import diagnose_from_cache, select_from_cache
