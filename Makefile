@@ -24,7 +24,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/engine demo --workdir demo-run
+	$(BIN)/engine demo --out demo-run
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q

@@ -72,7 +72,7 @@ def run_auto(features, *, kind: str, k: int, recall_queries: int, nlist: int | N
             "params": index.info.params, "build_s": round(build_s, 2), "search_s": round(search_s, 2),
             "total_s": round(total, 2), "peak_rss_mb": round(rss, 1), "recall_at_k": round(recall, 4),
             "recall_queries": min(recall_queries, int(features.shape[0])),
-            "exact_recall_check_s": round(exact_s, 2), "missing_neighbours": int((ids < 0).sum()),
+            "exact_recall_check_s": round(exact_s, 2), "missing_neighbors": int((ids < 0).sum()),
             "meets_time_target": total <= TARGET_SECONDS, "meets_recall_target": recall >= TARGET_RECALL}
 
 
@@ -94,7 +94,7 @@ def run_sklearn(features, *, k: int) -> dict:
     (_, their_ids), their_s, _ = timed(theirs)
     return {"n": int(x.shape[0]), "dim": int(x.shape[1]), "k": k, "engine_flat_s": round(our_s, 2),
             "sklearn_brute_s": round(their_s, 2), "speedup": round(their_s / our_s, 2),
-            "neighbour_overlap": round(recall_at_k(our_ids, their_ids), 4)}
+            "neighbor_overlap": round(recall_at_k(our_ids, their_ids), 4)}
 
 
 def print_table(auto: dict, sk: dict | None) -> None:
@@ -109,7 +109,7 @@ def print_table(auto: dict, sk: dict | None) -> None:
                          f"{TARGET_RECALL}: {'yes' if auto['meets_recall_target'] else 'NO'})"),
             ("peak RSS MB", f"{auto['peak_rss_mb']:.0f}")]
     if sk:
-        rows += [("sklearn N", f"{sk['n']:,} (exact both; overlap {sk['neighbour_overlap']:.4f})"),
+        rows += [("sklearn N", f"{sk['n']:,} (exact both; overlap {sk['neighbor_overlap']:.4f})"),
                  ("engine flat s", f"{sk['engine_flat_s']:.1f}"),
                  ("sklearn brute s", f"{sk['sklearn_brute_s']:.1f}"),
                  ("speed-up", f"{sk['speedup']:.1f}x")]

@@ -1,7 +1,9 @@
 """`engine` command line: each command parses, builds a config, calls one engine function and
-prints a short summary (or one JSON object with --json). Progress goes to stderr."""
+prints a short summary (or one JSON object with --json). Progress goes to stderr. Options that
+several commands share are declared once below, with defaults taken from the configs."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -9,9 +11,19 @@ import sys
 
 import click
 
+from engine.classifiers import CLASSIFIERS
+from engine.demo import DemoConfig
+from engine.export import ShardExportConfig
+from engine.index import IndexConfig
+from engine.pack import PackConfig
+from engine.report import ReportConfig
 from engine.runtime import EngineError, set_threads
+from engine.select import SelectConfig
+from engine.synthetic import ShapesConfig
+from engine.train import TrainConfig
 
 _logger = logging.getLogger("engine")
+DEFAULT_CACHE = "feats.zarr"
 
 
 def _emit(summary: dict, as_json: bool, lines) -> None:
@@ -47,7 +59,84 @@ def handle_errors(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# ---------------------------------------------------------------- the shared vocabulary
+def default_of(config_class, name: str):
+    """The default of field `name` of a config dataclass (so the CLI never writes it twice)."""
+    for f in dataclasses.fields(config_class):
+        if f.name == name:
+            return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    raise KeyError(f"{config_class.__name__} has no field {name!r}")
+
+
+def from_config(config_class, name: str, *decls, **kwargs):
+    """An option whose default (and type, for numbers) comes from `config_class.name`."""
+    default = default_of(config_class, name)
+    if isinstance(default, bool):
+        kwargs.setdefault("is_flag", True)
+    elif isinstance(default, (int, float)) and "type" not in kwargs:
+        kwargs["type"] = type(default)
+    kwargs.setdefault("show_default", default is not None and not isinstance(default, bool))
+    return click.option(*(decls or (f"--{name.replace('_', '-')}",)), name, default=default, **kwargs)
+
+
+def cache_option(help: str = "Feature cache: a Zarr v3 directory or an fsspec URL (s3://bucket/feats.zarr).",
+                 *, required: bool = False):
+    kwargs = {"required": True} if required else {"default": DEFAULT_CACHE, "show_default": True}
+    return click.option("--cache", help=help, **kwargs)
+
+
+def device_option(help: str = "auto, cpu, cuda or cuda:N."):
+    return click.option("--device", default="auto", show_default=True, help=help)
+
+
+def seed_option(help: str = "Seed of every random choice (recorded in the outputs)."):
+    return click.option("--seed", type=int, default=0, show_default=True, help=help)
+
+
+def json_option():
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the summary.")
+
+
+def out_option(what: str, help: str, *, required: bool = False, default=None):
+    """--out: where the command writes its main output; `what` is "file" or "folder"."""
+    path = click.Path(dir_okay=False) if what == "file" else click.Path(file_okay=False)
+    kwargs = {} if default is None else {"default": default, "show_default": True}   # an explicit None would satisfy `required`
+    return click.option("--out", required=required, type=path, help=f"{help} ({what}).", **kwargs)
+
+
+def k_option(default: int, help: str):
+    return click.option("-k", "k", type=int, default=default, show_default=True, help=help)
+
+
+def strict_option(what: str):
+    return click.option("--strict", is_flag=True,
+                        help=f"Stop at the first bad {what} instead of skipping it (skipped ones are counted and listed).")
+
+
+def num_classes_option(default: int):
+    return click.option("--num-classes", "num_classes", type=int, default=default, show_default=True,
+                        help="Number of shape classes (2-54).")
+
+
+class _Group(click.Group):
+    """Usage errors (unknown option, bad value) as one line and exit status 2, like every other error."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.Exit as done:
+            sys.exit(done.exit_code)
+        except click.Abort:
+            click.echo("engine: error: aborted", err=True)
+            sys.exit(130)
+        except click.ClickException as err:
+            where = f"{err.ctx.command_path}: " if getattr(err, "ctx", None) and err.ctx.command_path != "engine" else ""
+            click.echo(f"engine: error: {where}{err.format_message()}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--threads", type=int, default=None, envvar="ENGINE_THREADS",
               help="torch intra-op threads (default: the cores this process may use; env ENGINE_THREADS).")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
@@ -65,24 +154,25 @@ def cli(threads: int | None, verbose: int) -> None:
 
 
 # ---------------------------------------------------------------- make-shards
+
 @cli.command("make-shards")
-@click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--classes", "num_classes", type=int, default=20, show_default=True, help="Number of shape classes (2-54).")
-@click.option("--per-shard", type=int, default=500, show_default=True)
-@click.option("--shards", type=int, default=4, show_default=True)
+@out_option("folder", "Where the shards and classes.json are written", required=True)
+@num_classes_option(default_of(ShapesConfig, "classes"))
+@from_config(ShapesConfig, "per_shard", help="Images per shard.")
+@from_config(ShapesConfig, "shards", help="Number of shards.")
 @click.option("--noise", type=click.Choice(["none", "sym", "hard", "mix"]), default="mix", show_default=True,
               help="sym: uniform over all classes; hard: flip to the close partner; mix: half each.")
-@click.option("--rate", type=float, default=0.4, show_default=True, help="Share of samples whose label is corrupted.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--prefix", default="shapes", show_default=True, help="Shard file and key prefix.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@from_config(ShapesConfig, "rate", help="Share of samples whose label is corrupted.")
+@seed_option()
+@from_config(ShapesConfig, "prefix", help="Shard file and key prefix.")
+@json_option()
 @handle_errors
-def make_shards(out_dir, num_classes, per_shard, shards, noise, rate, seed, prefix, as_json):
+def make_shards(out, num_classes, per_shard, shards, noise, rate, seed, prefix, as_json):
     """Write the procedural shapes dataset as WebDataset shards plus classes.json.
 
     \b
     Example:
-      engine make-shards shards/ --classes 20 --per-shard 500 --shards 4 --noise mix --rate 0.4
+      engine make-shards --out shards/ --num-classes 20 --per-shard 500 --shards 4 --noise mix --rate 0.4
     """
     from engine.runtime import progress
     from engine.synthetic import ShapesConfig, write_shards
@@ -90,7 +180,7 @@ def make_shards(out_dir, num_classes, per_shard, shards, noise, rate, seed, pref
     config = ShapesConfig(classes=num_classes, per_shard=per_shard, shards=shards, noise=noise, rate=rate,
                           seed=seed, prefix=prefix)
     with progress(total=shards * per_shard, desc="make-shards", unit="img") as bar:
-        summary = write_shards(out_dir, config, progress=bar.update)
+        summary = write_shards(out, config, progress=bar.update)
     _emit(summary, as_json, lambda s: [
         f"wrote {s['samples']} images of {s['classes']} classes in {len(s['shards'])} shards to {s['out_dir']}",
         f"label noise: {s['noisy']} samples ({s['noise_rate']:.1%}, {noise}); classes: {s['classes_file']}"])
@@ -99,8 +189,7 @@ def make_shards(out_dir, num_classes, per_shard, shards, noise, rate, seed, pref
 # ---------------------------------------------------------------- embed
 @cli.command("embed")
 @click.argument("shards", nargs=-1, required=True)
-@click.option("--cache", default="feats.zarr", show_default=True,
-              help="Feature cache: a Zarr v3 directory or an fsspec URL (s3://bucket/feats.zarr).")
+@cache_option()
 @click.option("--model", default="shapes-tiny", show_default=True, help="open_clip architecture, a model folder, or shapes-tiny.")
 @click.option("--pretrained", default=None, help="Pretrained tag (e.g. laion2b_s34b_b79k) or a local weights file.")
 @click.option("--classes", default=None, help="Class file (JSON/YAML) or built-in name (imagenet1k, shapes[:N]).")
@@ -108,11 +197,11 @@ def make_shards(out_dir, num_classes, per_shard, shards, noise, rate, seed, pref
 @click.option("--true-label-key", default=None, help="Sample field with the true label (evaluation only).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--workers", type=int, default=None,
-              help="DataLoader workers decoding images (default: half the cores on CPU, up to 8 on GPU).")
+              help="Worker processes decoding images (default: half the cores on CPU, up to 8 on GPU).")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--strict", is_flag=True, help="Stop at the first bad sample instead of skipping it.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@device_option()
+@strict_option("sample")
+@json_option()
 @handle_errors
 def embed(shards, cache, model, pretrained, classes, label_key, true_label_key, batch_size, workers,
           precision, device, strict, as_json):
@@ -157,10 +246,10 @@ def _embed_lines(s: dict):
 
 # ---------------------------------------------------------------- prompts / import / models
 @cli.command("prompts")
-@click.option("--cache", default="feats.zarr", show_default=True)
+@cache_option()
 @click.option("--classes", required=True, help="Class file (JSON/YAML) or built-in name (imagenet1k, shapes[:N]).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@device_option()
+@json_option()
 @handle_errors
 def prompts(cache, classes, device, as_json):
     """Recompute the text features (class prompts) of a cache; image features are untouched.
@@ -179,10 +268,10 @@ def prompts(cache, classes, device, as_json):
 
 @cli.command("import")
 @click.argument("npz", type=click.Path(exists=True, dir_okay=False))
-@click.option("--cache", required=True, help="New cache to create.")
+@cache_option("New cache to create (a directory or an fsspec URL).", required=True)
 @click.option("--model-name", default=None,
               help="Name of the backbone that made the features; imports with the same name count as one model.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 @handle_errors
 def import_(npz, cache, model_name, as_json):
     """Create a cache from your own features (.npz with features, labels[, keys, true_labels,
@@ -201,7 +290,7 @@ def import_(npz, cache, model_name, as_json):
 
 
 @cli.command("models")
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 def models_(as_json):
     """List model names: the bundled offline models and every open_clip architecture."""
     from engine.models import BUNDLED, list_model_names
@@ -216,42 +305,39 @@ def _names(value: str) -> tuple[str, ...]:
 
 
 @cli.command("select")
-@click.option("--cache", default="feats.zarr", show_default=True)
-@click.option("--criteria", default="consistency,loss", show_default=True, help="Comma-separated: consistency, loss.")
-@click.option("--classifiers", default="zeroshot,linear", show_default=True,
-              help="Comma-separated: zeroshot, linear, knn (knn uses the neighbours from `engine diagnose`).")
-@click.option("--theta-cons", type=float, default=0.8, show_default=True, help="Consistency threshold.")
-@click.option("--theta-gmm", type=float, default=0.5, show_default=True, help="Loss-mixture posterior threshold.")
-@click.option("--linear-folds", type=int, default=0, show_default=True,
-              help="0: in-sample linear classifier (the paper); K >= 2: out-of-fold probabilities.")
-@click.option("--knn-k", type=int, default=10, show_default=True, help="Neighbours for the knn classifier.")
+@cache_option()
+@click.option("--criteria", default=",".join(default_of(SelectConfig, "criteria")), show_default=True,
+              help="Comma-separated: consistency, loss.")
+@click.option("--classifiers", default=",".join(default_of(SelectConfig, "classifiers")), show_default=True,
+              help=f"Comma-separated, from the classifier registry: {', '.join(CLASSIFIERS)} (knn uses FAISS neighbors).")
+@from_config(SelectConfig, "theta_cons", help="Consistency threshold.")
+@from_config(SelectConfig, "theta_gmm", help="Loss-mixture posterior threshold.")
+@from_config(SelectConfig, "linear_folds", help="0: in-sample linear classifier (the paper); K >= 2: out-of-fold probabilities.")
+@k_option(10, "Neighbors per sample for the knn classifier.")
 @click.option("--no-fill", is_flag=True, help="Do not fill classes left empty by the intersection.")
-@click.option("--out", default=None, help="selection.csv or selection.parquet: one row per sample in cache order.")
+@out_option("file", "Table with one row per sample in cache order: selection.csv or selection.parquet")
 @click.option("--export-probs", default=None, type=click.Path(file_okay=False),
-              help="Folder for probs_<classifier>.npy, (N, C) float32 (cleanlab pred_probs, FiftyOne).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+              help="Folder for probs_<classifier>.npy, (N, C) float32 (cleanlab's pred_probs).")
+@device_option()
+@seed_option()
+@json_option()
 @handle_errors
-def select(cache, criteria, classifiers, theta_cons, theta_gmm, linear_folds, knn_k, no_fill, out, export_probs,
+def select(cache, criteria, classifiers, theta_cons, theta_gmm, linear_folds, k, no_fill, out, export_probs,
            device, seed, as_json):
     """Select the samples whose given labels look clean (CLIPCleaner) from the cached features.
 
     \b
     Example:
-      engine select --cache feats.zarr --criteria consistency,loss --classifiers zeroshot,linear \
+      engine select --cache feats.zarr --criteria consistency,loss --classifiers zeroshot,linear \\
           --theta-cons 0.8 --theta-gmm 0.5 --out selection.csv --json
     """
-    from engine.select import SelectConfig
-    from engine.stages import select_from_cache
-
-    from engine.stages import check_table_path
+    from engine.stages import check_table_path, select_from_cache
 
     check_table_path(out)
     config = SelectConfig(criteria=_names(criteria), classifiers=_names(classifiers), theta_cons=theta_cons,
                           theta_gmm=theta_gmm, linear_folds=linear_folds, fill_empty=not no_fill, device=device,
                           seed=seed)
-    summary = select_from_cache(cache, config, out=out, probs_dir=export_probs, knn_k=knn_k)
+    summary = select_from_cache(cache, config, out=out, probs_dir=export_probs, knn_k=k)
     _emit(summary, as_json, _select_lines)
 
 
@@ -273,14 +359,13 @@ def _select_lines(s: dict):
 
 # ---------------------------------------------------------------- index / diagnose / neighbors
 @cli.command("index")
-@click.option("--cache", default="feats.zarr", show_default=True)
-@click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "hnsw"]), default="auto", show_default=True,
-              help="auto: exact up to 50,000 rows, else IVF with fp16 codes and calibrated nprobe.")
-@click.option("--nlist", type=int, default=None, help="IVF lists (default 2^round(log2(2*sqrt(N)))).")
-@click.option("--target-recall", type=float, default=0.9, show_default=True,
-              help="nprobe/efSearch is the smallest reaching this recall@10 on a sample.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@cache_option()
+@click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "hnsw"]), default=default_of(IndexConfig, "kind"),
+              show_default=True, help="auto: exact up to 50,000 rows, else IVF with fp16 codes and calibrated nprobe.")
+@from_config(IndexConfig, "nlist", type=int, help="IVF lists (default 2^round(log2(2*sqrt(N)))).")
+@from_config(IndexConfig, "target_recall", help="nprobe/efSearch is the smallest reaching this recall@10 on a sample.")
+@device_option()
+@json_option()
 @handle_errors
 def index(cache, kind, nlist, target_recall, device, as_json):
     """Build the FAISS inner-product index over the cache's image features (stored in the cache).
@@ -299,12 +384,13 @@ def index(cache, kind, nlist, target_recall, device, as_json):
 
 
 @cli.command("diagnose")
-@click.option("--cache", default="feats.zarr", show_default=True)
-@click.option("-k", "k", type=int, default=10, show_default=True, help="Neighbours per sample.")
+@cache_option()
+@k_option(10, "Neighbors per sample.")
 @click.option("--top", type=int, default=10, show_default=True, help="Pairs and swaps to list.")
-@click.option("--export-knn", default=None, help="Write the kNN graph (.npz, distances) for cleanlab's Datalab.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--export-knn", default=None, type=click.Path(dir_okay=False),
+              help="Write the kNN graph (.npz, distances) for cleanlab's Datalab (file).")
+@device_option()
+@json_option()
 @handle_errors
 def diagnose(cache, k, top, export_knn, device, as_json):
     """Confusable class pairs, kNN label agreement and which classes swap labels.
@@ -326,20 +412,20 @@ def _diagnose_lines(s: dict):
             f"{p['a']}/{p['b']} ({p['similarity']:.2f})" for p in s["confusable_text"][:5])
     yield "most confusable classes by images:  " + ", ".join(
         f"{p['a']}/{p['b']} ({p['similarity']:.2f})" for p in s["confusable_image"][:5])
-    yield "labels whose neighbours disagree (given -> neighbours' majority):"
+    yield "labels whose neighbors disagree (given -> neighbors' majority):"
     for w in s["swaps"][:10]:
-        yield f"  {w['label']:>20} -> {w['neighbours_say']:<20} {w['count']}"
+        yield f"  {w['label']:>20} -> {w['neighbors_say']:<20} {w['count']}"
 
 
 @cli.command("neighbors")
 @click.argument("key")
-@click.option("--cache", default="feats.zarr", show_default=True)
-@click.option("-k", "k", type=int, default=10, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@cache_option()
+@k_option(10, "Neighbors to list.")
+@device_option()
+@json_option()
 @handle_errors
 def neighbors(key, cache, k, device, as_json):
-    """List a sample's nearest neighbours with keys, labels and similarity.
+    """List a sample's nearest neighbors with keys, labels and similarity.
 
     \b
     Example:
@@ -354,26 +440,25 @@ def neighbors(key, cache, k, device, as_json):
 
 # ---------------------------------------------------------------- train / predict
 @cli.command("train")
-@click.option("--cache", default="feats.zarr", show_default=True)
+@cache_option()
 @click.option("--eval-cache", default=None, help="Held-out cache (same model) to report accuracy on; never used to choose.")
-@click.option("--head", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True)
-@click.option("--hidden", type=int, default=1024, show_default=True, help="MLP hidden width.")
-@click.option("--epochs", type=int, default=30, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, default=0.02, show_default=True)
+@click.option("--head", type=click.Choice(["linear", "mlp"]), default=default_of(TrainConfig, "head"), show_default=True)
+@from_config(TrainConfig, "hidden", help="MLP hidden width.")
+@from_config(TrainConfig, "epochs", help="Training epochs.")
+@from_config(TrainConfig, "batch_size", help="Samples per step.")
+@from_config(TrainConfig, "lr", help="SGD learning rate.")
 @click.option("--milestones", default=None, help="Comma-separated epochs where lr drops x0.1 (default: 50% and 75%).")
-@click.option("--theta-r", type=float, default=0.8, show_default=True, help="Absorb: prediction = label and confidence >= this.")
-@click.option("--theta-r2", type=float, default=0.8, show_default=True, help="Relabel: prediction != label and confidence >= this.")
-@click.option("--beta", type=float, default=1.0, show_default=True, help="Mixup Beta(beta, beta).")
+@from_config(TrainConfig, "theta_r", help="Absorb: prediction = label and confidence >= this.")
+@from_config(TrainConfig, "theta_r2", help="Relabel: prediction != label and confidence >= this.")
+@from_config(TrainConfig, "beta", help="Mixup Beta(beta, beta).")
 @click.option("--no-mixfix", is_flag=True, help="Train on the selection only (no absorb/relabel).")
 @click.option("--baselines", is_flag=True, help="Also train on all noisy labels and on the selection alone; print all three.")
-@click.option("--val-fraction", type=float, default=0.0, show_default=True,
-              help="Hold out this share of the selection to pick the best epoch (written as OUT.best.pt).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@from_config(TrainConfig, "val_fraction", help="Hold out this share of the selection to pick the best epoch (written as OUT.best.pt).")
+@seed_option()
+@device_option()
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT.state.")
-@click.option("--out", default="head.pt", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True)
+@out_option("file", "The trained head (a checkpoint)", default="head.pt")
+@json_option()
 @handle_errors
 def train(cache, eval_cache, head, hidden, epochs, batch_size, lr, milestones, theta_r, theta_r2, beta, no_mixfix,
           baselines, val_fraction, seed, device, resume, out, as_json):
@@ -406,11 +491,12 @@ def _train_lines(s: dict):
 
 
 @cli.command("predict")
-@click.option("--head", "head_path", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--cache", default="feats.zarr", show_default=True)
-@click.option("--out", default=None, help="CSV/Parquet with key,label,pred,conf[,true_label].")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--head", "head_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A head written by `engine train`.")
+@cache_option()
+@out_option("file", "Table with key,label,pred,conf[,true_label]: .csv or .parquet")
+@device_option()
+@json_option()
 @handle_errors
 def predict(head_path, cache, out, device, as_json):
     """Apply a trained head to every row of a cache (made by the same feature model).
@@ -430,41 +516,41 @@ def predict(head_path, cache, out, device, as_json):
 
 # ---------------------------------------------------------------- demo
 @cli.command("demo")
-@click.option("--workdir", default="demo-run", show_default=True, type=click.Path(file_okay=False),
-              help="Where shards, caches, selection, report and head are written.")
-@click.option("--classes", "num_classes", type=int, default=20, show_default=True)
-@click.option("--epochs", type=int, default=30, show_default=True, help="MixFix epochs.")
-@click.option("--json", "as_json", is_flag=True)
+@out_option("folder", "Where shards, caches, selection, report and head are written", default="demo-run")
+@num_classes_option(default_of(DemoConfig, "classes"))
+@from_config(DemoConfig, "epochs", help="MixFix epochs.")
+@json_option()
 @handle_errors
-def demo(workdir, num_classes, epochs, as_json):
+def demo(out, num_classes, epochs, as_json):
     """Run the whole job offline on the shapes dataset with the bundled tiny CLIP.
 
     \b
     Example:
-      engine demo --workdir demo-run
+      engine demo --out demo-run
     """
-    from engine.demo import DemoConfig, run_demo, summary_lines
+    from engine.demo import run_demo, summary_lines
 
-    summary = run_demo(workdir, DemoConfig(classes=num_classes, epochs=epochs))
+    summary = run_demo(out, DemoConfig(classes=num_classes, epochs=epochs))
     _emit(summary, as_json, summary_lines)
 
 
 # ---------------------------------------------------------------- export
 @cli.command("export")
-@click.option("--cache", default="feats.zarr", show_default=True)
-@click.option("--out", default=None, help="Label table, one row per sample in cache order (.csv or .parquet).")
+@cache_option()
+@out_option("file", "Label table, one row per sample in cache order: .csv or .parquet")
 @click.option("--format", "table_format", type=click.Choice(["csv", "parquet"]), default=None,
               help="Table format; must agree with the --out suffix (default: from the suffix).")
 @click.option("--shards", default=None,
               help="Cleaned WebDataset shards: OUT/{000000..}.tar (digits give the width) or OUT/clean-%06d.tar.")
-@click.option("--keep", type=click.Choice(["selected", "all"]), default="selected", show_default=True,
+@click.option("--keep", type=click.Choice(["selected", "all"]), default=default_of(ShardExportConfig, "keep"),
+              show_default=True,
               help="selected: the final selection, cls = label to train with; all: every sample, cls = MixFix "
                    "label (needs `engine train`), plus a selected field.")
-@click.option("--per-shard", type=int, default=1000, show_default=True, help="Samples per output shard.")
+@from_config(ShardExportConfig, "per_shard", help="Samples per output shard.")
 @click.option("--overwrite", is_flag=True, help="Replace an export of another plan in the same folder.")
 @click.option("--verify", is_flag=True,
               help="Re-hash finished shards (default: size only) and rewrite those whose sha256 differs.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 @handle_errors
 def export(cache, out, table_format, shards, keep, per_shard, overwrite, verify, as_json):
     """Export the selection and labels: a CSV/Parquet table and/or cleaned shards (resumable).
@@ -504,7 +590,7 @@ def _export_lines(s: dict):
 # ---------------------------------------------------------------- pack
 @cli.command("pack")
 @click.argument("root")
-@click.option("--out", "out_dir", required=True, help="Folder for the shards, pack.json and classes.json.")
+@out_option("folder", "Where the shards, pack.json and classes.json are written", required=True)
 @click.option("--list", "list_file", default=None,
               help="'PATH LABEL' lines (paths relative to ROOT; space or comma between). "
                    "Default: ROOT is an ImageFolder (ROOT/<class>/<image>).")
@@ -514,15 +600,16 @@ def _export_lines(s: dict):
 @click.option("--label-from-name", default=None, metavar="REGEX",
               help=r"Label = the regex's one group on each file name under ROOT, e.g. '(\d+)_\d+\.jpg'.")
 @click.option("--class-names", default=None, help="One class name a line (line i names class i); written to classes.json.")
-@click.option("--per-shard", type=int, default=1000, show_default=True, help="Files per shard.")
+@from_config(PackConfig, "per_shard", help="Files per shard.")
 @click.option("--prefix", default=None, help="Shard name prefix (default: ROOT's folder name).")
 @click.option("--shuffle", type=int, default=None, metavar="SEED", help="Permute the files with this seed.")
-@click.option("--workers", type=int, default=None, help="Processes verifying and writing shards (default: min(cores, 8)).")
+@click.option("--workers", type=int, default=None, help="Worker processes verifying and writing shards (default: min(cores, 8)).")
 @click.option("--overwrite", is_flag=True, help="Replace what OUT holds (needed when the plan changed).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@strict_option("image")
+@json_option()
 @handle_errors
-def pack(root, out_dir, list_file, true_list, subset, label_from_name, class_names, per_shard, prefix, shuffle,
-         workers, overwrite, as_json):
+def pack(root, out, list_file, true_list, subset, label_from_name, class_names, per_shard, prefix, shuffle,
+         workers, overwrite, strict, as_json):
     """Pack an image folder (or ROOT plus a file list) into WebDataset shards for `engine embed`.
 
     Every image is decoded before it is written; JPEG/PNG/WebP bytes are kept as they are, other
@@ -538,8 +625,8 @@ def pack(root, out_dir, list_file, true_list, subset, label_from_name, class_nam
 
     config = PackConfig(list_file=list_file, true_list=true_list, subset=subset, label_from_name=label_from_name,
                         class_names=class_names, per_shard=per_shard, prefix=prefix, shuffle=shuffle,
-                        workers=workers, overwrite=overwrite)
-    summary = pack_dataset(root, out_dir, config)
+                        workers=workers, overwrite=overwrite, strict=strict)
+    summary = pack_dataset(root, out, config)
     _emit(summary, as_json, _pack_lines)
 
 
@@ -559,32 +646,28 @@ def _pack_lines(s: dict):
 
 # ---------------------------------------------------------------- report
 @cli.command("report")
-@click.option("--cache", default="feats.zarr", show_default=True)
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Report folder: new, empty, or an earlier report (which is replaced; its thumbnails are reused where the shard is unchanged).")
-@click.option("--per-class", type=int, default=24, show_default=True,
-              help="Rejected samples shown per class page, most suspicious first.")
-@click.option("--thumb", type=int, default=96, show_default=True, help="Thumbnail size in pixels (longer side).")
-@click.option("--neighbours", "--neighbors", "neighbours", type=int, default=5, show_default=True,
-              help="Nearest neighbours shown per sample (0: none).")
-@click.option("--heatmap-classes", type=int, default=20, show_default=True,
-              help="Classes in the confusable-class heatmap (2-30).")
-@click.option("--classes-per-page", type=int, default=100, show_default=True,
-              help="Classes per list page (bar chart and table), most rejected share first.")
+@cache_option()
+@out_option("folder", "Report folder: new, empty, or an earlier report (replaced; its thumbnails are reused "
+                      "where the shard is unchanged)", required=True)
+@from_config(ReportConfig, "per_class", help="Rejected samples shown per class page, most suspicious first.")
+@from_config(ReportConfig, "thumb", help="Thumbnail size in pixels (longer side).")
+@k_option(default_of(ReportConfig, "neighbors"), "Nearest neighbors shown per sample (0: none).")
+@from_config(ReportConfig, "heatmap_classes", help="Classes in the confusable-class heatmap (2-30).")
+@from_config(ReportConfig, "classes_per_page", help="Classes per list page (bar chart and table), most rejected share first.")
 @click.option("--workers", type=int, default=None, help="Threads reading shards for thumbnails (default: up to 4).")
-@click.option("--device", default="auto", show_default=True, help="For the FAISS index when neighbours are searched.")
-@click.option("--json", "as_json", is_flag=True)
+@device_option("For the FAISS index when neighbors are searched: auto, cpu, cuda or cuda:N.")
+@json_option()
 @handle_errors
-def report(cache, out, per_class, thumb, neighbours, heatmap_classes, classes_per_page, workers, device, as_json):
+def report(cache, out, per_class, thumb, k, heatmap_classes, classes_per_page, workers, device, as_json):
     """Write a static HTML report of what the selection rejected; open OUT/index.html from disk.
 
     \b
     Example:
-      engine report --cache feats.zarr --out report/ --per-class 24 --thumb 96
+      engine report --cache feats.zarr --out report/ --per-class 24 --thumb 96 -k 5
     """
-    from engine.report import ReportConfig, summary_lines, write_report
+    from engine.report import summary_lines, write_report
 
-    config = ReportConfig(per_class=per_class, thumb=thumb, neighbours=neighbours, heatmap_classes=heatmap_classes,
+    config = ReportConfig(per_class=per_class, thumb=thumb, neighbors=k, heatmap_classes=heatmap_classes,
                           classes_per_page=classes_per_page, workers=workers)
     summary = write_report(cache, out, config, device=device)
     _emit(summary, as_json, summary_lines)

@@ -50,7 +50,7 @@ def _fresh_workdir(work: Path) -> Path:
     import shutil
 
     if work.exists() and any(work.iterdir()) and not (work / _MARKER).exists():
-        raise EngineError(f"workdir: {work} exists and is not a demo folder; give an empty or new --workdir")
+        raise EngineError(f"out: {work} exists and is not a demo folder; give an empty or new --out")
     for name in _OUTPUTS:
         target = work / name
         if target.is_dir():
@@ -114,8 +114,8 @@ def summary_lines(s: dict):
         g = s["diagnose"]
         yield "diagnose: most confusable classes (image centroids): " + ", ".join(
             f"{p['a']}/{p['b']}" for p in g["confusable_image"][:4])
-        yield "          labels whose neighbours disagree most: " + ", ".join(
-            f"{w['label']} -> {w['neighbours_say']} ({w['count']})" for w in g["swaps"][:4])
+        yield "          labels whose neighbors disagree most: " + ", ".join(
+            f"{w['label']} -> {w['neighbors_say']} ({w['count']})" for w in g["swaps"][:4])
     if "select" in s:
         c, m = s["select"]["counts"], s["select"].get("metrics") or {}
         yield (f"select: kept {c['final']} of {s['select']['rows']} samples; precision {m.get('precision', 0):.3f}, "

@@ -6,7 +6,7 @@ array or a Zarr array: (N, D) float16 or float32, L2-normalised rows. Work goes 
 of `block_rows` (default 65,536 rows: 128 MiB of float32 at D = 512), each block cast to
 float32 for faiss, so memory beyond the index itself stays bounded by the block.
 
-Similarity is the inner product (cosine on unit rows). Neighbour arrays everywhere are
+Similarity is the inner product (cosine on unit rows). Neighbor arrays everywhere are
 `similarities (N, k) float32` sorted descending and `ids (N, k) int64` row numbers; an id of
 -1 (similarity -inf) marks a missing result, which an approximate index can return when it
 finds fewer than k candidates.
@@ -486,7 +486,7 @@ def _check_index_rows(index: FeatureIndex, features) -> int:
 
 def knn_all(index: FeatureIndex, features, *, k: int = 10, exclude_self: bool = True,
             block_rows: int = DEFAULT_BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
-    """Every row's k nearest neighbours among the indexed `features (N, D)`, in row blocks.
+    """Every row's k nearest neighbors among the indexed `features (N, D)`, in row blocks.
 
     With `exclude_self`, k+1 are searched and the row itself dropped by id (see `_drop_self`).
     Returns (similarities (N, k) float32 descending, ids (N, k) int64; -1 / -inf if missing)."""
@@ -508,13 +508,13 @@ def knn_all(index: FeatureIndex, features, *, k: int = 10, exclude_self: bool = 
     bar.close()
     missing = int((out_ids < 0).sum())
     if missing:
-        _logger.warning("knn: %d of %d neighbours missing (index returned fewer than k)", missing, n * k)
+        _logger.warning("knn: %d of %d neighbors missing (index returned fewer than k)", missing, n * k)
     return out_sims, out_ids
 
 
 def query_neighbors(index: FeatureIndex, features, row: int, *, k: int = 10,
                     exclude_self: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest neighbours of row `row` of `features (N, D)` -> (similarities (k,), ids (k,))."""
+    """The k nearest neighbors of row `row` of `features (N, D)` -> (similarities (k,), ids (k,))."""
     n = _check_index_rows(index, features)
     if not isinstance(row, (int, np.integer)) or not 0 <= row < n:
         raise EngineError(f"row: got {row!r}, expected an integer in [0, {n})")
@@ -666,13 +666,13 @@ def top_confusable_pairs(similarity, *, top: int = 20) -> list[tuple[int, int, f
 # kNN label agreement and "which classes swap"
 
 def neighbor_labels(ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """labels of the neighbours, -1 where the neighbour is missing or unlabelled. (N, k) int64."""
+    """labels of the neighbors, -1 where the neighbor is missing or unlabelled. (N, k) int64."""
     return np.where(ids >= 0, labels[np.clip(ids, 0, None)], -1)
 
 
 def neighbor_agreement(ids, labels) -> np.ndarray:
-    """For each row, the share of its labelled neighbours (`ids (N, k)`, itself excluded) that
-    carry its label. NaN for unlabelled rows and rows with no labelled neighbour. (N,) float32."""
+    """For each row, the share of its labelled neighbors (`ids (N, k)`, itself excluded) that
+    carry its label. NaN for unlabelled rows and rows with no labelled neighbor. (N,) float32."""
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise EngineError(f"labels: got shape {labels.shape} dtype {labels.dtype}, expected (N,) integers")
@@ -703,7 +703,7 @@ def class_agreement(agreement, labels, num_classes: int) -> np.ndarray:
 
 
 def neighbor_majority(ids, labels, num_classes: int, *, block_rows: int = DEFAULT_BLOCK_ROWS) -> np.ndarray:
-    """The most frequent label among each row's labelled neighbours (ties: the smaller class
+    """The most frequent label among each row's labelled neighbors (ties: the smaller class
     id), -1 when none is labelled. In row blocks (a (B, k, k) comparison each). (N,) int64."""
     labels = check_labels(labels, None, check_positive(num_classes, "num_classes"))
     ids = check_ids(ids, labels.shape[0])
@@ -721,7 +721,7 @@ def neighbor_majority(ids, labels, num_classes: int, *, block_rows: int = DEFAUL
 
 
 def label_confusion(labels, majority, num_classes: int) -> np.ndarray:
-    """Counts (C, C) int64: row = given label, column = neighbour-majority label, over rows where
+    """Counts (C, C) int64: row = given label, column = neighbor-majority label, over rows where
     both are known. Dense: C^2 * 8 bytes (8 MB at C = 1000)."""
     num_classes = check_positive(num_classes, "num_classes")
     labels = check_labels(labels, None, num_classes)
@@ -732,8 +732,8 @@ def label_confusion(labels, majority, num_classes: int) -> np.ndarray:
 
 
 def top_label_swaps(labels, majority, *, top: int = 20) -> list[tuple[int, int, int]]:
-    """The largest off-diagonal entries of the label -> neighbour-majority confusion, without
-    building it: [(given label, neighbours' label, count)], largest first (ties by labels)."""
+    """The largest off-diagonal entries of the label -> neighbor-majority confusion, without
+    building it: [(given label, neighbors' label, count)], largest first (ties by labels)."""
     labels = np.asarray(labels, dtype=np.int64)
     majority = np.asarray(majority, dtype=np.int64)
     if labels.ndim != 1 or majority.shape != labels.shape:
@@ -751,7 +751,7 @@ def top_label_swaps(labels, majority, *, top: int = 20) -> list[tuple[int, int, 
 @dataclass(frozen=True)
 class KnnDiagnostics:
     """agreement (N,) float32, class_agreement (C,) float32, mean_agreement over labelled rows,
-    swaps [(given, neighbours' label, count)] largest first, majority (N,) int64."""
+    swaps [(given, neighbors' label, count)] largest first, majority (N,) int64."""
 
     agreement: np.ndarray
     class_agreement: np.ndarray
@@ -777,7 +777,7 @@ def knn_diagnostics(ids, labels, num_classes: int, *, top: int = 20) -> KnnDiagn
 def knn_graph(similarities, ids, n: int | None = None):
     """The kNN graph as cleanlab's Datalab takes it (`knn_graph=`): a scipy.sparse.csr_matrix
     (N, N) float32 of Euclidean DISTANCES between unit vectors, sqrt(max(0, 2 - 2 * sim)), each
-    row holding its k neighbours (self excluded) sorted by ascending distance. Exact duplicates
+    row holding its k neighbors (self excluded) sorted by ascending distance. Exact duplicates
     are stored as explicit zeros so every row has k entries (cleanlab counts nnz / N)."""
     import scipy.sparse as sp
 
@@ -787,7 +787,7 @@ def knn_graph(similarities, ids, n: int | None = None):
     if n != rows:
         raise EngineError(f"n: got {n}, expected the number of rows of ids ({rows})")
     if (ids < 0).any() or (ids >= n).any():
-        raise EngineError(f"ids: got values in [{ids.min()}, {ids.max()}], expected every neighbour "
+        raise EngineError(f"ids: got values in [{ids.min()}, {ids.max()}], expected every neighbor "
                           f"present in [0, {n}); rebuild with a larger nprobe")
     if (ids == np.arange(rows)[:, None]).any():
         raise EngineError("ids: some rows list themselves; compute them with exclude_self=True")

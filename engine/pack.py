@@ -63,6 +63,7 @@ class PackConfig:
     shuffle: int | None = None          # seed of a local generator that permutes the files
     workers: int | None = None          # default: min(cores, 8)
     overwrite: bool = False
+    strict: bool = False                # stop at the first unreadable image instead of skipping it
 
     def __post_init__(self):
         if self.per_shard < 1:
@@ -437,6 +438,8 @@ def write_shard(task: dict) -> dict:
         with wds.TarWriter(handle, format="PAX_FORMAT", mtime=_TAR_MTIME) as sink:
             for rel, key, label, true in task["entries"]:
                 made = _sample(task["root"], rel, key, label, true)
+                if isinstance(made, str) and task.get("strict"):
+                    raise EngineError(f"--strict: {rel}: {made}")
                 if isinstance(made, str):
                     bad.append((rel, made))
                     continue
@@ -653,13 +656,16 @@ def pack_dataset(root: str | os.PathLike, out_dir: str | os.PathLike, config: Pa
         raise EngineError(f"out: {str(out)!r} is inside ROOT, where it would become a class folder; "
                           "choose an --out outside ROOT")
     plan = build_plan(root, config)
+    if config.strict and plan.unlabelled:
+        rel, reason = plan.unlabelled[0]
+        raise EngineError(f"--strict: {rel}: {reason} ({len(plan.unlabelled)} such files)")
     out.mkdir(parents=True, exist_ok=True)
     with _folder(out).lock():
         manifest = _prepare_out(out, plan, config)
         classes_file = _write_classes(out, plan)
         pending = [i for i, s in enumerate(manifest["shards"]) if s["status"] != "done"]
         tasks = [{"index": i, "path": str(out / plan.shard_name(i)), "root": plan.root,
-                  "entries": plan.shard_entries(i)} for i in pending]
+                  "entries": plan.shard_entries(i), "strict": config.strict} for i in pending]
         workers = min(config.workers or default_workers(), max(1, len(tasks)))
         _save_manifest(out, manifest)
         try:

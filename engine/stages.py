@@ -206,7 +206,7 @@ def _pairs(pairs, names, value: str) -> list[dict]:
 def diagnose_from_cache(cache_path: str, *, k: int = 10, top: int = 10, device: str = "auto",
                         export_knn: str | None = None) -> dict:
     """Confusable class pairs (text and image), kNN label agreement and the swap table; written
-    into `knn/` (neighbour ids and similarities, reused by `select --classifiers ...,knn`) and
+    into `knn/` (neighbor ids and similarities, reused by `select --classifiers ...,knn`) and
     `diagnostics/`."""
     from engine import index as ix
 
@@ -230,7 +230,7 @@ def diagnose_from_cache(cache_path: str, *, k: int = 10, top: int = 10, device: 
                "confusable_text": _pairs(text_pairs, names, "similarity"),
                "confusable_image": _pairs(ix.top_confusable_pairs(np.nan_to_num(image_sim, nan=-1.0), top=top),
                                           names, "similarity"),
-               "swaps": [{"label": names[a], "neighbours_say": names[b], "count": int(c)} for a, b, c in report.swaps],
+               "swaps": [{"label": names[a], "neighbors_say": names[b], "count": int(c)} for a, b, c in report.swaps],
                "agreement_mean": round(float(report.mean_agreement), 4),
                "class_agreement": {names[c]: round(float(v), 4) for c, v in enumerate(report.class_agreement)
                                    if np.isfinite(v)}}
@@ -245,7 +245,7 @@ def diagnose_from_cache(cache_path: str, *, k: int = 10, top: int = 10, device: 
 
 
 def neighbors_from_cache(cache_path: str, key: str, *, k: int = 10, device: str = "auto") -> dict:
-    """A sample's k nearest neighbours: keys, labels, similarity."""
+    """A sample's k nearest neighbors: keys, labels, similarity."""
     from engine.index import query_neighbors
 
     cache = Cache(cache_path)

@@ -376,7 +376,7 @@ def test_report_and_export_run_on_an_s3_cache_of_s3_shards(shards, s3, tmp_path)
     embed_shards(urls, cache, EmbedConfig(classes=shards["classes_file"], true_label_key="true_cls", workers=0),
                  rank=0, world_size=1)
     select_from_cache(cache, SelectConfig())
-    report = write_report(cache, str(tmp_path / "report"), ReportConfig(neighbours=2))
+    report = write_report(cache, str(tmp_path / "report"), ReportConfig(neighbors=2))
     assert report["thumbnails"] > 0 and report["placeholders"] == 0  # images read back from S3 shards
     exported = export_cache(cache, shards=str(tmp_path / "clean" / "{000000..}.tar"), config=ShardExportConfig())
     selected = Selection.read(Cache(cache)).selected

@@ -90,7 +90,7 @@ def test_exclude_self_with_duplicates(dup_features):
     x = dup_features
     index = build_index(x, IndexConfig(kind="flat"), device="cpu")
     sims, ids = knn_all(index, x, k=2)
-    for row in (80, 81, 82, 83):   # four copies: both neighbours are other copies
+    for row in (80, 81, 82, 83):   # four copies: both neighbors are other copies
         assert row not in ids[row] and set(ids[row]) <= {80, 81, 82, 83}
         np.testing.assert_allclose(sims[row], 1.0, atol=1e-5)
     s_in, i_in = knn_all(index, x, k=3, exclude_self=False)
@@ -236,7 +236,7 @@ def test_image_class_similarity_matches_reference():
 # agreement, confusion, swaps
 
 @pytest.fixture(scope="module")
-def small_neighbours():
+def small_neighbors():
     rng = np.random.default_rng(9)
     n, k, c = 300, 5, 6
     ids = np.stack([rng.choice(np.delete(np.arange(n), i), k, replace=False) for i in range(n)])
@@ -248,8 +248,8 @@ def small_neighbours():
     return sims, ids, labels, c
 
 
-def test_agreement_and_confusion_match_loops(small_neighbours):
-    _, ids, labels, c = small_neighbours
+def test_agreement_and_confusion_match_loops(small_neighbors):
+    _, ids, labels, c = small_neighbors
     got = neighbor_agreement(ids, labels)
     maj = neighbor_majority(ids, labels, c)
     conf = label_confusion(labels, maj, c)
@@ -294,8 +294,8 @@ def test_swap_table_recovers_planted_hard_noise():
 # ---------------------------------------------------------------------------------------------
 # kNN classifier and graph
 
-def test_knn_log_probs_match_reference(small_neighbours):
-    sims, ids, labels, c = small_neighbours
+def test_knn_log_probs_match_reference(small_neighbors):
+    sims, ids, labels, c = small_neighbors
     got = knn_log_probs(sims, ids, labels, c, tau=0.1, smoothing=0.02)
     assert got.shape == (len(ids), c) and got.dtype == np.float32 and np.isfinite(got).all()
     np.testing.assert_allclose(np.exp(got).sum(axis=1), 1.0, atol=1e-5)

@@ -477,3 +477,19 @@ def test_stopped_pool_leaves_no_half_shard(slow_folder, tmp_path, signum):
     resumed = pack_dataset(root, out, PackConfig(per_shard=2, workers=2), show_progress=False)
     assert resumed["samples"] == 40 and not list(out.glob("*.partial"))
     assert [p.read_bytes() for p in sorted(out.glob("*.tar"))] == clean
+
+
+def test_strict_stops_at_the_first_bad_image_and_keeps_nothing_half_written(tmp_path):
+    from engine.pack import PackConfig, pack_dataset
+
+    root = tmp_path / "root"
+    for k, name in enumerate(["a", "b"]):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            _image(k * 10 + i).save(root / name / f"{i}.png")
+    (root / "b" / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(EngineError, match=r"--strict: b/broken\.jpg: "):
+        pack_dataset(root, tmp_path / "out", PackConfig(per_shard=100, workers=1, strict=True), show_progress=False)
+    assert not list((tmp_path / "out").glob("*.tar*"))
+    relaxed = pack_dataset(root, tmp_path / "out", PackConfig(per_shard=100, workers=1), show_progress=False)
+    assert relaxed["bad"] == 1 and relaxed["samples"] == 6

@@ -26,7 +26,7 @@ from engine.select import SelectConfig
 from engine.stages import diagnose_from_cache, select_from_cache
 from engine.synthetic import ShapesConfig, write_shards
 
-CONFIG = ReportConfig(per_class=5, thumb=64, neighbours=3, heatmap_classes=4, classes_per_page=4, workers=2)
+CONFIG = ReportConfig(per_class=5, thumb=64, neighbors=3, heatmap_classes=4, classes_per_page=4, workers=2)
 # class names and keys that are HTML: escaped, they render literally; unescaped, they inject elements
 ODD_NAMES = ['<i id="inj">red</i> & "o"', "it's <u>orange</u> &amp;", "<script>x=1</script>'\""]
 ODD_KEY = "s{shard}<u>&\"'{i:03d}"
@@ -105,7 +105,7 @@ def _class_page(report: dict, c: int) -> str:
 
 
 def _gallery(page: str) -> list[tuple[int, list[tuple[int, float]]]]:
-    """[(row, [(neighbour row, similarity), ...])] of a class page, in page order."""
+    """[(row, [(neighbor row, similarity), ...])] of a class page, in page order."""
     html = open(page).read()
     out = []
     for block in re.split(r'<figure class="sample"', html)[1:]:
@@ -160,8 +160,8 @@ def test_class_page_loads_every_thumbnail(report, browser, tmp_path):
     browser.navigate(f"file://{_class_page(report, worst)}")
     assert browser.errors() == []
     assert browser.evaluate("document.querySelectorAll('figure.sample').length") == shown
-    assert browser.evaluate("document.images.length") == shown * (1 + CONFIG.neighbours)
-    assert browser.evaluate(LOADED_IMAGES) == shown * (1 + CONFIG.neighbours)
+    assert browser.evaluate("document.images.length") == shown * (1 + CONFIG.neighbors)
+    assert browser.evaluate(LOADED_IMAGES) == shown * (1 + CONFIG.neighbors)
     assert browser.evaluate("document.querySelectorAll('svg.ph').length") == 0
     _check_png(browser.screenshot(tmp_path / "class.png", width=1200, height=900), 1200, 900)
 
@@ -316,18 +316,18 @@ def test_galleries_hold_only_rejected_rows_of_their_class_most_suspicious_first(
     assert total == report["shown"] > 0
 
 
-def test_neighbours_equal_brute_force_knn(report):
+def test_neighbors_equal_brute_force_knn(report):
     features = Cache(report["cache"]).load_features().astype(np.float32)
     checked = 0
     for k in range(6):
         for row, nbs in _gallery(_class_page(report, k))[:2]:
             sims = features @ features[row]
             sims[row] = -np.inf
-            top = np.argsort(-sims, kind="stable")[:CONFIG.neighbours]
+            top = np.argsort(-sims, kind="stable")[:CONFIG.neighbors]
             assert [r for r, _ in nbs] == top.tolist()
             assert np.allclose([s for _, s in nbs], sims[top], atol=1e-3)
             checked += 1
-    assert checked >= 6 and report["neighbours"]["source"] == "flat index"
+    assert checked >= 6 and report["neighbors"]["source"] == "flat index"
 
 
 def test_fresh_knn_group_is_used_and_a_stale_one_ignored(cache, report, tmp_path):
@@ -335,14 +335,14 @@ def test_fresh_knn_group_is_used_and_a_stale_one_ignored(cache, report, tmp_path
     shutil.copytree(cache, copy)
     diagnose_from_cache(copy, k=10, top=3, device="cpu")
     fresh = write_report(copy, str(tmp_path / "a"), CONFIG, device="cpu", show_progress=False)
-    assert fresh["neighbours"]["source"] == "knn group (k=10)"
+    assert fresh["neighbors"]["source"] == "knn group (k=10)"
     for k in range(6):
         ours = _gallery(f"{tmp_path}/a/classes/{k:04d}.html")
         theirs = _gallery(_class_page(report, k))
         assert [[r for r, _ in n] for _, n in ours] == [[r for r, _ in n] for _, n in theirs]
     Cache(copy, mode="a").open_group("knn").attrs.update({"fingerprint": "stale"})
     stale = write_report(copy, str(tmp_path / "b"), CONFIG, device="cpu", show_progress=False)
-    assert stale["neighbours"]["source"] == "flat index"
+    assert stale["neighbors"]["source"] == "flat index"
 
 
 def test_thumbnail_problems_become_reasons(tmp_path):
@@ -377,7 +377,7 @@ def test_a_current_knn_group_is_checked_without_loading_every_feature(cache, rep
 
     monkeypatch.setattr(Cache, "load_features", refuse)
     s = write_report(copy, str(tmp_path / "a"), CONFIG, device="cpu", show_progress=False)
-    assert s["neighbours"]["source"] == "knn group (k=10)"
+    assert s["neighbors"]["source"] == "knn group (k=10)"
     for k in range(6):
         ours = _gallery(f"{tmp_path}/a/classes/{k:04d}.html")
         assert [[r for r, _ in n] for _, n in ours] == [[r for r, _ in n] for _, n in _gallery(_class_page(report, k))]
@@ -435,7 +435,7 @@ def test_rank_rejected_and_class_stats_match_loops():
 def test_cli_json_and_one_line_errors(cache, tmp_path):
     runner = CliRunner()
     r = runner.invoke(cli, ["report", "--cache", cache, "--out", str(tmp_path / "r"), "--per-class", "2",
-                            "--neighbours", "1", "--device", "cpu", "--json"])
+                            "-k", "1", "--device", "cpu", "--json"])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["index"] == str(tmp_path / "r" / "index.html") and summary["class_pages"] == 6
@@ -573,7 +573,7 @@ def test_a_failed_rerun_leaves_the_earlier_report(cache, tmp_path, monkeypatch):
     assert snapshot() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]       # no staging folder left behind
     monkeypatch.setattr(reader, "decode_image", decode)
-    s = write_report(cache, str(out), ReportConfig(per_class=2, neighbours=1), device="cpu", show_progress=False)
+    s = write_report(cache, str(out), ReportConfig(per_class=2, neighbors=1), device="cpu", show_progress=False)
     after = snapshot()
     assert after["notes.txt"] == b"mine" and after["index.html"] != before["index.html"]
     assert json.loads(after["report.json"])["config"]["per_class"] == 2 and s["index"] == str(out / "index.html")

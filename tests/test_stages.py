@@ -111,7 +111,7 @@ def test_diagnose_recovers_planted_hard_noise_pairs(hard_noise_cache, tmp_path):
     names = class_names(10)
     partner = {names[a]: names[b] for a, b in enumerate(partners(10))}
     swaps = summary["swaps"][:4]
-    assert swaps and all(partner[s["label"]] == s["neighbours_say"] for s in swaps), swaps
+    assert swaps and all(partner[s["label"]] == s["neighbors_say"] for s in swaps), swaps
     assert 0 < summary["agreement_mean"] < 1
     stored = Neighbors.read(Cache(hard_noise_cache))
     assert stored.ids.shape == (300, 10) and stored.k == 10

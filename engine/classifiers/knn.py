@@ -16,12 +16,12 @@ KNN_SMOOTHING = 0.01            # mixed with the uniform distribution, so log-pr
 
 def knn_log_probs(similarities, ids, labels, num_classes: int, *, tau: float = KNN_TAU,
                   smoothing: float = KNN_SMOOTHING) -> np.ndarray:
-    """Class log-probabilities from similarity-weighted neighbour votes, for a block of rows.
+    """Class log-probabilities from similarity-weighted neighbor votes, for a block of rows.
 
     `similarities (B, k)`, `ids (B, k)` (self excluded), `labels (N,)` of all rows. A labelled
-    neighbour j votes exp((s_j - s_max) / tau) for its label (tau = 0.07, the InstDisc/DINO kNN
+    neighbor j votes exp((s_j - s_max) / tau) for its label (tau = 0.07, the InstDisc/DINO kNN
     classifier); p = (1 - smoothing) * votes / sum(votes) + smoothing / C, so log p is finite.
-    Rows without a labelled neighbour get the uniform distribution. Returns (B, C) float32."""
+    Rows without a labelled neighbor get the uniform distribution. Returns (B, C) float32."""
     sims, ids = check_neighbors(similarities, ids)
     num_classes = check_positive(num_classes, "num_classes")
     labels = check_labels(labels, None, num_classes)
@@ -54,7 +54,7 @@ def _knn_votes(sims: np.ndarray, ids: np.ndarray, labels: np.ndarray, num_classe
 
 def knn_classifier(similarities, ids, labels, num_classes: int, *, tau: float = KNN_TAU,
                    smoothing: float = KNN_SMOOTHING) -> Callable[[int, int], np.ndarray]:
-    """A row-block classifier over precomputed neighbours: `fn(start, stop) -> (B, C) float32`
+    """A row-block classifier over precomputed neighbors: `fn(start, stop) -> (B, C) float32`
     log-probabilities of rows start..stop (see `knn_log_probs`)."""
     sims, ids = check_neighbors(similarities, ids)
     num_classes = check_positive(num_classes, "num_classes")

@@ -4,7 +4,7 @@ The output folder::
 
     index.html               summary, per-class bar chart (SVG), confusable-class heatmap (SVG), class table
     index-2.html ...         the next `classes_per_page` classes (chart + table), when there are more
-    classes/0000.html ...    one page per class: its rejected rows, most suspicious first, with neighbours
+    classes/0000.html ...    one page per class: its rejected rows, most suspicious first, with neighbors
     thumbs/SSSSS/PPPPPP.jpg  JPEG thumbnails, one per shown row (shard index / position in the shard)
     report.json              the summary returned by `write_report`
     .engine-report           marker: only a folder carrying it may be replaced by a rerun
@@ -24,8 +24,8 @@ features) is drawn as a visible placeholder naming the reason, counted and logge
 Scale rule (C classes): every list page (index.html, index-2.html, ...) shows at most
 `classes_per_page` classes (default 100) sorted by rejected share, most rejected first; the
 heatmap shows at most 30 classes (those of the most similar class pairs); a class page shows at
-most `per_class` rejected rows with `neighbours` neighbours each, so it loads at most
-per_class x (1 + neighbours) thumbnails. Thumbnails are read in one pass per needed shard.
+most `per_class` rejected rows with `neighbors` neighbors each, so it loads at most
+per_class x (1 + neighbors) thumbnails. Thumbnails are read in one pass per needed shard.
 
 The most suspicious rejected rows of a class are those with the lowest mean (over the
 classifiers) normalised given-label log-probability (`<classifier>/loss_score` of the selection).
@@ -50,7 +50,7 @@ from engine.report.rows import (
     Rows,
     class_stats,
     confusable_classes,
-    find_neighbours,
+    find_neighbors,
     rank_rejected,
     read_rows,
 )
@@ -83,7 +83,7 @@ def write_report(cache_path: str, out_dir: str, config: ReportConfig | None = No
     failure leaves an earlier report there untouched.
 
     Memory: the cache's row columns and selection, plus the features (N x D float16) when
-    neighbours or image-centroid similarities have to be computed."""
+    neighbors or image-centroid similarities have to be computed."""
     config = config or ReportConfig()
     started, timer = time.perf_counter(), Timer()
     out = Path(out_dir)
@@ -113,10 +113,10 @@ def _write(cache: Cache, cache_path: str, data: Rows, stage: Path, out: Path, co
     num_classes = len(data.names)
     stats = class_stats(data.labels, data.selected, num_classes, data.true)
     shown = rank_rejected(data.labels, data.selected, data.suspicion, per_class=config.per_class)
-    k = min(config.neighbours, max(0, cache.num_rows - 1))
+    k = min(config.neighbors, max(0, cache.num_rows - 1))
     features = functools.cache(cache.load_features)   # read at most once, only when needed
-    with timer("neighbours"):
-        sims, ids, source = find_neighbours(cache, shown, k, device=device, features=features)
+    with timer("neighbors"):
+        sims, ids, source = find_neighbors(cache, shown, k, device=device, features=features)
     with timer("thumbnails"):
         thumbs = write_thumbnails(np.concatenate([shown, ids[ids >= 0]]), data, stage, size=config.thumb,
                                   workers=config.workers, show_progress=show_progress,
@@ -125,7 +125,7 @@ def _write(cache: Cache, cache_path: str, data: Rows, stage: Path, out: Path, co
         conf = confusable_classes(cache, data, min(config.heatmap_classes, num_classes), features=features)
     reasons, missing = _placeholder_summary(thumbs)
     info = {"thumbnails": len(thumbs.paths), "thumb": config.thumb, "placeholders": len(thumbs.problems),
-            "placeholder_reasons": reasons, "neighbours": k, "neighbour_source": source,
+            "placeholder_reasons": reasons, "neighbors": k, "neighbor_source": source,
             "seconds": timer.rounded(2)}
     with timer("pages"):
         pages = list_pages(cache, data, stats, conf, info, config)
@@ -143,7 +143,7 @@ def _write(cache: Cache, cache_path: str, data: Rows, stage: Path, out: Path, co
                "thumbnails": info["thumbnails"], "thumbnails_reused": thumbs.reused,
                "placeholders": info["placeholders"],
                "placeholder_reasons": reasons, "missing_shards": missing,
-               "neighbours": {"k": k, "source": source},
+               "neighbors": {"k": k, "source": source},
                "heatmap": None if conf is None else {"classes": len(conf.classes), "source": conf.source},
                "config": asdict(config),
                "seconds": {**timer.rounded(), "total": round(time.perf_counter() - started, 3)}}
@@ -155,8 +155,8 @@ def summary_lines(s: dict):
     """The short stdout summary of `write_report`."""
     yield (f"report: {s['index']} ({s['list_pages']} list page{'s' * (s['list_pages'] != 1)}, "
            f"{s['class_pages']} class pages)")
-    yield (f"  shown {s['shown']} of {s['rejected']} rejected samples, {s['neighbours']['k']} neighbours each "
-           f"({s['neighbours']['source']}); {s['thumbnails']} thumbnails"
+    yield (f"  shown {s['shown']} of {s['rejected']} rejected samples, {s['neighbors']['k']} neighbors each "
+           f"({s['neighbors']['source']}); {s['thumbnails']} thumbnails"
            + (f" ({s['thumbnails_reused']} from the previous report)" if s.get("thumbnails_reused") else "")
            + f", {s['placeholders']} placeholders"
            + (f" (shards missing: {', '.join(s['missing_shards'][:3])})" if s["missing_shards"] else ""))

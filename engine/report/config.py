@@ -20,19 +20,19 @@ QUERY_BLOCK = 4096
 @dataclass(frozen=True)
 class ReportConfig:
     """per_class: rejected rows shown per class page; thumb: thumbnail size in px (longer side);
-    neighbours: nearest neighbours per shown row (0: none); heatmap_classes: classes in the
+    neighbors: nearest neighbors per shown row (0: none); heatmap_classes: classes in the
     similarity heatmap (2-30); classes_per_page: classes per list page; workers: threads
     reading shards (None: up to 4)."""
 
     per_class: int = 24
     thumb: int = 96
-    neighbours: int = 5
+    neighbors: int = 5
     heatmap_classes: int = 20
     classes_per_page: int = 100
     workers: int | None = None
 
     def __post_init__(self):
-        limits = {"per_class": (1, 10_000), "thumb": (16, 512), "neighbours": (0, 50),
+        limits = {"per_class": (1, 10_000), "thumb": (16, 512), "neighbors": (0, 50),
                   "heatmap_classes": (2, MAX_HEATMAP_CLASSES), "classes_per_page": (1, 10_000), "workers": (1, 64)}
         for name, (low, high) in limits.items():
             value = getattr(self, name)

@@ -66,8 +66,8 @@ def _footer(config: ReportConfig) -> str:
             f"{config.classes_per_page} classes each, sorted by rejected share (most rejected first); the heatmap "
             f"shows at most {MAX_HEATMAP_CLASSES} classes; each class page shows at most {config.per_class} "
             f"rejected samples (lowest mean normalised given-label log-probability first) with "
-            f"{config.neighbours} nearest neighbours each, so it loads at most "
-            f"{config.per_class * (1 + config.neighbours)} thumbnails ({config.thumb} px JPEG files in "
+            f"{config.neighbors} nearest neighbors each, so it loads at most "
+            f"{config.per_class * (1 + config.neighbors)} thumbnails ({config.thumb} px JPEG files in "
             f"<code>thumbs/</code>). Static: no script, no network.</footer>")
 
 
@@ -222,7 +222,7 @@ def _summary_html(cache: Cache, data: Rows, info: dict) -> str:
             _stat("thumbnails", "thumbnails", info["thumbnails"], f"{info['thumb']} px JPEG in thumbs/"),
             _stat("placeholders", "placeholders", info["placeholders"],
                   "; ".join(f"{k}: {v}" for k, v in info["placeholder_reasons"].items())),
-            _stat("neighbours", "neighbours", info["neighbours"], info["neighbour_source"])]
+            _stat("neighbors", "neighbors", info["neighbors"], info["neighbor_source"])]
     return ('<div class="cols"><table class="kv summary">' + "".join(head) + "</table>"
             '<table class="kv selection">' + "".join(_selection_rows(data)) + "</table>"
             '<table class="kv timings">' + "".join(_timing_rows(cache, info["seconds"])) + "</table></div>")
@@ -345,16 +345,16 @@ def _card(row: int, sims: np.ndarray, ids: np.ndarray, data: Rows, thumbs: Thumb
     failed = ", ".join(pair for pair, mask in data.passes.items() if not mask[row])
     if failed:
         lines.append(f'<div class="muted" title="{esc(failed)}">fails: {esc(failed)}</div>')
-    neighbours = []
+    neighbors = []
     for s, i in zip(sims.tolist(), ids.tolist()):
         if i < 0:
             continue
         other = int(data.labels[i])
-        neighbours.append(
+        neighbors.append(
             f'<li class="nb" data-row="{i}" data-sim="{s:.4f}">{_image(i, thumbs, 56, str(data.keys[i]))}'
             f'<span class="{"same" if other == label else "other"}">{esc(_name(names, other))}</span>'
             f"<span>{s:.3f}</span></li>")
-    nbs = f'<ol class="nbs">{"".join(neighbours)}</ol>' if neighbours else ""
+    nbs = f'<ol class="nbs">{"".join(neighbors)}</ol>' if neighbors else ""
     return (f'<figure class="sample" data-row="{row}" data-key="{esc(key)}"><div class="main">'
             f"{_image(row, thumbs, size, key)}<figcaption>{''.join(lines)}</figcaption></div>{nbs}</figure>")
 

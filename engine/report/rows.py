@@ -99,7 +99,7 @@ def rank_rejected(labels, selected, suspicion, *, per_class: int) -> np.ndarray:
     return ranked[np.arange(len(ranked)) - first < per_class]
 
 
-# ---------------------------------------------------------------- neighbours
+# ---------------------------------------------------------------- neighbors
 def _without_self(similarities: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(M, k+1) search results of `rows (M,)` -> (M, k) without the row itself (else the last)."""
     is_self = ids == rows[:, None]
@@ -109,11 +109,11 @@ def _without_self(similarities: np.ndarray, ids: np.ndarray, rows: np.ndarray) -
     return similarities[keep].reshape(m, k1 - 1), ids[keep].reshape(m, k1 - 1)
 
 
-def find_neighbours(cache: Cache, rows: np.ndarray, k: int, *, device: str = "auto", features=None
+def find_neighbors(cache: Cache, rows: np.ndarray, k: int, *, device: str = "auto", features=None
                     ) -> tuple[np.ndarray, np.ndarray, str]:
-    """k nearest neighbours of `rows (M,)`: (similarities (M, k) float32, ids (M, k) int64, source).
+    """k nearest neighbors of `rows (M,)`: (similarities (M, k) float32, ids (M, k) int64, source).
 
-    The cache's `knn/` group when it is current and has at least k neighbours (checked on the
+    The cache's `knn/` group when it is current and has at least k neighbors (checked on the
     keys and a few sampled rows, without loading the features); else a search of the cache's
     FAISS index (built and stored when missing or stale) for just these rows.
     `features`: a callable returning the cache's (N, D) features (to share one load), or None."""
@@ -156,7 +156,7 @@ class Confusable:
 def confusable_classes(cache: Cache, data: Rows, max_classes: int, *, features=None) -> Confusable | None:
     """Classes of the most similar pairs (text prompt centroids when the cache has text features,
     else image centroids), at most `max_classes`; None with fewer than 2 classes. `features`: as
-    in `find_neighbours`."""
+    in `find_neighbors`."""
     from engine import index as ix
 
     c = len(data.names)
