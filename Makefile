@@ -27,6 +27,8 @@ demo: $(STAMP)
 	$(BIN)/engine demo --out demo-run
 
 test: $(STAMP) browser
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 # The report test renders pages in a real headless chromium; install Debian's when missing

@@ -9,6 +9,7 @@ and the ratio N ranks / 1 rank, and checks every run's cache equals the 1-rank c
     python benchmarks/bench_distributed.py                      # 1 vs 2 ranks, shapes-tiny, this CPU
     python benchmarks/bench_distributed.py --ranks 1 2 4 --model ViT-B-32 --pretrained random --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,28 @@ from engine.synthetic import ShapesConfig, write_shards  # noqa: E402
 
 
 def run_job(shards: list[str], cache: str, *, ranks: int, args) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           "-m", "engine", "embed", *shards, "--cache", cache, "--workers", str(args.workers),
-           "--model", args.model, "--batch-size", str(args.batch), "--device", args.device, "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        "-m",
+        "engine",
+        "embed",
+        *shards,
+        "--cache",
+        cache,
+        "--workers",
+        str(args.workers),
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch),
+        "--device",
+        args.device,
+        "--json",
+    ]
     if args.pretrained:
         cmd += ["--pretrained", args.pretrained]
     threads = max(1, args.threads // ranks) if args.device == "cpu" else args.threads
@@ -45,15 +65,21 @@ def run_job(shards: list[str], cache: str, *, ranks: int, args) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"torchrun with {ranks} rank(s) failed:\n{done.stderr[-3000:]}")
     summary = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
-    return {"wall_s": wall, "rows": summary["rows"], "images_per_s": summary["rows"] / wall,
-            "loop_images_per_s": summary["images_per_s"]}
+    return {
+        "wall_s": wall,
+        "rows": summary["rows"],
+        "images_per_s": summary["rows"] / wall,
+        "loop_images_per_s": summary["images_per_s"],
+    }
 
 
 def same_cache(a: str, b: str) -> bool:
     ca, cb = Cache(a), Cache(b)
     order_a, order_b = np.argsort(ca.keys()), np.argsort(cb.keys())
-    return bool((ca.keys()[order_a] == cb.keys()[order_b]).all()
-                and np.array_equal(ca.load_features()[order_a], cb.load_features()[order_b]))
+    return bool(
+        (ca.keys()[order_a] == cb.keys()[order_b]).all()
+        and np.array_equal(ca.load_features()[order_a], cb.load_features()[order_b])
+    )
 
 
 def main() -> None:
@@ -62,8 +88,12 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--per-shard", type=int, default=500)
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank.")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="CPU threads shared by all ranks (each rank gets threads / ranks).")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="CPU threads shared by all ranks (each rank gets threads / ranks).",
+    )
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--model", default="shapes-tiny")
     parser.add_argument("--pretrained", default=None)
@@ -73,8 +103,9 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-dist-"))
     try:
-        made = write_shards(work / "shards", ShapesConfig(classes=20, per_shard=args.per_shard, shards=args.shards,
-                                                          seed=0))
+        made = write_shards(
+            work / "shards", ShapesConfig(classes=20, per_shard=args.per_shard, shards=args.shards, seed=0)
+        )
         results, caches = {}, {}
         for ranks in args.ranks:
             runs = []
@@ -82,19 +113,30 @@ def main() -> None:
                 cache = str(work / f"r{ranks}-{repeat}.zarr")
                 runs.append(run_job(made["shards"], cache, ranks=ranks, args=args))
                 caches.setdefault(ranks, cache)
-            results[ranks] = {"images_per_s_median": statistics.median(r["images_per_s"] for r in runs),
-                              "wall_s": [round(r["wall_s"], 2) for r in runs], "rows": runs[0]["rows"],
-                              "loop_images_per_s_median": statistics.median(r["loop_images_per_s"] for r in runs)}
-            print(f"{ranks} rank(s): {results[ranks]['images_per_s_median']:.0f} img/s end to end "
-                  f"(embed loop {results[ranks]['loop_images_per_s_median']:.0f} img/s), walls {results[ranks]['wall_s']}")
+            results[ranks] = {
+                "images_per_s_median": statistics.median(r["images_per_s"] for r in runs),
+                "wall_s": [round(r["wall_s"], 2) for r in runs],
+                "rows": runs[0]["rows"],
+                "loop_images_per_s_median": statistics.median(r["loop_images_per_s"] for r in runs),
+            }
+            print(
+                f"{ranks} rank(s): {results[ranks]['images_per_s_median']:.0f} img/s end to end "
+                f"(embed loop {results[ranks]['loop_images_per_s_median']:.0f} img/s), walls {results[ranks]['wall_s']}"
+            )
         base = args.ranks[0]
         for ranks in args.ranks[1:]:
             ratio = results[ranks]["images_per_s_median"] / results[base]["images_per_s_median"]
             equal = same_cache(caches[base], caches[ranks])
             results[ranks].update(ratio_vs_first=round(ratio, 3), same_cache_as_first=equal)
             print(f"{ranks} ranks / {base} rank(s): {ratio:.2f}x; same (key, features) set: {equal}")
-        path = write_result("distributed", {"config": vars(args), "images": args.shards * args.per_shard,
-                                            "results": {str(k): v for k, v in results.items()}})
+        path = write_result(
+            "distributed",
+            {
+                "config": vars(args),
+                "images": args.shards * args.per_shard,
+                "results": {str(k): v for k, v in results.items()},
+            },
+        )
         print(f"wrote {path}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

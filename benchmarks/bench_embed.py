@@ -10,10 +10,10 @@ defaults: bf16 vs fp32 autocast on this CPU, and feature-array compression (size
     python benchmarks/bench_embed.py                     # shapes-tiny on this CPU
     python benchmarks/bench_embed.py --gpu               # ViT-B-32 (random weights, timing only), bf16
 """
+
 from __future__ import annotations
 
 import argparse
-import io
 import shutil
 import statistics
 import sys
@@ -36,8 +36,9 @@ from engine.synthetic import ShapesConfig, write_shards  # noqa: E402
 
 def input_only(shards, preprocess, *, workers, batch):
     reader = ShardReader(list(enumerate(shards)), preprocess, ReaderConfig(batch_size=batch))
-    loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=workers,
-                                         worker_init_fn=worker_init_single_thread)
+    loader = torch.utils.data.DataLoader(
+        reader, batch_size=None, num_workers=workers, worker_init_fn=worker_init_single_thread
+    )
     start, n = time.perf_counter(), 0
     for b in loader:
         n += len(b.keys)
@@ -67,8 +68,9 @@ def naive(shards, loaded, out_dir, *, batch, device):
 
 
 def engine_run(shards, cache, *, model, pretrained, workers, batch, precision, device):
-    cfg = EmbedConfig(model=model, pretrained=pretrained, workers=workers, batch_size=batch,
-                      precision=precision, device=device)
+    cfg = EmbedConfig(
+        model=model, pretrained=pretrained, workers=workers, batch_size=batch, precision=precision, device=device
+    )
     summary = embed_shards(shards, str(cache), cfg, show_progress=False)
     return summary["images_per_s"], summary  # steady state: model loading excluded, as in (a) and (b)
 
@@ -105,12 +107,15 @@ def compression_probe(features: np.ndarray):
     from zarr.codecs import BloscCodec
 
     out = {}
-    for name, codec in (("none", None), ("blosc-lz4-shuffle", [BloscCodec(cname="lz4", clevel=3, shuffle="shuffle",
-                                                                          typesize=2)])):
+    for name, codec in (
+        ("none", None),
+        ("blosc-lz4-shuffle", [BloscCodec(cname="lz4", clevel=3, shuffle="shuffle", typesize=2)]),
+    ):
         d = tempfile.mkdtemp()
         start = time.perf_counter()
-        arr = zarr.create_array(f"{d}/a.zarr", shape=features.shape, chunks=(8192, features.shape[1]),
-                                dtype="float16", compressors=codec)
+        arr = zarr.create_array(
+            f"{d}/a.zarr", shape=features.shape, chunks=(8192, features.shape[1]), dtype="float16", compressors=codec
+        )
         arr[:] = features
         seconds = time.perf_counter() - start
         size = sum(p.stat().st_size for p in Path(d).rglob("*") if p.is_file())
@@ -144,13 +149,29 @@ def main() -> None:
     workers = plan_cpu_split(args.workers, device)[0]
     rows["a_input_only"] = input_only(shards, loaded.preprocess, workers=workers, batch=args.batch)
     rows["b_naive"] = naive(shards, loaded, tempfile.mkdtemp(dir=work), batch=args.batch, device=device)
-    rows["c_engine"], summary = engine_run(shards, work / "c.zarr", model=model, pretrained=pretrained,
-                                           workers=args.workers, batch=args.batch, precision=precision,
-                                           device=str(device))
+    rows["c_engine"], summary = engine_run(
+        shards,
+        work / "c.zarr",
+        model=model,
+        pretrained=pretrained,
+        workers=args.workers,
+        batch=args.batch,
+        precision=precision,
+        device=str(device),
+    )
     ratios = {"c/a": rows["c_engine"] / rows["a_input_only"], "c/b": rows["c_engine"] / rows["b_naive"]}
-    result = {"images": len(shards) * args.per_shard, "model": model, "device": str(device),
-              "workers": workers, "model_threads": summary.get("model_threads"), "precision": summary["precision"], "batch": args.batch, "images_per_s": {k: round(v, 1) for k, v in rows.items()},
-              "ratios": {k: round(v, 2) for k, v in ratios.items()}, "engine_seconds": summary["seconds"]}
+    result = {
+        "images": len(shards) * args.per_shard,
+        "model": model,
+        "device": str(device),
+        "workers": workers,
+        "model_threads": summary.get("model_threads"),
+        "precision": summary["precision"],
+        "batch": args.batch,
+        "images_per_s": {k: round(v, 1) for k, v in rows.items()},
+        "ratios": {k: round(v, 2) for k, v in ratios.items()},
+        "engine_seconds": summary["seconds"],
+    }
     if not args.gpu:
         result["precision_cpu"] = precision_probe(loaded, device)
         from engine.cache import Cache

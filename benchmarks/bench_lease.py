@@ -9,6 +9,7 @@ ttl/4 while held) for what it adds on a real store.
 
     python benchmarks/bench_lease.py                 # 8 shards x 500 shapes images, median of 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,7 +88,9 @@ def main() -> None:
     images = args.shards * args.per_shard
     med = {k: statistics.median(v) for k, v in walls.items()}
     result = {
-        "images": images, "shards": args.shards, "repeats": args.repeats,
+        "images": images,
+        "shards": args.shards,
+        "repeats": args.repeats,
         "embed_wall_s": {k: [round(x, 3) for x in v] for k, v in walls.items()},
         "median_s": {k: round(v, 3) for k, v in med.items()},
         "lock_over_no_lock": round(med["lock"] / med["no_lock"], 3),
@@ -95,7 +98,10 @@ def main() -> None:
         "store": "moto server on 127.0.0.1",
     }
     print(f"embed {images} images ({args.shards} shards) into s3:// (moto on loopback), median of {args.repeats}:")
-    print(f"  without lock {med['no_lock']:.2f} s   with lock {med['lock']:.2f} s   ratio {result['lock_over_no_lock']:.3f}")
+    print(
+        f"  without lock {med['no_lock']:.2f} s   with lock {med['lock']:.2f} s   "
+        f"ratio {result['lock_over_no_lock']:.3f}"
+    )
     print(f"  one take + release: {result['take_release_ms_median']:.1f} ms (median of {args.cycles})")
     path = write_result("lease", result)
     print(f"wrote {path}")

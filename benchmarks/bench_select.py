@@ -13,6 +13,7 @@ the final selected sets >= 0.98. Large run (N = 1M, C = 1000, D = 512): <= 30 mi
 <= 6 GB peak RSS on a 2-core CPU; the large run is a separate process so its peak RSS is its own.
 Data: `clip_like_features`, 40% label noise, half symmetric and half to a close class.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=None, help="feature dimension (default 512)")
     parser.add_argument("--noise", default="mix", help="sym, hard or mix (default)")
     parser.add_argument("--rate", type=float, default=0.4)
-    parser.add_argument("--spread", type=float, default=0.55,
-                        help="within-class spread of clip_like_features (larger: classes overlap more)")
+    parser.add_argument(
+        "--spread",
+        type=float,
+        default=0.55,
+        help="within-class spread of clip_like_features (larger: classes overlap more)",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results JSON")
     args = parser.parse_args(argv)
     small = {"n": 5000, "classes": 20, "large_n": 50_000, "large_classes": 100, "dim": 64}
@@ -63,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- the reference
 
+
 def _sk_zeroshot(x: np.ndarray, text: np.ndarray, tau: float = 0.07) -> np.ndarray:
     """P_zs (N, C) float32 with numpy, the whole matrix at once."""
     sims = np.einsum("nd,cpd->ncp", x, text) / tau
@@ -71,8 +77,9 @@ def _sk_zeroshot(x: np.ndarray, text: np.ndarray, tau: float = 0.07) -> np.ndarr
     return (s / s.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def _sk_pairs(probs: np.ndarray, labels: np.ndarray, num_classes: int, *, theta_cons: float,
-              theta_gmm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _sk_pairs(
+    probs: np.ndarray, labels: np.ndarray, num_classes: int, *, theta_cons: float, theta_gmm: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(consistency mask, loss mask, normalised loss) for one classifier, the authors' way."""
     from sklearn.mixture import GaussianMixture
 
@@ -112,7 +119,7 @@ def sklearn_select(features, labels, text, num_classes: int, *, theta_cons=0.8, 
     present = np.bincount(labels, minlength=num_classes) > 0
     if ((counts == 0) & present).any():
         nonzero = counts[counts > 0]
-        m = max(int(nonzero.min()) if len(nonzero) else 0, len(labels) // num_classes ** 2, 1)
+        m = max(int(nonzero.min()) if len(nonzero) else 0, len(labels) // num_classes**2, 1)
         for k in np.flatnonzero((counts == 0) & present):
             members = np.flatnonzero(labels == k)
             selected[members[np.argsort(-zs_norm[members], kind="stable")[:m]]] = True
@@ -121,10 +128,12 @@ def sklearn_select(features, labels, text, num_classes: int, *, theta_cons=0.8, 
 
 # ----------------------------------------------------------------------------- runs
 
+
 def _data(n, classes, dim, args):
     start = time.perf_counter()
-    feats, labels, truth, text, _ = clip_like_features(n, classes, dim, noise=args.noise, rate=args.rate,
-                                                       spread=args.spread, seed=0)
+    feats, labels, truth, text, _ = clip_like_features(
+        n, classes, dim, noise=args.noise, rate=args.rate, spread=args.spread, seed=0
+    )
     return feats, labels.astype(np.int64), truth, text, time.perf_counter() - start
 
 
@@ -134,23 +143,42 @@ def compare(args) -> dict:
     result, engine_s, _ = timed(select_samples, feats, labels, text_features=text, true_labels=truth, config=config)
     reference, sklearn_s, _ = timed(sklearn_select, feats, labels, text, args.classes)
     union = (result.selected | reference).sum()
-    return {"n": args.n, "classes": args.classes, "dim": args.dim, "engine_s": engine_s, "sklearn_s": sklearn_s,
-            "speedup": sklearn_s / engine_s, "jaccard": float((result.selected & reference).sum() / max(union, 1)),
-            "engine": result.metrics, "sklearn": selection_metrics(reference, labels, truth),
-            "engine_timings": result.timings, "linear_fit": result.classifier_info["linear"]["fit"]}
+    return {
+        "n": args.n,
+        "classes": args.classes,
+        "dim": args.dim,
+        "engine_s": engine_s,
+        "sklearn_s": sklearn_s,
+        "speedup": sklearn_s / engine_s,
+        "jaccard": float((result.selected & reference).sum() / max(union, 1)),
+        "engine": result.metrics,
+        "sklearn": selection_metrics(reference, labels, truth),
+        "engine_timings": result.timings,
+        "linear_fit": result.classifier_info["linear"]["fit"],
+    }
 
 
 def large(args) -> dict:
     feats, labels, truth, text, data_s = _data(args.large_n, args.large_classes, args.dim, args)
     start = time.perf_counter()
-    result = select_samples(feats, labels, text_features=text, true_labels=truth,
-                            config=SelectConfig(device=args.device))
+    result = select_samples(
+        feats, labels, text_features=text, true_labels=truth, config=SelectConfig(device=args.device)
+    )
     wall = time.perf_counter() - start
     stages = {k: v for k, v in result.timings.items()}
-    return {"n": args.large_n, "classes": args.large_classes, "dim": args.dim, "data_s": data_s, "select_s": wall,
-            "peak_rss_mb": peak_rss_mb(), "timings": stages, "dominant_stage": max(stages, key=stages.get),
-            "metrics": result.metrics, "linear_fit": result.classifier_info["linear"]["fit"],
-            "selected": result.counts["final"]}
+    return {
+        "n": args.large_n,
+        "classes": args.large_classes,
+        "dim": args.dim,
+        "data_s": data_s,
+        "select_s": wall,
+        "peak_rss_mb": peak_rss_mb(),
+        "timings": stages,
+        "dominant_stage": max(stages, key=stages.get),
+        "metrics": result.metrics,
+        "linear_fit": result.classifier_info["linear"]["fit"],
+        "selected": result.counts["final"],
+    }
 
 
 def _large_child(args, queue) -> None:
@@ -171,20 +199,24 @@ def large_in_child(args) -> dict:
 def print_table(cmp: dict | None, big: dict | None) -> None:
     rows = []
     if cmp:
-        rows += [("comparison", f"N={cmp['n']:,} C={cmp['classes']} D={cmp['dim']}"),
-                 ("engine / sklearn seconds", f"{cmp['engine_s']:.1f} / {cmp['sklearn_s']:.1f}"),
-                 ("speed-up", f"{cmp['speedup']:.1f}x (target >= {TARGET_SPEEDUP:.0f}x)"),
-                 ("Jaccard of selections", f"{cmp['jaccard']:.4f} (target >= {TARGET_JACCARD})")]
+        rows += [
+            ("comparison", f"N={cmp['n']:,} C={cmp['classes']} D={cmp['dim']}"),
+            ("engine / sklearn seconds", f"{cmp['engine_s']:.1f} / {cmp['sklearn_s']:.1f}"),
+            ("speed-up", f"{cmp['speedup']:.1f}x (target >= {TARGET_SPEEDUP:.0f}x)"),
+            ("Jaccard of selections", f"{cmp['jaccard']:.4f} (target >= {TARGET_JACCARD})"),
+        ]
         for who in ("engine", "sklearn"):
             m = cmp[who]
             rows.append((f"{who} P / R / F1", f"{m['precision']:.4f} / {m['recall']:.4f} / {m['f1']:.4f}"))
     if big:
-        rows += [("large", f"N={big['n']:,} C={big['classes']} D={big['dim']}"),
-                 ("select wall", f"{big['select_s']:.1f} s (target <= {TARGET_LARGE_SECONDS:.0f} s)"),
-                 ("peak RSS", f"{big['peak_rss_mb']:.0f} MB (target <= {TARGET_LARGE_RSS_MB:.0f} MB)"),
-                 ("dominant stage", f"{big['dominant_stage']} ({big['timings'][big['dominant_stage']]:.1f} s)"),
-                 ("stages", ", ".join(f"{k} {v:.1f}" for k, v in big["timings"].items())),
-                 ("large P / R / F1", "{precision:.4f} / {recall:.4f} / {f1:.4f}".format(**big["metrics"]))]
+        rows += [
+            ("large", f"N={big['n']:,} C={big['classes']} D={big['dim']}"),
+            ("select wall", f"{big['select_s']:.1f} s (target <= {TARGET_LARGE_SECONDS:.0f} s)"),
+            ("peak RSS", f"{big['peak_rss_mb']:.0f} MB (target <= {TARGET_LARGE_RSS_MB:.0f} MB)"),
+            ("dominant stage", f"{big['dominant_stage']} ({big['timings'][big['dominant_stage']]:.1f} s)"),
+            ("stages", ", ".join(f"{k} {v:.1f}" for k, v in big["timings"].items())),
+            ("large P / R / F1", "{precision:.4f} / {recall:.4f} / {f1:.4f}".format(**big["metrics"])),
+        ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -199,8 +231,18 @@ def main(argv=None) -> int:
         big = large(args) if args.large_only else large_in_child(args)
     print_table(cmp, big)
     if not args.no_write:
-        path = write_result("select", {"quick": args.quick, "device": args.device, "noise": args.noise,
-                                       "rate": args.rate, "spread": args.spread, "comparison": cmp, "large": big})
+        path = write_result(
+            "select",
+            {
+                "quick": args.quick,
+                "device": args.device,
+                "noise": args.noise,
+                "rate": args.rate,
+                "spread": args.spread,
+                "comparison": cmp,
+                "large": big,
+            },
+        )
         print(f"wrote {path}")
     return 0
 

@@ -16,6 +16,7 @@ selection: the cost of an epoch does not depend on it, since an epoch is N // ba
     python benchmarks/bench_train.py --quick          # small, well under a minute
     python benchmarks/bench_train.py                  # N=1,000,000, D=512, C=1000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,9 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS, help="Zarr chunk rows of the naive array")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the naive loop")
     parser.add_argument("--head", default="linear", choices=["linear", "mlp"])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: ENGINE_THREADS or all cores)")
-    parser.add_argument("--device", default="all", choices=["all", "cpu", "cuda"],
-                        help="all = CPU, plus CUDA when present")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: ENGINE_THREADS or all cores)"
+    )
+    parser.add_argument(
+        "--device", default="all", choices=["all", "cpu", "cuda"], help="all = CPU, plus CUDA when present"
+    )
     args = parser.parse_args(argv)
     quick = {"n": 20_000, "dim": 128, "classes": 100, "naive_iters": 20}
     full = {"n": 1_000_000, "dim": 512, "classes": 1000, "naive_iters": 50}
@@ -68,18 +72,24 @@ def bench_ours(features, labels, selection, *, device: str, args) -> dict:
     result, total, _ = timed(train_head, features, labels, selection, config=config, num_classes=args.classes)
     log = result.log[1:] if len(result.log) > 1 else result.log
     median = lambda key: statistics.median(r[key] for r in log)  # noqa: E731
-    return {"epoch_seconds": median("seconds"), "train_seconds": median("seconds_train"),
-            "update_seconds": median("seconds_update"), "all_epoch_seconds": [r["seconds"] for r in result.log],
-            "wall_seconds": total, "selected_after": result.log[-1]["selected"]}
+    return {
+        "epoch_seconds": median("seconds"),
+        "train_seconds": median("seconds_train"),
+        "update_seconds": median("seconds_update"),
+        "all_epoch_seconds": [r["seconds"] for r in result.log],
+        "wall_seconds": total,
+        "selected_after": result.log[-1]["selected"],
+    }
 
 
 def write_zarr(path: Path, features: np.ndarray, chunk_rows: int):
     import zarr
 
-    array = zarr.create_array(store=str(path), shape=features.shape, chunks=(chunk_rows, features.shape[1]),
-                              dtype="float16")
+    array = zarr.create_array(
+        store=str(path), shape=features.shape, chunks=(chunk_rows, features.shape[1]), dtype="float16"
+    )
     for start in range(0, len(features), chunk_rows * 8):
-        array[start:start + chunk_rows * 8] = features[start:start + chunk_rows * 8]
+        array[start : start + chunk_rows * 8] = features[start : start + chunk_rows * 8]
     return array
 
 
@@ -105,8 +115,14 @@ def bench_naive(path: Path, labels: np.ndarray, *, device: str, args) -> dict:
     head = build_head(args.head, args.dim, args.classes, generator=make_generator(0)).to(dev)
     optimizer = torch.optim.SGD(head.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4)
     loader = torch.utils.data.DataLoader(
-        ZarrRows(path, labels), batch_size=128, shuffle=True, drop_last=True, num_workers=args.workers,
-        generator=make_generator(0), worker_init_fn=worker_init_single_thread if args.workers else None)
+        ZarrRows(path, labels),
+        batch_size=128,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        generator=make_generator(0),
+        worker_init_fn=worker_init_single_thread if args.workers else None,
+    )
     lams = draw_lams(np.random.default_rng(0), 1.0, args.naive_iters + 1).tolist()
     perm_gen = make_generator(1)
     start = None
@@ -125,8 +141,12 @@ def bench_naive(path: Path, labels: np.ndarray, *, device: str, args) -> dict:
     float(loss.detach())  # wait for the device
     per_iter = (time.perf_counter() - start) / args.naive_iters
     iterations = len(labels) // 128
-    return {"seconds_per_iteration": per_iter, "timed_iterations": args.naive_iters,
-            "epoch_iterations": iterations, "epoch_seconds_extrapolated": per_iter * iterations}
+    return {
+        "seconds_per_iteration": per_iter,
+        "timed_iterations": args.naive_iters,
+        "epoch_iterations": iterations,
+        "epoch_seconds_extrapolated": per_iter * iterations,
+    }
 
 
 def main(argv=None) -> None:
@@ -147,17 +167,36 @@ def main(argv=None) -> None:
             ours = bench_ours(features, labels, selection, device=device, args=args)
             naive = bench_naive(path, labels, device=device, args=args)
             ratio = naive["epoch_seconds_extrapolated"] / ours["epoch_seconds"]
-            runs[device] = {"ours": ours, "naive": naive, "speedup": ratio,
-                            "speedup_train_only": naive["epoch_seconds_extrapolated"] / ours["train_seconds"]}
-            print(f"{device}: ours {ours['epoch_seconds']:.2f} s/epoch (train {ours['train_seconds']:.2f} + MixFix "
-                  f"{ours['update_seconds']:.2f}); naive Zarr DataLoader {naive['epoch_seconds_extrapolated']:.1f} "
-                  f"s/epoch (extrapolated from {args.naive_iters} iterations); ours is {ratio:.1f}x faster")
-    payload = {"params": {"n": args.n, "dim": args.dim, "classes": args.classes, "batch_size": 128,
-                          "epochs": args.epochs, "head": args.head, "chunk_rows": args.chunk_rows,
-                          "naive_iters": args.naive_iters, "workers": args.workers, "quick": args.quick,
-                          "threads": threads},
-               "data_seconds": made, "runs": runs, "peak_rss_mb": peak_rss_mb(),
-               "note": "naive epoch extrapolated from a fixed number of iterations; ours includes the MixFix pass"}
+            runs[device] = {
+                "ours": ours,
+                "naive": naive,
+                "speedup": ratio,
+                "speedup_train_only": naive["epoch_seconds_extrapolated"] / ours["train_seconds"],
+            }
+            print(
+                f"{device}: ours {ours['epoch_seconds']:.2f} s/epoch (train {ours['train_seconds']:.2f} + MixFix "
+                f"{ours['update_seconds']:.2f}); naive Zarr DataLoader {naive['epoch_seconds_extrapolated']:.1f} "
+                f"s/epoch (extrapolated from {args.naive_iters} iterations); ours is {ratio:.1f}x faster"
+            )
+    payload = {
+        "params": {
+            "n": args.n,
+            "dim": args.dim,
+            "classes": args.classes,
+            "batch_size": 128,
+            "epochs": args.epochs,
+            "head": args.head,
+            "chunk_rows": args.chunk_rows,
+            "naive_iters": args.naive_iters,
+            "workers": args.workers,
+            "quick": args.quick,
+            "threads": threads,
+        },
+        "data_seconds": made,
+        "runs": runs,
+        "peak_rss_mb": peak_rss_mb(),
+        "note": "naive epoch extrapolated from a fixed number of iterations; ours includes the MixFix pass",
+    }
     print(f"results: {write_result('train', payload)}")
 
 

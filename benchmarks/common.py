@@ -1,4 +1,5 @@
 """Shared helpers for the benchmark scripts: synthetic CLIP-like data, timing, RSS, results JSON."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -16,9 +17,19 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def clip_like_features(n: int, num_classes: int, dim: int, *, noise: str = "sym", rate: float = 0.4,
-                       spread: float = 0.55, close_pairs: int | None = None, seed: int = 0,
-                       dtype=np.float16, block: int = 200_000):
+def clip_like_features(
+    n: int,
+    num_classes: int,
+    dim: int,
+    *,
+    noise: str = "sym",
+    rate: float = 0.4,
+    spread: float = 0.55,
+    close_pairs: int | None = None,
+    seed: int = 0,
+    dtype=np.float16,
+    block: int = 200_000,
+):
     """Unit-norm features around class centres on the sphere, with planted close class pairs.
 
     Returns (features (n, dim) `dtype`, labels (n,) int32 noisy, true_labels (n,) int32,
@@ -42,8 +53,9 @@ def clip_like_features(n: int, num_classes: int, dim: int, *, noise: str = "sym"
     features = np.empty((n, dim), dtype=dtype)
     for start in range(0, n, block):
         stop = min(n, start + block)
-        x = centres[true_labels[start:stop]] + spread / np.sqrt(dim) * rng.standard_normal(
-            (stop - start, dim)).astype(np.float32)
+        x = centres[true_labels[start:stop]] + spread / np.sqrt(dim) * rng.standard_normal((stop - start, dim)).astype(
+            np.float32
+        )
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         features[start:stop] = x.astype(dtype)
     labels = true_labels.copy()
@@ -78,8 +90,7 @@ def timed(fn, *args, repeats: int = 1, **kwargs):
 
 
 def machine() -> dict:
-    info = {"python": sys.version.split()[0], "platform": platform.platform(),
-            "cpus": len(os.sched_getaffinity(0))}
+    info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": len(os.sched_getaffinity(0))}
     try:
         import torch
 

@@ -21,6 +21,7 @@ third each of sym, hard and instance), `none`. `rate` is the expected share of w
 
 Everything is drawn from one seeded generator in row blocks (bounded memory at 1M rows).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,26 +66,46 @@ class Geometry:
             y = rng.integers(0, self.centres.shape[0], size=20_000)
             a = _ambiguity(draw_images(self, y, rng), y, self)[0]
             low, high = 1e-6, 10.0
-            for _ in range(50):                                       # bisection on m
+            for _ in range(50):  # bisection on m
                 m = 0.5 * (low + high)
                 low, high = (m, high) if np.minimum(0.95, rate * a / m).mean() > rate else (low, m)
             cache[rate] = 0.5 * (low + high)
         return cache[rate]
 
 
-SHAPE = {"cone": 0.75, "signal": 0.5, "nuisance": 0.75, "power": 1.0, "signal_power": 0.5, "sibling": 0.75, "pair": 0.15,
-         "mode": 0.45, "blend_share": 0.15, "miss": 0.9, "bias": 0.01, "jitter": 0.5, "text_cone": 1.2}
+SHAPE = {
+    "cone": 0.75,
+    "signal": 0.5,
+    "nuisance": 0.75,
+    "power": 1.0,
+    "signal_power": 0.5,
+    "sibling": 0.75,
+    "pair": 0.15,
+    "mode": 0.45,
+    "blend_share": 0.15,
+    "miss": 0.9,
+    "bias": 0.01,
+    "jitter": 0.5,
+    "text_cone": 1.2,
+}
 
 
-def make_geometry(num_classes: int, dim: int, *, prompts: int = 4, rng: np.random.Generator,
-                  difficulty: float = 1.0, shape: dict | None = None) -> Geometry:
+def make_geometry(
+    num_classes: int,
+    dim: int,
+    *,
+    prompts: int = 4,
+    rng: np.random.Generator,
+    difficulty: float = 1.0,
+    shape: dict | None = None,
+) -> Geometry:
     """Draw the class structure. `difficulty` scales the within-class spread (1: zero-shot
     accuracy about 0.7 and a linear probe about 0.9 at 1,000 classes, D = 512)."""
     p = {**SHAPE, **(shape or {})}
     c, d = num_classes, dim
     cone = _unit(rng.standard_normal(d)).astype(np.float32)
     text_cone = _unit(rng.standard_normal(d)).astype(np.float32)
-    supers = max(2, int(round(c ** 0.5)))
+    supers = max(2, int(round(c**0.5)))
     parent = rng.integers(0, supers, size=c)
     basis, _ = np.linalg.qr(rng.standard_normal((d, d)))
     ranks = np.arange(1, d + 1)
@@ -92,16 +113,16 @@ def make_geometry(num_classes: int, dim: int, *, prompts: int = 4, rng: np.rando
     own = shaped(c)
     centres = _unit(p["sibling"] * shaped(supers)[parent] + own)
     modes = _unit(centres[:, None, :] + p["mode"] * shaped(c, 3))
-    order = rng.permutation(c)                       # fine-grained pairs: a quarter of the classes
-    first, second = order[: c // 4], order[c // 4: 2 * (c // 4)]
+    order = rng.permutation(c)  # fine-grained pairs: a quarter of the classes
+    first, second = order[: c // 4], order[c // 4 : 2 * (c // 4)]
     centres[second] = _unit(centres[first] + p["pair"] * own[second])
     modes[second] = _unit(modes[first] + p["pair"] * own[second][:, None, :])
-    centres = _unit(centres - np.outer(centres @ cone, cone))         # class structure off the cone
+    centres = _unit(centres - np.outer(centres @ cone, cone))  # class structure off the cone
     modes = _unit(modes - (modes @ cone)[..., None] * cone)
     sims = centres @ centres.T
     np.fill_diagonal(sims, -np.inf)
     nearest = sims.argmax(1)
-    spectrum = 1.0 / ranks ** p["power"]                # a few nuisance directions dominate
+    spectrum = 1.0 / ranks ** p["power"]  # a few nuisance directions dominate
     scales = np.sqrt(spectrum / spectrum.sum()) * p["nuisance"] * difficulty
     class_spread = np.exp(rng.normal(0.0, 0.25, size=c))
     # prompts: the class centre seen through a class-specific error, a class bias along the
@@ -109,13 +130,24 @@ def make_geometry(num_classes: int, dim: int, *, prompts: int = 4, rng: np.rando
     miss = np.exp(rng.normal(np.log(p["miss"]), 0.45, size=c))[:, None]
     text_class = centres + miss * _unit(rng.standard_normal((c, d)))
     bias = rng.normal(0.0, p["bias"], size=c)[:, None, None] / p["cone"]
-    text = (text_class[:, None, :] + p["jitter"] * _unit(rng.standard_normal((c, prompts, d)))
-            + bias * cone + p["text_cone"] * text_cone)
-    return Geometry(cone=cone, centres=centres.astype(np.float32), modes=modes.astype(np.float32),
-                    basis=basis.astype(np.float32), scales=scales.astype(np.float32),
-                    class_spread=class_spread.astype(np.float32), nearest=nearest,
-                    text=_unit(text).astype(np.float32), idn_seed=int(rng.integers(1 << 31)),
-                    params=p)
+    text = (
+        text_class[:, None, :]
+        + p["jitter"] * _unit(rng.standard_normal((c, prompts, d)))
+        + bias * cone
+        + p["text_cone"] * text_cone
+    )
+    return Geometry(
+        cone=cone,
+        centres=centres.astype(np.float32),
+        modes=modes.astype(np.float32),
+        basis=basis.astype(np.float32),
+        scales=scales.astype(np.float32),
+        class_spread=class_spread.astype(np.float32),
+        nearest=nearest,
+        text=_unit(text).astype(np.float32),
+        idn_seed=int(rng.integers(1 << 31)),
+        params=p,
+    )
 
 
 def draw_images(geometry: Geometry, true_labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -132,8 +164,15 @@ def draw_images(geometry: Geometry, true_labels: np.ndarray, rng: np.random.Gene
     return _unit(p["cone"] * geometry.cone + p["signal"] * signal + nuisance).astype(np.float32)
 
 
-def corrupt(true_labels: np.ndarray, features: np.ndarray, geometry: Geometry, *, noise: str, rate: float,
-            rng: np.random.Generator) -> np.ndarray:
+def corrupt(
+    true_labels: np.ndarray,
+    features: np.ndarray,
+    geometry: Geometry,
+    *,
+    noise: str,
+    rate: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """Noisy labels (B,) int32 for one block of true labels (B,) and their features (B, D)."""
     if noise not in NOISE_KINDS:
         raise ValueError(f"noise: got {noise!r}, expected one of {', '.join(NOISE_KINDS)}")
@@ -193,9 +232,20 @@ def _idn_scores(features: np.ndarray, true_labels: np.ndarray, geometry: Geometr
     return out
 
 
-def clip_features(n: int, num_classes: int, dim: int = 512, *, noise: str = "sym", rate: float = 0.4,
-                  seed: int = 0, prompts: int = 4, difficulty: float = 1.0, dtype=np.float16,
-                  block: int = 100_000, shape: dict | None = None):
+def clip_features(
+    n: int,
+    num_classes: int,
+    dim: int = 512,
+    *,
+    noise: str = "sym",
+    rate: float = 0.4,
+    seed: int = 0,
+    prompts: int = 4,
+    difficulty: float = 1.0,
+    dtype=np.float16,
+    block: int = 100_000,
+    shape: dict | None = None,
+):
     """CLIP-like image features, prompt features and labels.
 
     Returns (features (n, dim) `dtype` unit rows, labels (n,) int32 noisy, true_labels (n,) int32,

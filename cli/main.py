@@ -1,6 +1,7 @@
 """`engine` command line: each command parses, builds a config, calls one engine function and
 prints a short summary (or one JSON object with --json). Progress goes to stderr. Options that
 several commands share are declared once below, with defaults taken from the configs."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,6 +50,7 @@ def _jsonable(value):
 
 def handle_errors(fn):
     """Bad input → one line on stderr and exit status 2; nothing else is printed."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -56,6 +58,7 @@ def handle_errors(fn):
         except EngineError as err:
             click.echo(f"engine: error: {err}", err=True)
             sys.exit(2)
+
     return wrapper
 
 
@@ -79,8 +82,11 @@ def from_config(config_class, name: str, *decls, **kwargs):
     return click.option(*(decls or (f"--{name.replace('_', '-')}",)), name, default=default, **kwargs)
 
 
-def cache_option(help: str = "Feature cache: a Zarr v3 directory or an fsspec URL (s3://bucket/feats.zarr).",
-                 *, required: bool = False):
+def cache_option(
+    help: str = "Feature cache: a Zarr v3 directory or an fsspec URL (s3://bucket/feats.zarr).",
+    *,
+    required: bool = False,
+):
     kwargs = {"required": True} if required else {"default": DEFAULT_CACHE, "show_default": True}
     return click.option("--cache", help=help, **kwargs)
 
@@ -94,13 +100,17 @@ def seed_option(help: str = "Seed of every random choice (recorded in the output
 
 
 def json_option():
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the summary.")
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the summary."
+    )
 
 
 def out_option(what: str, help: str, *, required: bool = False, default=None):
     """--out: where the command writes its main output; `what` is "file" or "folder"."""
     path = click.Path(dir_okay=False) if what == "file" else click.Path(file_okay=False)
-    kwargs = {} if default is None else {"default": default, "show_default": True}   # an explicit None would satisfy `required`
+    kwargs = (
+        {} if default is None else {"default": default, "show_default": True}
+    )  # an explicit None would satisfy `required`
     return click.option("--out", required=required, type=path, help=f"{help} ({what}).", **kwargs)
 
 
@@ -109,13 +119,22 @@ def k_option(default: int, help: str):
 
 
 def strict_option(what: str):
-    return click.option("--strict", is_flag=True,
-                        help=f"Stop at the first bad {what} instead of skipping it (skipped ones are counted and listed).")
+    return click.option(
+        "--strict",
+        is_flag=True,
+        help=f"Stop at the first bad {what} instead of skipping it (skipped ones are counted and listed).",
+    )
 
 
 def num_classes_option(default: int):
-    return click.option("--num-classes", "num_classes", type=int, default=default, show_default=True,
-                        help="Number of shape classes (2-54).")
+    return click.option(
+        "--num-classes",
+        "num_classes",
+        type=int,
+        default=default,
+        show_default=True,
+        help="Number of shape classes (2-54).",
+    )
 
 
 class _Group(click.Group):
@@ -131,14 +150,21 @@ class _Group(click.Group):
             click.echo("engine: error: aborted", err=True)
             sys.exit(130)
         except click.ClickException as err:
-            where = f"{err.ctx.command_path}: " if getattr(err, "ctx", None) and err.ctx.command_path != "engine" else ""
+            where = (
+                f"{err.ctx.command_path}: " if getattr(err, "ctx", None) and err.ctx.command_path != "engine" else ""
+            )
             click.echo(f"engine: error: {where}{err.format_message()}", err=True)
             sys.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--threads", type=int, default=None, envvar="ENGINE_THREADS",
-              help="torch intra-op threads (default: the cores this process may use; env ENGINE_THREADS).")
+@click.option(
+    "--threads",
+    type=int,
+    default=None,
+    envvar="ENGINE_THREADS",
+    help="torch intra-op threads (default: the cores this process may use; env ENGINE_THREADS).",
+)
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
 @click.version_option(package_name="engine", message="engine %(version)s")
 def cli(threads: int | None, verbose: int) -> None:
@@ -155,13 +181,19 @@ def cli(threads: int | None, verbose: int) -> None:
 
 # ---------------------------------------------------------------- make-shards
 
+
 @cli.command("make-shards")
 @out_option("folder", "Where the shards and classes.json are written", required=True)
 @num_classes_option(default_of(ShapesConfig, "classes"))
 @from_config(ShapesConfig, "per_shard", help="Images per shard.")
 @from_config(ShapesConfig, "shards", help="Number of shards.")
-@click.option("--noise", type=click.Choice(["none", "sym", "hard", "mix"]), default="mix", show_default=True,
-              help="sym: uniform over all classes; hard: flip to the close partner; mix: half each.")
+@click.option(
+    "--noise",
+    type=click.Choice(["none", "sym", "hard", "mix"]),
+    default="mix",
+    show_default=True,
+    help="sym: uniform over all classes; hard: flip to the close partner; mix: half each.",
+)
 @from_config(ShapesConfig, "rate", help="Share of samples whose label is corrupted.")
 @seed_option()
 @from_config(ShapesConfig, "prefix", help="Shard file and key prefix.")
@@ -177,34 +209,59 @@ def make_shards(out, num_classes, per_shard, shards, noise, rate, seed, prefix, 
     from engine.runtime import progress
     from engine.synthetic import ShapesConfig, write_shards
 
-    config = ShapesConfig(classes=num_classes, per_shard=per_shard, shards=shards, noise=noise, rate=rate,
-                          seed=seed, prefix=prefix)
+    config = ShapesConfig(
+        classes=num_classes, per_shard=per_shard, shards=shards, noise=noise, rate=rate, seed=seed, prefix=prefix
+    )
     with progress(total=shards * per_shard, desc="make-shards", unit="img") as bar:
         summary = write_shards(out, config, progress=bar.update)
-    _emit(summary, as_json, lambda s: [
-        f"wrote {s['samples']} images of {s['classes']} classes in {len(s['shards'])} shards to {s['out_dir']}",
-        f"label noise: {s['noisy']} samples ({s['noise_rate']:.1%}, {noise}); classes: {s['classes_file']}"])
+    _emit(
+        summary,
+        as_json,
+        lambda s: [
+            f"wrote {s['samples']} images of {s['classes']} classes in {len(s['shards'])} shards to {s['out_dir']}",
+            f"label noise: {s['noisy']} samples ({s['noise_rate']:.1%}, {noise}); classes: {s['classes_file']}",
+        ],
+    )
 
 
 # ---------------------------------------------------------------- embed
 @cli.command("embed")
 @click.argument("shards", nargs=-1, required=True)
 @cache_option()
-@click.option("--model", default="shapes-tiny", show_default=True, help="open_clip architecture, a model folder, or shapes-tiny.")
+@click.option(
+    "--model", default="shapes-tiny", show_default=True, help="open_clip architecture, a model folder, or shapes-tiny."
+)
 @click.option("--pretrained", default=None, help="Pretrained tag (e.g. laion2b_s34b_b79k) or a local weights file.")
 @click.option("--classes", default=None, help="Class file (JSON/YAML) or built-in name (imagenet1k, shapes[:N]).")
 @click.option("--label-key", default="cls", show_default=True, help="Sample field with the label, or json:FIELD.")
 @click.option("--true-label-key", default=None, help="Sample field with the true label (evaluation only).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--workers", type=int, default=None,
-              help="Worker processes decoding images (default: half the cores on CPU, up to 8 on GPU).")
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="Worker processes decoding images (default: half the cores on CPU, up to 8 on GPU).",
+)
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True)
 @device_option()
 @strict_option("sample")
 @json_option()
 @handle_errors
-def embed(shards, cache, model, pretrained, classes, label_key, true_label_key, batch_size, workers,
-          precision, device, strict, as_json):
+def embed(
+    shards,
+    cache,
+    model,
+    pretrained,
+    classes,
+    label_key,
+    true_label_key,
+    batch_size,
+    workers,
+    precision,
+    device,
+    strict,
+    as_json,
+):
     """Embed every image of SHARDS into the cache, exactly once and resumably.
 
     \b
@@ -220,26 +277,42 @@ def embed(shards, cache, model, pretrained, classes, label_key, true_label_key, 
     from engine.embed import EmbedConfig, embed_shards
     from engine.runtime import distributed_context
 
-    config = EmbedConfig(model=model, pretrained=pretrained, classes=classes, label_key=label_key,
-                         true_label_key=true_label_key, batch_size=batch_size, workers=workers,
-                         precision=precision, device=device, strict=strict)
+    config = EmbedConfig(
+        model=model,
+        pretrained=pretrained,
+        classes=classes,
+        label_key=label_key,
+        true_label_key=true_label_key,
+        batch_size=batch_size,
+        workers=workers,
+        precision=precision,
+        device=device,
+        strict=strict,
+    )
     rank, world = distributed_context()
     summary = embed_shards(list(shards), cache, config, rank=rank, world_size=world)
     if rank == 0:  # under torchrun every rank returns the same all-ranks summary; print it once
         _emit(summary, as_json, _embed_lines)
     if summary["failed"]:
-        click.echo(f"engine: error: {len(summary['failed'])} shard(s) failed; rerun the same command to retry them: "
-                   + "; ".join(f"{f['url']}: {f['error']}" for f in summary["failed"][:3]), err=True)
+        click.echo(
+            f"engine: error: {len(summary['failed'])} shard(s) failed; rerun the same command to retry them: "
+            + "; ".join(f"{f['url']}: {f['error']}" for f in summary["failed"][:3]),
+            err=True,
+        )
         sys.exit(1)
 
 
 def _embed_lines(s: dict):
     sh = s["shards"]
-    yield (f"cache {s['cache']}: {s['rows']} rows ({s['new_rows']} new) | shards: {sh.get('done', 0)} done, "
-           f"{sh['skipped']} skipped, {sh.get('failed', 0)} failed"
-           + (f" | {s['ranks']} ranks" if s.get("ranks", 1) > 1 else ""))
-    yield (f"bad samples: {s['bad_samples']}, missing labels: {s['missing_labels']} | "
-           f"{s['images_per_s']} img/s on {s['device']} ({s['precision']}) | model {s['model']}")
+    yield (
+        f"cache {s['cache']}: {s['rows']} rows ({s['new_rows']} new) | shards: {sh.get('done', 0)} done, "
+        f"{sh['skipped']} skipped, {sh.get('failed', 0)} failed"
+        + (f" | {s['ranks']} ranks" if s.get("ranks", 1) > 1 else "")
+    )
+    yield (
+        f"bad samples: {s['bad_samples']}, missing labels: {s['missing_labels']} | "
+        f"{s['images_per_s']} img/s on {s['device']} ({s['precision']}) | model {s['model']}"
+    )
     for b in s["bad_examples"][:5]:
         yield f"  bad: {b['key']}: {b['reason']}"
 
@@ -261,16 +334,24 @@ def prompts(cache, classes, device, as_json):
     from engine.embed import write_prompts
 
     summary = write_prompts(cache, classes, device=device)
-    _emit(summary, as_json, lambda s: [
-        f"text features for {s['classes']} classes, {s['prompts']} prompts (max {s['max_prompts']} per class) "
-        f"written to {s['cache']}"])
+    _emit(
+        summary,
+        as_json,
+        lambda s: [
+            f"text features for {s['classes']} classes, {s['prompts']} prompts (max {s['max_prompts']} per class) "
+            f"written to {s['cache']}"
+        ],
+    )
 
 
 @cli.command("import")
 @click.argument("npz", type=click.Path(exists=True, dir_okay=False))
 @cache_option("New cache to create (a directory or an fsspec URL).", required=True)
-@click.option("--model-name", default=None,
-              help="Name of the backbone that made the features; imports with the same name count as one model.")
+@click.option(
+    "--model-name",
+    default=None,
+    help="Name of the backbone that made the features; imports with the same name count as one model.",
+)
 @json_option()
 @handle_errors
 def import_(npz, cache, model_name, as_json):
@@ -284,9 +365,14 @@ def import_(npz, cache, model_name, as_json):
     from engine.importer import import_npz
 
     summary = import_npz(npz, cache, model_name=model_name)
-    _emit(summary, as_json, lambda s: [
-        f"imported {s['rows']} rows of dim {s['dim']} into {s['cache']}"
-        + (f" ({s['renormalised']} rows were not unit length and were normalised)" if s["renormalised"] else "")])
+    _emit(
+        summary,
+        as_json,
+        lambda s: [
+            f"imported {s['rows']} rows of dim {s['dim']} into {s['cache']}"
+            + (f" ({s['renormalised']} rows were not unit length and were normalised)" if s["renormalised"] else "")
+        ],
+    )
 
 
 @cli.command("models")
@@ -306,24 +392,51 @@ def _names(value: str) -> tuple[str, ...]:
 
 @cli.command("select")
 @cache_option()
-@click.option("--criteria", default=",".join(default_of(SelectConfig, "criteria")), show_default=True,
-              help="Comma-separated: consistency, loss.")
-@click.option("--classifiers", default=",".join(default_of(SelectConfig, "classifiers")), show_default=True,
-              help=f"Comma-separated, from the classifier registry: {', '.join(CLASSIFIERS)} (knn uses FAISS neighbors).")
+@click.option(
+    "--criteria",
+    default=",".join(default_of(SelectConfig, "criteria")),
+    show_default=True,
+    help="Comma-separated: consistency, loss.",
+)
+@click.option(
+    "--classifiers",
+    default=",".join(default_of(SelectConfig, "classifiers")),
+    show_default=True,
+    help=f"Comma-separated, from the classifier registry: {', '.join(CLASSIFIERS)} (knn uses FAISS neighbors).",
+)
 @from_config(SelectConfig, "theta_cons", help="Consistency threshold.")
 @from_config(SelectConfig, "theta_gmm", help="Loss-mixture posterior threshold.")
-@from_config(SelectConfig, "linear_folds", help="0: in-sample linear classifier (the paper); K >= 2: out-of-fold probabilities.")
+@from_config(
+    SelectConfig, "linear_folds", help="0: in-sample linear classifier (the paper); K >= 2: out-of-fold probabilities."
+)
 @k_option(10, "Neighbors per sample for the knn classifier.")
 @click.option("--no-fill", is_flag=True, help="Do not fill classes left empty by the intersection.")
 @out_option("file", "Table with one row per sample in cache order: selection.csv or selection.parquet")
-@click.option("--export-probs", default=None, type=click.Path(file_okay=False),
-              help="Folder for probs_<classifier>.npy, (N, C) float32 (cleanlab's pred_probs).")
+@click.option(
+    "--export-probs",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Folder for probs_<classifier>.npy, (N, C) float32 (cleanlab's pred_probs).",
+)
 @device_option()
 @seed_option()
 @json_option()
 @handle_errors
-def select(cache, criteria, classifiers, theta_cons, theta_gmm, linear_folds, k, no_fill, out, export_probs,
-           device, seed, as_json):
+def select(
+    cache,
+    criteria,
+    classifiers,
+    theta_cons,
+    theta_gmm,
+    linear_folds,
+    k,
+    no_fill,
+    out,
+    export_probs,
+    device,
+    seed,
+    as_json,
+):
     """Select the samples whose given labels look clean (CLIPCleaner) from the cached features.
 
     \b
@@ -334,23 +447,35 @@ def select(cache, criteria, classifiers, theta_cons, theta_gmm, linear_folds, k,
     from engine.stages import check_table_path, select_from_cache
 
     check_table_path(out)
-    config = SelectConfig(criteria=_names(criteria), classifiers=_names(classifiers), theta_cons=theta_cons,
-                          theta_gmm=theta_gmm, linear_folds=linear_folds, fill_empty=not no_fill, device=device,
-                          seed=seed)
+    config = SelectConfig(
+        criteria=_names(criteria),
+        classifiers=_names(classifiers),
+        theta_cons=theta_cons,
+        theta_gmm=theta_gmm,
+        linear_folds=linear_folds,
+        fill_empty=not no_fill,
+        device=device,
+        seed=seed,
+    )
     summary = select_from_cache(cache, config, out=out, probs_dir=export_probs, knn_k=k)
     _emit(summary, as_json, _select_lines)
 
 
 def _select_lines(s: dict):
     c = s["counts"]
-    yield f"selected {c['final']} of {s['rows']} samples ({c['final'] / max(1, s['rows']):.1%}); unlabelled: {s['unlabelled']}"
+    share = c["final"] / max(1, s["rows"])
+    yield f"selected {c['final']} of {s['rows']} samples ({share:.1%}); unlabelled: {s['unlabelled']}"
     yield "  passing each test: " + ", ".join(f"{k} {v}" for k, v in c.items() if "/" in k)
-    yield f"  intersection {c.get('intersection')}, filled in {c.get('filled')} | per class min/median/max: " + \
-        "/".join(str(s["per_class"].get(k)) for k in ("min", "median", "max"))
+    yield (
+        f"  intersection {c.get('intersection')}, filled in {c.get('filled')} | per class min/median/max: "
+        + "/".join(str(s["per_class"].get(k)) for k in ("min", "median", "max"))
+    )
     m = s.get("metrics")
     if m:
-        yield (f"  vs true labels: precision {m['precision']:.3f}, recall {m['recall']:.3f}, F1 {m['f1']:.3f}; "
-               "classifier accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in m["accuracy"].items()))
+        yield (
+            f"  vs true labels: precision {m['precision']:.3f}, recall {m['recall']:.3f}, F1 {m['f1']:.3f}; "
+            "classifier accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in m["accuracy"].items())
+        )
     if s.get("out"):
         yield f"  table: {s['out']}"
     for line in s.get("warnings", []):
@@ -360,8 +485,13 @@ def _select_lines(s: dict):
 # ---------------------------------------------------------------- index / diagnose / neighbors
 @cli.command("index")
 @cache_option()
-@click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "hnsw"]), default=default_of(IndexConfig, "kind"),
-              show_default=True, help="auto: exact up to 50,000 rows, else IVF with fp16 codes and calibrated nprobe.")
+@click.option(
+    "--kind",
+    type=click.Choice(["auto", "flat", "ivf", "hnsw"]),
+    default=default_of(IndexConfig, "kind"),
+    show_default=True,
+    help="auto: exact up to 50,000 rows, else IVF with fp16 codes and calibrated nprobe.",
+)
 @from_config(IndexConfig, "nlist", type=int, help="IVF lists (default 2^round(log2(2*sqrt(N)))).")
 @from_config(IndexConfig, "target_recall", help="nprobe/efSearch is the smallest reaching this recall@10 on a sample.")
 @device_option()
@@ -378,17 +508,26 @@ def index(cache, kind, nlist, target_recall, device, as_json):
     from engine.stages import index_from_cache
 
     summary = index_from_cache(cache, IndexConfig(kind=kind, nlist=nlist, target_recall=target_recall), device=device)
-    _emit(summary, as_json, lambda s: [
-        f"{s['kind']} index over {s['rows']} rows on {s['device']}: {s['params'].get('factory')} "
-        f"(recall@10 {s['params'].get('recall_at_10', 1.0)}) in {s['seconds'].get('build')} s"])
+    _emit(
+        summary,
+        as_json,
+        lambda s: [
+            f"{s['kind']} index over {s['rows']} rows on {s['device']}: {s['params'].get('factory')} "
+            f"(recall@10 {s['params'].get('recall_at_10', 1.0)}) in {s['seconds'].get('build')} s"
+        ],
+    )
 
 
 @cli.command("diagnose")
 @cache_option()
 @k_option(10, "Neighbors per sample.")
 @click.option("--top", type=int, default=10, show_default=True, help="Pairs and swaps to list.")
-@click.option("--export-knn", default=None, type=click.Path(dir_okay=False),
-              help="Write the kNN graph (.npz, distances) for cleanlab's Datalab (file).")
+@click.option(
+    "--export-knn",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write the kNN graph (.npz, distances) for cleanlab's Datalab (file).",
+)
 @device_option()
 @json_option()
 @handle_errors
@@ -409,9 +548,11 @@ def _diagnose_lines(s: dict):
     yield f"kNN label agreement (k={s['k']}, {s['index']} index): {s['agreement_mean']:.3f} on average"
     if s["confusable_text"]:
         yield "most confusable classes by prompts: " + ", ".join(
-            f"{p['a']}/{p['b']} ({p['similarity']:.2f})" for p in s["confusable_text"][:5])
+            f"{p['a']}/{p['b']} ({p['similarity']:.2f})" for p in s["confusable_text"][:5]
+        )
     yield "most confusable classes by images:  " + ", ".join(
-        f"{p['a']}/{p['b']} ({p['similarity']:.2f})" for p in s["confusable_image"][:5])
+        f"{p['a']}/{p['b']} ({p['similarity']:.2f})" for p in s["confusable_image"][:5]
+    )
     yield "labels whose neighbors disagree (given -> neighbors' majority):"
     for w in s["swaps"][:10]:
         yield f"  {w['label']:>20} -> {w['neighbors_say']:<20} {w['count']}"
@@ -434,15 +575,25 @@ def neighbors(key, cache, k, device, as_json):
     from engine.stages import neighbors_from_cache
 
     summary = neighbors_from_cache(cache, key, k=k, device=device)
-    _emit(summary, as_json, lambda s: [f"{s['key']} (label {s['label']} {s['class']}):"] + [
-        f"  {n['similarity']:.4f}  {n['key']}  {n['label']} {n['class']}" for n in s["neighbors"]])
+    _emit(
+        summary,
+        as_json,
+        lambda s: (
+            [f"{s['key']} (label {s['label']} {s['class']}):"]
+            + [f"  {n['similarity']:.4f}  {n['key']}  {n['label']} {n['class']}" for n in s["neighbors"]]
+        ),
+    )
 
 
 # ---------------------------------------------------------------- train / predict
 @cli.command("train")
 @cache_option()
-@click.option("--eval-cache", default=None, help="Held-out cache (same model) to report accuracy on; never used to choose.")
-@click.option("--head", type=click.Choice(["linear", "mlp"]), default=default_of(TrainConfig, "head"), show_default=True)
+@click.option(
+    "--eval-cache", default=None, help="Held-out cache (same model) to report accuracy on; never used to choose."
+)
+@click.option(
+    "--head", type=click.Choice(["linear", "mlp"]), default=default_of(TrainConfig, "head"), show_default=True
+)
 @from_config(TrainConfig, "hidden", help="MLP hidden width.")
 @from_config(TrainConfig, "epochs", help="Training epochs.")
 @from_config(TrainConfig, "batch_size", help="Samples per step.")
@@ -452,16 +603,41 @@ def neighbors(key, cache, k, device, as_json):
 @from_config(TrainConfig, "theta_r2", help="Relabel: prediction != label and confidence >= this.")
 @from_config(TrainConfig, "beta", help="Mixup Beta(beta, beta).")
 @click.option("--no-mixfix", is_flag=True, help="Train on the selection only (no absorb/relabel).")
-@click.option("--baselines", is_flag=True, help="Also train on all noisy labels and on the selection alone; print all three.")
-@from_config(TrainConfig, "val_fraction", help="Hold out this share of the selection to pick the best epoch (written as OUT.best.pt).")
+@click.option(
+    "--baselines", is_flag=True, help="Also train on all noisy labels and on the selection alone; print all three."
+)
+@from_config(
+    TrainConfig,
+    "val_fraction",
+    help="Hold out this share of the selection to pick the best epoch (written as OUT.best.pt).",
+)
 @seed_option()
 @device_option()
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT.state.")
 @out_option("file", "The trained head (a checkpoint)", default="head.pt")
 @json_option()
 @handle_errors
-def train(cache, eval_cache, head, hidden, epochs, batch_size, lr, milestones, theta_r, theta_r2, beta, no_mixfix,
-          baselines, val_fraction, seed, device, resume, out, as_json):
+def train(
+    cache,
+    eval_cache,
+    head,
+    hidden,
+    epochs,
+    batch_size,
+    lr,
+    milestones,
+    theta_r,
+    theta_r2,
+    beta,
+    no_mixfix,
+    baselines,
+    val_fraction,
+    seed,
+    device,
+    resume,
+    out,
+    as_json,
+):
     """Train a head with MixFix on the cached features and the latest selection.
 
     \b
@@ -475,24 +651,43 @@ def train(cache, eval_cache, head, hidden, epochs, batch_size, lr, milestones, t
         stones = tuple(int(x) for x in milestones.split(",")) if milestones else None
     except ValueError:
         raise EngineError(f"milestones: got {milestones!r}, expected comma-separated integers like 80,120") from None
-    config = TrainConfig(head=head, hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr, milestones=stones,
-                         theta_r=theta_r, theta_r2=theta_r2, beta=beta, mixfix=not no_mixfix,
-                         val_fraction=val_fraction, seed=seed, device=device)
+    config = TrainConfig(
+        head=head,
+        hidden=hidden,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        milestones=stones,
+        theta_r=theta_r,
+        theta_r2=theta_r2,
+        beta=beta,
+        mixfix=not no_mixfix,
+        val_fraction=val_fraction,
+        seed=seed,
+        device=device,
+    )
     summary = train_from_cache(cache, config, eval_cache=eval_cache, out=out, baselines=baselines, resume=resume)
     _emit(summary, as_json, _train_lines)
 
 
 def _train_lines(s: dict):
-    yield (f"trained {s['epochs']} epochs: selection {s['initial_selected']} -> training set {s['final_set']}, "
-           f"relabelled {s['relabelled']} (correct: {s['relabel_correct']}) | head {s['head']}, metrics {s['metrics']}")
+    yield (
+        f"trained {s['epochs']} epochs: selection {s['initial_selected']} -> training set {s['final_set']}, "
+        f"relabelled {s['relabelled']} (correct: {s['relabel_correct']}) | head {s['head']}, metrics {s['metrics']}"
+    )
     for row in s["table"]:
         acc = row.get("eval_acc")
         yield f"  {row['run']:<10} test accuracy (last epoch): {'n/a' if acc is None else f'{acc:.4f}'}"
 
 
 @cli.command("predict")
-@click.option("--head", "head_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="A head written by `engine train`.")
+@click.option(
+    "--head",
+    "head_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A head written by `engine train`.",
+)
 @cache_option()
 @out_option("file", "Table with key,label,pred,conf[,true_label]: .csv or .parquet")
 @device_option()
@@ -508,10 +703,15 @@ def predict(head_path, cache, out, device, as_json):
     from engine.stages import predict_from_cache
 
     summary = predict_from_cache(head_path, cache, out=out, device=device)
-    _emit(summary, as_json, lambda s: [
-        f"predicted {s['rows']} rows of {s['cache']}"
-        + (f"; accuracy vs true labels {s['accuracy']:.4f}" if s.get("accuracy") is not None else "")
-        + (f"; written to {s['out']}" if s.get("out") else "")])
+    _emit(
+        summary,
+        as_json,
+        lambda s: [
+            f"predicted {s['rows']} rows of {s['cache']}"
+            + (f"; accuracy vs true labels {s['accuracy']:.4f}" if s.get("accuracy") is not None else "")
+            + (f"; written to {s['out']}" if s.get("out") else "")
+        ],
+    )
 
 
 # ---------------------------------------------------------------- demo
@@ -538,18 +738,33 @@ def demo(out, num_classes, epochs, as_json):
 @cli.command("export")
 @cache_option()
 @out_option("file", "Label table, one row per sample in cache order: .csv or .parquet")
-@click.option("--format", "table_format", type=click.Choice(["csv", "parquet"]), default=None,
-              help="Table format; must agree with the --out suffix (default: from the suffix).")
-@click.option("--shards", default=None,
-              help="Cleaned WebDataset shards: OUT/{000000..}.tar (digits give the width) or OUT/clean-%06d.tar.")
-@click.option("--keep", type=click.Choice(["selected", "all"]), default=default_of(ShardExportConfig, "keep"),
-              show_default=True,
-              help="selected: the final selection, cls = label to train with; all: every sample, cls = MixFix "
-                   "label (needs `engine train`), plus a selected field.")
+@click.option(
+    "--format",
+    "table_format",
+    type=click.Choice(["csv", "parquet"]),
+    default=None,
+    help="Table format; must agree with the --out suffix (default: from the suffix).",
+)
+@click.option(
+    "--shards",
+    default=None,
+    help="Cleaned WebDataset shards: OUT/{000000..}.tar (digits give the width) or OUT/clean-%06d.tar.",
+)
+@click.option(
+    "--keep",
+    type=click.Choice(["selected", "all"]),
+    default=default_of(ShardExportConfig, "keep"),
+    show_default=True,
+    help="selected: the final selection, cls = label to train with; all: every sample, cls = MixFix "
+    "label (needs `engine train`), plus a selected field.",
+)
 @from_config(ShardExportConfig, "per_shard", help="Samples per output shard.")
 @click.option("--overwrite", is_flag=True, help="Replace an export of another plan in the same folder.")
-@click.option("--verify", is_flag=True,
-              help="Re-hash finished shards (default: size only) and rewrite those whose sha256 differs.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Re-hash finished shards (default: size only) and rewrite those whose sha256 differs.",
+)
 @json_option()
 @handle_errors
 def export(cache, out, table_format, shards, keep, per_shard, overwrite, verify, as_json):
@@ -578,11 +793,15 @@ def _export_lines(s: dict):
     if "shards" in s:
         h = s["shards"]
         labels = "MixFix labels" if h["labels_from"] == "mixfix" else "given labels"
-        yield (f"  shards: {h['samples']} samples (keep {h['keep']}, cls = {labels}, {h['relabelled']} relabelled) in "
-               f"{h['shards']} shards of up to {h['per_shard']}: {h['written']} written, {h['skipped']} skipped")
+        yield (
+            f"  shards: {h['samples']} samples (keep {h['keep']}, cls = {labels}, {h['relabelled']} relabelled) in "
+            f"{h['shards']} shards of up to {h['per_shard']}: {h['written']} written, {h['skipped']} skipped"
+        )
         if h["written"]:
-            yield (f"  {h['rows_written']} samples in {h['seconds']} s ({h['samples_per_s']} samples/s) -> "
-                   f"{h['first']} .. {h['last']}; plan: {h['manifest']}")
+            yield (
+                f"  {h['rows_written']} samples in {h['seconds']} s ({h['samples_per_s']} samples/s) -> "
+                f"{h['first']} .. {h['last']}; plan: {h['manifest']}"
+            )
         elif h["shards"]:
             yield f"  nothing to write: every shard is finished ({h['manifest']})"
 
@@ -591,25 +810,54 @@ def _export_lines(s: dict):
 @cli.command("pack")
 @click.argument("root")
 @out_option("folder", "Where the shards, pack.json and classes.json are written", required=True)
-@click.option("--list", "list_file", default=None,
-              help="'PATH LABEL' lines (paths relative to ROOT; space or comma between). "
-                   "Default: ROOT is an ImageFolder (ROOT/<class>/<image>).")
+@click.option(
+    "--list",
+    "list_file",
+    default=None,
+    help="'PATH LABEL' lines (paths relative to ROOT; space or comma between). "
+    "Default: ROOT is an ImageFolder (ROOT/<class>/<image>).",
+)
 @click.option("--true-list", default=None, help="Same format: true labels, stored as true_cls (evaluation only).")
-@click.option("--subset", default=None,
-              help="One path a line: pack only these, in this order (e.g. Clothing1M's noisy_train_key_list.txt).")
-@click.option("--label-from-name", default=None, metavar="REGEX",
-              help=r"Label = the regex's one group on each file name under ROOT, e.g. '(\d+)_\d+\.jpg'.")
-@click.option("--class-names", default=None, help="One class name a line (line i names class i); written to classes.json.")
+@click.option(
+    "--subset",
+    default=None,
+    help="One path a line: pack only these, in this order (e.g. Clothing1M's noisy_train_key_list.txt).",
+)
+@click.option(
+    "--label-from-name",
+    default=None,
+    metavar="REGEX",
+    help=r"Label = the regex's one group on each file name under ROOT, e.g. '(\d+)_\d+\.jpg'.",
+)
+@click.option(
+    "--class-names", default=None, help="One class name a line (line i names class i); written to classes.json."
+)
 @from_config(PackConfig, "per_shard", help="Files per shard.")
 @click.option("--prefix", default=None, help="Shard name prefix (default: ROOT's folder name).")
 @click.option("--shuffle", type=int, default=None, metavar="SEED", help="Permute the files with this seed.")
-@click.option("--workers", type=int, default=None, help="Worker processes verifying and writing shards (default: min(cores, 8)).")
+@click.option(
+    "--workers", type=int, default=None, help="Worker processes verifying and writing shards (default: min(cores, 8))."
+)
 @click.option("--overwrite", is_flag=True, help="Replace what OUT holds (needed when the plan changed).")
 @strict_option("image")
 @json_option()
 @handle_errors
-def pack(root, out, list_file, true_list, subset, label_from_name, class_names, per_shard, prefix, shuffle,
-         workers, overwrite, strict, as_json):
+def pack(
+    root,
+    out,
+    list_file,
+    true_list,
+    subset,
+    label_from_name,
+    class_names,
+    per_shard,
+    prefix,
+    shuffle,
+    workers,
+    overwrite,
+    strict,
+    as_json,
+):
     """Pack an image folder (or ROOT plus a file list) into WebDataset shards for `engine embed`.
 
     Every image is decoded before it is written; JPEG/PNG/WebP bytes are kept as they are, other
@@ -623,20 +871,34 @@ def pack(root, out, list_file, true_list, subset, label_from_name, class_names, 
     """
     from engine.pack import PackConfig, pack_dataset
 
-    config = PackConfig(list_file=list_file, true_list=true_list, subset=subset, label_from_name=label_from_name,
-                        class_names=class_names, per_shard=per_shard, prefix=prefix, shuffle=shuffle,
-                        workers=workers, overwrite=overwrite, strict=strict)
+    config = PackConfig(
+        list_file=list_file,
+        true_list=true_list,
+        subset=subset,
+        label_from_name=label_from_name,
+        class_names=class_names,
+        per_shard=per_shard,
+        prefix=prefix,
+        shuffle=shuffle,
+        workers=workers,
+        overwrite=overwrite,
+        strict=strict,
+    )
     summary = pack_dataset(root, out, config)
     _emit(summary, as_json, _pack_lines)
 
 
 def _pack_lines(s: dict):
     sh = s["shards"]
-    yield (f"packed {s['samples']} of {s['files']} files into {sh['total']} shards in {s['out_dir']} "
-           f"({sh['written']} written, {sh['skipped']} skipped) | {s['images_per_s']} img/s, {s['seconds']} s, "
-           f"{s['workers']} workers")
-    yield (f"bad files: {s['bad']} | converted to PNG: {s['converted']} | with true labels: {s['with_true_label']}"
-           + (f" | ignored (no image extension): {s['ignored']}" if s["ignored"] else ""))
+    yield (
+        f"packed {s['samples']} of {s['files']} files into {sh['total']} shards in {s['out_dir']} "
+        f"({sh['written']} written, {sh['skipped']} skipped) | {s['images_per_s']} img/s, {s['seconds']} s, "
+        f"{s['workers']} workers"
+    )
+    yield (
+        f"bad files: {s['bad']} | converted to PNG: {s['converted']} | with true labels: {s['with_true_label']}"
+        + (f" | ignored (no image extension): {s['ignored']}" if s["ignored"] else "")
+    )
     for b in s["bad_examples"]:
         yield f"  bad: {b['path']}: {b['reason']}"
     classes = f" --classes {s['classes_file']}" if s["classes_file"] else ""
@@ -647,13 +909,19 @@ def _pack_lines(s: dict):
 # ---------------------------------------------------------------- report
 @cli.command("report")
 @cache_option()
-@out_option("folder", "Report folder: new, empty, or an earlier report (replaced; its thumbnails are reused "
-                      "where the shard is unchanged)", required=True)
+@out_option(
+    "folder",
+    "Report folder: new, empty, or an earlier report (replaced; its thumbnails are reused "
+    "where the shard is unchanged)",
+    required=True,
+)
 @from_config(ReportConfig, "per_class", help="Rejected samples shown per class page, most suspicious first.")
 @from_config(ReportConfig, "thumb", help="Thumbnail size in pixels (longer side).")
 @k_option(default_of(ReportConfig, "neighbors"), "Nearest neighbors shown per sample (0: none).")
 @from_config(ReportConfig, "heatmap_classes", help="Classes in the confusable-class heatmap (2-30).")
-@from_config(ReportConfig, "classes_per_page", help="Classes per list page (bar chart and table), most rejected share first.")
+@from_config(
+    ReportConfig, "classes_per_page", help="Classes per list page (bar chart and table), most rejected share first."
+)
 @click.option("--workers", type=int, default=None, help="Threads reading shards for thumbnails (default: up to 4).")
 @device_option("For the FAISS index when neighbors are searched: auto, cpu, cuda or cuda:N.")
 @json_option()
@@ -667,8 +935,14 @@ def report(cache, out, per_class, thumb, k, heatmap_classes, classes_per_page, w
     """
     from engine.report import summary_lines, write_report
 
-    config = ReportConfig(per_class=per_class, thumb=thumb, neighbors=k, heatmap_classes=heatmap_classes,
-                          classes_per_page=classes_per_page, workers=workers)
+    config = ReportConfig(
+        per_class=per_class,
+        thumb=thumb,
+        neighbors=k,
+        heatmap_classes=heatmap_classes,
+        classes_per_page=classes_per_page,
+        workers=workers,
+    )
     summary = write_report(cache, out, config, device=device)
     _emit(summary, as_json, summary_lines)
 

@@ -3,6 +3,7 @@ commit, consolidation in plan order, trim, and the text features. Only `engine e
 `engine import` write rows; every manifest change holds the cache lock (`engine.locks`) and, on
 S3, checks the lease before each write (fencing). The protocol is in docs/architecture.md.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,19 @@ import time
 
 import numpy as np
 
-from engine.cache import (ROW_ARRAYS, CHUNK_ROWS, FORMAT, MAX_BAD_RECORDED, VERSION, Cache, feature_codec,
-                          group_names, as_strings, is_local, shard_id)
+from engine.cache import (
+    CHUNK_ROWS,
+    FORMAT,
+    MAX_BAD_RECORDED,
+    ROW_ARRAYS,
+    VERSION,
+    Cache,
+    as_strings,
+    feature_codec,
+    group_names,
+    is_local,
+    shard_id,
+)
 from engine.runtime import EngineError, engine_version
 
 _logger = logging.getLogger(__name__)
@@ -24,8 +36,8 @@ class CacheWriter(Cache):
 
     def __init__(self, path, *, create: bool = False):
         super().__init__(path, mode="a", create=create)
-        self._applied: set[int] = set()   # shard indexes this object has consolidated
-        self._lease = None                # the S3 lease while `_locked()` holds one
+        self._applied: set[int] = set()  # shard indexes this object has consolidated
+        self._lease = None  # the S3 lease while `_locked()` holds one
 
     @contextlib.contextmanager
     def _locked(self):
@@ -60,23 +72,43 @@ class CacheWriter(Cache):
             if not same_model(manifest["model"], identity):
                 raise EngineError(
                     f"cache: {self.path} holds features of {describe(manifest['model'])}, but this run uses "
-                    f"{describe(identity)}; use another --cache or the same --model/--pretrained")
+                    f"{describe(identity)}; use another --cache or the same --model/--pretrained"
+                )
             if manifest.get("precision") not in (None, precision):
-                _logger.warning("cache was embedded with precision %s, this run uses %s",
-                                manifest.get("precision"), precision)
+                _logger.warning(
+                    "cache was embedded with precision %s, this run uses %s", manifest.get("precision"), precision
+                )
             return
         self._fence()
         images = self.root.require_group("images")
-        images.create_array("features", shape=(0, dim), chunks=(CHUNK_ROWS, dim), dtype="float16",
-                            compressors=feature_codec(), overwrite=True)
+        images.create_array(
+            "features",
+            shape=(0, dim),
+            chunks=(CHUNK_ROWS, dim),
+            dtype="float16",
+            compressors=feature_codec(),
+            overwrite=True,
+        )
         images.create_array("keys", shape=(0,), chunks=(CHUNK_ROWS * 4,), dtype=str, overwrite=True)
         for name, dtype in ROW_ARRAYS.items():
-            images.create_array(name, shape=(0,), chunks=(CHUNK_ROWS * 4,), dtype=dtype,
-                                fill_value=-1, overwrite=True)
-        self._write_manifest({"format": FORMAT, "version": VERSION, "engine_version": engine_version(),
-                              "source": source, "model": identity, "precision": precision, "dim": dim,
-                              "rows": 0, "shards": [], "bad_samples": 0, "missing_labels": 0,
-                              "has_true_labels": False, "created": time.time()})
+            images.create_array(name, shape=(0,), chunks=(CHUNK_ROWS * 4,), dtype=dtype, fill_value=-1, overwrite=True)
+        self._write_manifest(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "engine_version": engine_version(),
+                "source": source,
+                "model": identity,
+                "precision": precision,
+                "dim": dim,
+                "rows": 0,
+                "shards": [],
+                "bad_samples": 0,
+                "missing_labels": 0,
+                "has_true_labels": False,
+                "created": time.time(),
+            }
+        )
 
     def register_shards(self, urls: list[str], fingerprints: dict | None = None) -> dict[str, int]:
         """Add unseen shard urls to the manifest (with the file fingerprint they are embedded
@@ -100,8 +132,17 @@ class CacheWriter(Cache):
         """`<shard id>-<run id>`: two jobs embedding the same shard never share a staging group."""
         return f"{shard_id(url)}-{self.run_id}"
 
-    def stage_shard(self, index: int, *, features: np.ndarray, keys: list, labels: np.ndarray,
-                    true_labels: np.ndarray, positions: np.ndarray, outcome: dict) -> None:
+    def stage_shard(
+        self,
+        index: int,
+        *,
+        features: np.ndarray,
+        keys: list,
+        labels: np.ndarray,
+        true_labels: np.ndarray,
+        positions: np.ndarray,
+        outcome: dict,
+    ) -> None:
         """Write one whole shard into its own staging group, then mark it committed."""
         if len(set(keys)) != len(keys):
             seen, dup = set(), None
@@ -116,11 +157,19 @@ class CacheWriter(Cache):
         n = len(keys)
         rows = max(1, n)
         dim = int(self.manifest["dim"])
-        group.create_array("features", data=features.astype(np.float16, copy=False).reshape(n, dim),
-                           chunks=(rows, dim), compressors=feature_codec())
+        group.create_array(
+            "features",
+            data=features.astype(np.float16, copy=False).reshape(n, dim),
+            chunks=(rows, dim),
+            compressors=feature_codec(),
+        )
         group.create_array("keys", data=as_strings(keys).reshape(n), chunks=(rows,))
-        for name, data in (("labels", labels), ("true_labels", true_labels), ("shard", np.full(n, index)),
-                           ("position", positions)):
+        for name, data in (
+            ("labels", labels),
+            ("true_labels", true_labels),
+            ("shard", np.full(n, index)),
+            ("position", positions),
+        ):
             group.create_array(name, data=np.asarray(data, dtype=np.int32).reshape(n), chunks=(rows,))
         group.attrs.put({"committed": True, "shard": index, "rows": n, "outcome": outcome})
 
@@ -128,7 +177,8 @@ class CacheWriter(Cache):
         """Record that shard `index` failed (its error in `outcome`); applied by the consolidator."""
         staging = self.root.require_group("staging")
         staging.create_group(self._staging_name(outcome["url"]), overwrite=True).attrs.put(
-            {"committed": True, "failed": True, "shard": index, "rows": 0, "outcome": outcome})
+            {"committed": True, "failed": True, "shard": index, "rows": 0, "outcome": outcome}
+        )
 
     def _staged(self, url: str) -> tuple[str, dict] | None:
         """(name, attrs) of the shard's committed staging group of this run, or None."""
@@ -226,17 +276,25 @@ class CacheWriter(Cache):
             if arr.shape[0] < start + n:
                 arr.resize((start + n, *arr.shape[1:]))
             if n:
-                arr[start:start + n] = group[name][:]
+                arr[start : start + n] = group[name][:]
         outcome = dict(group.attrs)["outcome"]
         bad = outcome.get("bad", [])
-        entry.update(status="done", rows=n, offset=start, bad_count=len(bad), bad=bad[:MAX_BAD_RECORDED],
-                     missing_labels=outcome.get("missing_labels", 0), samples=outcome.get("samples", n),
-                     error=None)
+        entry.update(
+            status="done",
+            rows=n,
+            offset=start,
+            bad_count=len(bad),
+            bad=bad[:MAX_BAD_RECORDED],
+            missing_labels=outcome.get("missing_labels", 0),
+            samples=outcome.get("samples", n),
+            error=None,
+        )
         manifest["rows"] = start + n
         manifest["bad_samples"] = manifest.get("bad_samples", 0) + len(bad)
         manifest["missing_labels"] = manifest.get("missing_labels", 0) + outcome.get("missing_labels", 0)
         manifest["has_true_labels"] = bool(manifest.get("has_true_labels")) or bool(
-            n and (group["true_labels"][:] >= 0).any())
+            n and (group["true_labels"][:] >= 0).any()
+        )
         if self._key_rows is not None:
             self._key_rows.update(zip(keys.tolist(), range(start, start + n)))
         return outcome
@@ -282,7 +340,7 @@ class CacheWriter(Cache):
         the lock: two jobs starting on one cache would otherwise create the arrays at once)."""
         prompts = np.full(mask.shape, "", dtype=object)
         for c, ps in enumerate(class_set.prompts):
-            prompts[c, :len(ps)] = ps
+            prompts[c, : len(ps)] = ps
         with self._locked():
             self._fence()
             if "text" in self.root:
@@ -292,12 +350,17 @@ class CacheWriter(Cache):
             text.create_array("mask", data=mask.astype(bool))
             text.create_array("prompts", data=as_strings(prompts))
             text.create_array("class_names", data=as_strings(class_set.class_names))
-            text.attrs.put({"classes": class_set.name, "fingerprint": class_set.fingerprint(),
-                            "num_classes": class_set.num_classes, "complete": True})
+            text.attrs.put(
+                {
+                    "classes": class_set.name,
+                    "fingerprint": class_set.fingerprint(),
+                    "num_classes": class_set.num_classes,
+                    "complete": True,
+                }
+            )
             manifest = self.manifest
             manifest["class_names"] = list(class_set.class_names)
             self._write_manifest(manifest)
-
 
     def set_class_names(self, names: list[str]) -> None:
         """Record the class names in the manifest (imports without text features)."""

@@ -20,6 +20,7 @@ Rows are appended one whole shard at a time (`engine.append`); readers see only 
 `results/` in one write, so a reader (or a killed writer's next run) sees the old group or the
 new one, never half of one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,20 +29,20 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import zarr
 
-from engine.runtime import EngineError, engine_version
+from engine.runtime import EngineError
 
 _logger = logging.getLogger(__name__)
 
 FORMAT = "engine-cache"
 VERSION = 1
 CHUNK_ROWS = 8192
-MAX_BAD_RECORDED = 100       # per shard, in the manifest; the count is always exact
+MAX_BAD_RECORDED = 100  # per shard, in the manifest; the count is always exact
 ROW_ARRAYS = {"labels": "int32", "true_labels": "int32", "shard": "int32", "position": "int32"}
 
 
@@ -120,11 +121,13 @@ class Cache:
         make a new cache, so a mistyped path is an error, not a stray directory."""
         self.path = str(path)
         if self.path.startswith("file://"):
-            self.path = self.path[len("file://"):]
+            self.path = self.path[len("file://") :]
         self.mode = mode
-        self.run_id = "0"   # set by the job that stages shards (embed: one id per job, all ranks)
-        missing = EngineError(f"cache: {self.path!r} is not a feature cache (no zarr.json); "
-                              "create one with `engine embed` or `engine import`")
+        self.run_id = "0"  # set by the job that stages shards (embed: one id per job, all ranks)
+        missing = EngineError(
+            f"cache: {self.path!r} is not a feature cache (no zarr.json); "
+            "create one with `engine embed` or `engine import`"
+        )
         if not create and is_local(self.path) and not Path(self.path, "zarr.json").is_file():
             raise missing
         try:
@@ -147,8 +150,10 @@ class Cache:
         if attrs and attrs.get("format") != FORMAT:
             raise EngineError(f"cache: {self.path!r} is a Zarr group but not an engine cache")
         if attrs.get("version", VERSION) > VERSION:
-            raise EngineError(f"cache: {self.path!r} has format version {attrs['version']}; "
-                              f"this engine reads up to {VERSION}; upgrade the engine")
+            raise EngineError(
+                f"cache: {self.path!r} has format version {attrs['version']}; "
+                f"this engine reads up to {VERSION}; upgrade the engine"
+            )
         self._key_rows: dict | None = None
         self._keys: np.ndarray | None = None
 
@@ -175,8 +180,10 @@ class Cache:
     def text_features(self) -> tuple[np.ndarray, np.ndarray]:
         """(C, P, D) float16 and (C, P) bool; an error naming `engine prompts` when absent."""
         if not self.has_text():
-            raise EngineError(f"cache: {self.path} has no text features; run "
-                              f"`engine prompts --cache {self.path} --classes FILE|NAME` first")
+            raise EngineError(
+                f"cache: {self.path} has no text features; run "
+                f"`engine prompts --cache {self.path} --classes FILE|NAME` first"
+            )
         return self.root["text/features"][:], self.root["text/mask"][:]
 
     # ------------------------------------------------------------ reader API
@@ -335,9 +342,11 @@ class Cache:
 
     def write_group(self, name: str, arrays: dict, attrs: dict) -> None:
         """Replace result group `name` with flat `arrays` {array name: (N, ...) array} (`replace_group`)."""
+
         def fill(group):
             for key, value in arrays.items():
                 write_array(group, key, value)
+
         self.replace_group(name, fill, attrs)
 
     def read_group(self, name: str) -> tuple[dict, dict]:
@@ -346,8 +355,8 @@ class Cache:
         return {k: group[k][:] for k in group.array_keys()}, dict(group.attrs)
 
 
-RESULTS = "results"           # the group whose attributes point to each current result group
-STALE_GROUP_S = 6 * 3600      # a result group left by a killed writer is removed after this long
+RESULTS = "results"  # the group whose attributes point to each current result group
+STALE_GROUP_S = 6 * 3600  # a result group left by a killed writer is removed after this long
 
 
 def write_array(group, name: str, value) -> None:
@@ -365,7 +374,7 @@ def _delete(root, path: str) -> None:
 
 
 @contextlib.contextmanager
-def _reopening_lock(cache: "Cache"):
+def _reopening_lock(cache: Cache):
     from engine.locks import cache_lock
 
     with cache_lock(cache.path, run=cache.run_id) as lease:

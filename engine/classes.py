@@ -16,6 +16,7 @@ same prompts with the alias in place of the name.
 Built-in class sets: `imagenet1k` (open_clip's names and OpenAI templates) and `shapes` /
 `shapes:N` (the first N classes of the procedural shapes dataset; default 20).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -58,8 +59,12 @@ def _builtin_imagenet() -> dict:
     from open_clip import zero_shot_metadata as meta
 
     templates = [t("{name}") for t in meta.OPENAI_IMAGENET_TEMPLATES]
-    return {"name": "imagenet1k", "templates": templates, "suffix": "",
-            "classes": [{"index": i, "name": n} for i, n in enumerate(meta.IMAGENET_CLASSNAMES)]}
+    return {
+        "name": "imagenet1k",
+        "templates": templates,
+        "suffix": "",
+        "classes": [{"index": i, "name": n} for i, n in enumerate(meta.IMAGENET_CLASSNAMES)],
+    }
 
 
 def _builtin_shapes(spec: str) -> dict:
@@ -88,8 +93,9 @@ def load_class_document(spec: str) -> dict:
             try:
                 import yaml
             except ImportError:
-                raise EngineError(f"classes: {spec!r} is YAML but PyYAML is not installed; "
-                                  "use JSON or `pip install pyyaml`") from None
+                raise EngineError(
+                    f"classes: {spec!r} is YAML but PyYAML is not installed; use JSON or `pip install pyyaml`"
+                ) from None
             return yaml.safe_load(text)
         try:
             return json.loads(text)
@@ -125,17 +131,19 @@ def parse_class_document(doc: dict, *, source: str = "<document>") -> ClassSet:
         except (KeyError, IndexError, ValueError):
             ok = False
         if not ok:
-            raise EngineError(f"classes: {source}: every template must be a string with {{name}} as its only "
-                              f"placeholder; got {t!r}")
+            raise EngineError(
+                f"classes: {source}: every template must be a string with {{name}} as its only placeholder; got {t!r}"
+            )
     suffix = doc.get("suffix", ".")
     entries = doc["classes"]
     if not all(isinstance(e, dict) for e in entries):
         bad = next(e for e in entries if not isinstance(e, dict))
-        raise EngineError(f"classes: {source}: each class must be an object like {{\"name\": ...}}, got {bad!r}")
+        raise EngineError(f'classes: {source}: each class must be an object like {{"name": ...}}, got {bad!r}')
     indices = [e.get("index", i) for i, e in enumerate(entries)]
     if sorted(indices) != list(range(len(entries))):
-        raise EngineError(f"classes: {source}: indices must be 0..{len(entries) - 1} exactly once; "
-                          f"got {sorted(indices)[:10]}...")
+        raise EngineError(
+            f"classes: {source}: indices must be 0..{len(entries) - 1} exactly once; got {sorted(indices)[:10]}..."
+        )
     ordered = [entries[indices.index(k)] for k in range(len(entries))]
     for k, entry in enumerate(ordered):
         if not isinstance(entry.get("name"), str) or not entry["name"].strip():
@@ -143,11 +151,14 @@ def parse_class_document(doc: dict, *, source: str = "<document>") -> ClassSet:
         for field in ("aliases", "descriptions"):
             value = entry.get(field, [])
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise EngineError(f"classes: {source}: class {k} ({entry['name']}): {field} must be a list of "
-                                  f"strings, got {value!r}")
-    return ClassSet(name=str(doc.get("name", source)),
-                    class_names=tuple(e["name"] for e in ordered),
-                    prompts=tuple(_class_prompts(e, templates, suffix) for e in ordered))
+                raise EngineError(
+                    f"classes: {source}: class {k} ({entry['name']}): {field} must be a list of strings, got {value!r}"
+                )
+    return ClassSet(
+        name=str(doc.get("name", source)),
+        class_names=tuple(e["name"] for e in ordered),
+        prompts=tuple(_class_prompts(e, templates, suffix) for e in ordered),
+    )
 
 
 def load_classes(spec: str) -> ClassSet:
@@ -156,13 +167,14 @@ def load_classes(spec: str) -> ClassSet:
 
 
 @torch.inference_mode()
-def encode_prompts(class_set: ClassSet, model, tokenizer, *, device: torch.device,
-                   batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def encode_prompts(
+    class_set: ClassSet, model, tokenizer, *, device: torch.device, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
     """Text features (C, P, D) float16, unit rows, zero-padded, and mask (C, P) bool."""
     flat = [p for prompts in class_set.prompts for p in prompts]
     chunks = []
     for start in range(0, len(flat), batch_size):
-        tokens = tokenizer(flat[start:start + batch_size]).to(device)
+        tokens = tokenizer(flat[start : start + batch_size]).to(device)
         chunks.append(model.encode_text(tokens, normalize=True).float().cpu())
     encoded = torch.cat(chunks).numpy()
     c, p = class_set.num_classes, class_set.max_prompts

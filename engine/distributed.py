@@ -5,6 +5,7 @@ process is a group of one and needs no torch.distributed at all.
 Objects travel over a gloo group (CPU), whatever backend the caller's own group uses, so the
 same code runs on CPU-only machines and GPU nodes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,9 @@ import datetime
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from engine.runtime import EngineError
 
@@ -30,8 +32,8 @@ class ProcessGroup:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    group: Any = None               # a torch.distributed gloo group when world_size > 1
-    store: Any = None               # the rendezvous key-value store (for the stop flag)
+    group: Any = None  # a torch.distributed gloo group when world_size > 1
+    store: Any = None  # the rendezvous key-value store (for the stop flag)
     check_every_s: float = 0.5
     _last_check: float = float("-inf")
 
@@ -126,23 +128,29 @@ def process_group(rank: int, world_size: int) -> Iterator[ProcessGroup]:
     try:
         timeout = datetime.timedelta(seconds=float(os.environ.get("ENGINE_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
     except ValueError:
-        raise EngineError(f"ENGINE_DIST_TIMEOUT_S: got {os.environ['ENGINE_DIST_TIMEOUT_S']!r}, "
-                          "expected seconds") from None
+        raise EngineError(
+            f"ENGINE_DIST_TIMEOUT_S: got {os.environ['ENGINE_DIST_TIMEOUT_S']!r}, expected seconds"
+        ) from None
     owned = not dist.is_initialized()
     if owned:
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:
-                raise EngineError(f"{name}: not set; launch with torchrun (RANK={rank}, WORLD_SIZE={world_size} "
-                                  "are set but the rendezvous address is not)")
+                raise EngineError(
+                    f"{name}: not set; launch with torchrun (RANK={rank}, WORLD_SIZE={world_size} "
+                    "are set but the rendezvous address is not)"
+                )
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
     elif dist.get_world_size() != world_size or dist.get_rank() != rank:
-        raise EngineError(f"torch.distributed: initialised as rank {dist.get_rank()} of {dist.get_world_size()}, "
-                          f"but asked to run as rank {rank} of {world_size}")
+        raise EngineError(
+            f"torch.distributed: initialised as rank {dist.get_rank()} of {dist.get_world_size()}, "
+            f"but asked to run as rank {rank} of {world_size}"
+        )
     group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
     _logger.info("rank %d of %d (local rank %d)", rank, world_size, local_rank)
     try:
-        yield ProcessGroup(rank=rank, world_size=world_size, local_rank=local_rank, group=group,
-                           store=_rendezvous_store())
+        yield ProcessGroup(
+            rank=rank, world_size=world_size, local_rank=local_rank, group=group, store=_rendezvous_store()
+        )
     finally:
         if owned and dist.is_initialized():
             dist.destroy_process_group()

@@ -1,6 +1,7 @@
 """The embedding loop: shards → decoded batches (DataLoader workers) → CLIP under inference
 mode and autocast → a writer thread that stages and commits each shard into the cache.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,21 +20,31 @@ from engine import models
 from engine.append import CacheWriter
 from engine.cache import Cache
 from engine.classes import encode_prompts, load_classes
-from engine.reader import (ReaderConfig, ShardReader, expand_shards, fingerprint_size, shard_fingerprints,
-                           split_for_rank)
 from engine.distributed import ProcessGroup, process_group
-from engine.runtime import EngineError, Timer, autocast, available_cores, distributed_context, progress, \
-    resolve_device, resolve_precision, worker_init_single_thread
+from engine.reader import ReaderConfig, ShardReader, expand_shards, fingerprint_size, shard_fingerprints, split_for_rank
+from engine.runtime import (
+    EngineError,
+    Timer,
+    autocast,
+    available_cores,
+    distributed_context,
+    progress,
+    resolve_device,
+    resolve_precision,
+    worker_init_single_thread,
+)
 
 _logger = logging.getLogger(__name__)
 _SLOW_WRITE = float(os.environ.get("ENGINE_TEST_SLOW_WRITE", "0") or 0)
 _SLOW_BATCH = float(os.environ.get("ENGINE_TEST_SLOW_BATCH", "0") or 0)
-_SLOW_RANK = os.environ.get("ENGINE_TEST_SLOW_WRITE_RANK")   # only this rank is slowed (tests)
+_SLOW_RANK = os.environ.get("ENGINE_TEST_SLOW_WRITE_RANK")  # only this rank is slowed (tests)
 
 
 def _slowed(seconds: float) -> float:
     """A testing aid's delay on this rank (all ranks unless ENGINE_TEST_SLOW_WRITE_RANK names one)."""
     return seconds if _SLOW_RANK in (None, os.environ.get("RANK", "0")) else 0.0
+
+
 CONSOLIDATE_EVERY_S = float(os.environ.get("ENGINE_CONSOLIDATE_EVERY_S", "5"))
 _PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -50,7 +61,7 @@ class EmbedConfig:
     label_key: str | None = "cls"
     true_label_key: str | None = None
     batch_size: int = 256
-    workers: int | None = None        # None: half the cores on CPU (at least 1), up to 8 on GPU
+    workers: int | None = None  # None: half the cores on CPU (at least 1), up to 8 on GPU
     precision: str = "auto"
     device: str = "auto"
     strict: bool = False
@@ -117,13 +128,19 @@ class _Writer(threading.Thread):
             self._consolidate()
             return
         feats = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, self.cache.dim), np.float16)
-        cat = (lambda name: np.concatenate([getattr(p[1], name) for p in parts]) if parts
-               else np.zeros(0, np.int32))
+        cat = lambda name: np.concatenate([getattr(p[1], name) for p in parts]) if parts else np.zeros(0, np.int32)
         keys = [k for p in parts for k in p[1].keys]
         if _slowed(_SLOW_WRITE):
             time.sleep(_SLOW_WRITE)  # testing aid: widen the window in which a kill lands mid-run
-        self.cache.stage_shard(shard, features=feats, keys=keys, labels=cat("labels"),
-                               true_labels=cat("true_labels"), positions=cat("positions"), outcome=record)
+        self.cache.stage_shard(
+            shard,
+            features=feats,
+            keys=keys,
+            labels=cat("labels"),
+            true_labels=cat("true_labels"),
+            positions=cat("positions"),
+            outcome=record,
+        )
         self.done.append(record)
         self._consolidate()
 
@@ -152,18 +169,27 @@ def write_prompts(cache_path: str, classes: str, *, device: str = "auto") -> dic
     if not identity:
         raise EngineError(f"cache: {cache_path} has no model recorded; embed or import features first")
     if identity.get("pretrained") == "imported":
-        raise EngineError(f"cache: {cache_path} holds imported features; their text features must be imported "
-                          "too (text_features in the .npz), since the model that made them is not known here")
+        raise EngineError(
+            f"cache: {cache_path} holds imported features; their text features must be imported "
+            "too (text_features in the .npz), since the model that made them is not known here"
+        )
     class_set = load_classes(classes)
     torch_device = resolve_device(device)
     loaded = models.load_model(identity["model"], _weights_spec(identity), device=torch_device)
     if not models.same_model(identity, loaded.identity):
-        raise EngineError(f"cache: {cache_path} was made by {models.describe(identity)} but the model found "
-                          f"now is {models.describe(loaded.identity)}; pass the same weights file")
+        raise EngineError(
+            f"cache: {cache_path} was made by {models.describe(identity)} but the model found "
+            f"now is {models.describe(loaded.identity)}; pass the same weights file"
+        )
     features, mask = encode_prompts(class_set, loaded.model, loaded.tokenizer, device=torch_device)
     cache.write_text(class_set, features, mask)
-    return {"cache": cache_path, "classes": class_set.num_classes, "prompts": int(mask.sum()),
-            "max_prompts": int(mask.shape[1]), "fingerprint": class_set.fingerprint()}
+    return {
+        "cache": cache_path,
+        "classes": class_set.num_classes,
+        "prompts": int(mask.sum()),
+        "max_prompts": int(mask.shape[1]),
+        "fingerprint": class_set.fingerprint(),
+    }
 
 
 def _weights_spec(identity: dict) -> str | None:
@@ -172,8 +198,10 @@ def _weights_spec(identity: dict) -> str | None:
     if identity.get("model") in models.BUNDLED or pretrained in ("folder", models.RANDOM):
         return None if pretrained != models.RANDOM else pretrained
     if pretrained.startswith("file:"):
-        raise EngineError(f"cache: made from the weights file {pretrained[5:]!r}; "
-                          "`engine prompts` needs it: re-run `engine embed --classes` with the same --pretrained")
+        raise EngineError(
+            f"cache: made from the weights file {pretrained[5:]!r}; "
+            "`engine prompts` needs it: re-run `engine embed --classes` with the same --pretrained"
+        )
     return pretrained
 
 
@@ -185,12 +213,21 @@ def _check_identity_early(cache: Cache, config: EmbedConfig) -> None:
     _, partial = models.resolve(config.model, config.pretrained, probe=False)
     for field in ("model", "pretrained", "sha256"):
         if field in partial and stored.get(field) != partial[field]:
-            raise EngineError(f"cache: {cache.path} holds features of {models.describe(stored)}, but this run "
-                              f"uses {models.describe(partial)}; use another --cache or the same model")
+            raise EngineError(
+                f"cache: {cache.path} holds features of {models.describe(stored)}, but this run "
+                f"uses {models.describe(partial)}; use another --cache or the same model"
+            )
 
 
-def embed_shards(specs: list[str], cache_path: str, config: EmbedConfig, *, rank: int | None = None,
-                 world_size: int | None = None, show_progress: bool | None = None) -> dict:
+def embed_shards(
+    specs: list[str],
+    cache_path: str,
+    config: EmbedConfig,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    show_progress: bool | None = None,
+) -> dict:
     """Embed every image of `specs` into `cache_path` once; returns a summary dict.
 
     Under torch.distributed (torchrun sets RANK and WORLD_SIZE; `rank`/`world_size` default to
@@ -216,8 +253,11 @@ def _embed(specs, cache_path, config, group: ProcessGroup, show_progress) -> dic
 
     urls, device, dtype, class_set = group.on_every_rank(setup)  # bad options stop every rank
     survey = group.from_leader(lambda: _survey(cache_path, urls, config, class_set))
-    summary = {"cache": cache_path, "shards": {"given": len(urls), "skipped": len(urls) - len(survey["pending"])},
-               "ranks": group.world_size}
+    summary = {
+        "cache": cache_path,
+        "shards": {"given": len(urls), "skipped": len(urls) - len(survey["pending"])},
+        "ranks": group.world_size,
+    }
     if not survey["pending"] and not survey["needs_text"]:
         cache = Cache(cache_path, mode="r")
         return _finish(summary, cache, Timer(), [], [], started, new_rows=0, device=device, dtype=dtype)
@@ -234,15 +274,26 @@ def _embed(specs, cache_path, config, group: ProcessGroup, show_progress) -> dic
     writer = _Writer(cache, consolidate=order if group.is_leader else None, timer=timer)
     local, crash = {"done": [], "failed": [], "new_rows": 0, "error": None, "stopped": False}, None
     try:
-        local["new_rows"] = _embed_mine(mine, loaded, config, device, dtype, writer, timer, show_progress, summary,
-                                        should_stop=lambda: group.stop_requested(plan["run"]))
+        local["new_rows"] = _embed_mine(
+            mine,
+            loaded,
+            config,
+            device,
+            dtype,
+            writer,
+            timer,
+            show_progress,
+            summary,
+            should_stop=lambda: group.stop_requested(plan["run"]),
+        )
     except Exception as err:  # reported to every rank, so none waits forever on this one
         crash = None if isinstance(err, EngineError) else err
         local["error"] = str(err) if crash is None else f"rank {group.rank}: {type(err).__name__}: {err}"
         local["stopped"] = isinstance(err, _Stopped)
         if not local["stopped"]:  # the others stop at their next batch, keeping what they staged
-            group.request_stop(plan["run"], local["error"] if crash is not None
-                               else f"rank {group.rank}: {local['error']}")
+            group.request_stop(
+                plan["run"], local["error"] if crash is not None else f"rank {group.rank}: {local['error']}"
+            )
     local.update(done=writer.done, failed=writer.failed)
     with timer("wait_ranks"):
         results = group.gather(local)  # the one wait: every rank has staged all it will stage
@@ -250,15 +301,25 @@ def _embed(specs, cache_path, config, group: ProcessGroup, show_progress) -> dic
     final = group.from_leader(lambda: _complete(cache, order, staged))
     if crash is not None and group.world_size == 1:
         raise crash  # a bug, not bad input: keep the traceback
-    errors = ([r["error"] for r in results if r["error"] and not r["stopped"]]
-              or [r["error"] for r in results if r["error"]])
+    errors = [r["error"] for r in results if r["error"] and not r["stopped"]] or [
+        r["error"] for r in results if r["error"]
+    ]
     if errors:
         raise EngineError(errors[0] if group.world_size == 1 else f"{len(errors)} rank(s) failed; first: {errors[0]}")
     done = [d for r in results for d in r["done"]]
     failed = [f for r in results for f in r["failed"]]
     summary["rows_after"] = final["rows"]
-    return _finish(summary, Cache(cache_path, mode="r"), timer, done, failed, started,
-                   new_rows=sum(r["new_rows"] for r in results), device=device, dtype=dtype)
+    return _finish(
+        summary,
+        Cache(cache_path, mode="r"),
+        timer,
+        done,
+        failed,
+        started,
+        new_rows=sum(r["new_rows"] for r in results),
+        device=device,
+        dtype=dtype,
+    )
 
 
 def _rank_device(name: str, group: ProcessGroup) -> str:
@@ -277,8 +338,10 @@ def _survey(cache_path, urls, config, class_set) -> dict:
         cache.trim()
     status = cache.shard_status()
     _check_done_shards_unchanged(cache, [u for u in urls if status.get(u) == "done"])
-    return {"pending": [u for u in urls if status.get(u) != "done"],
-            "needs_text": class_set is not None and cache.text_fingerprint() != class_set.fingerprint()}
+    return {
+        "pending": [u for u in urls if status.get(u) != "done"],
+        "needs_text": class_set is not None and cache.text_fingerprint() != class_set.fingerprint(),
+    }
 
 
 def _check_done_shards_unchanged(cache: Cache, done: list[str]) -> None:
@@ -292,9 +355,11 @@ def _check_done_shards_unchanged(cache: Cache, done: list[str]) -> None:
     now = shard_fingerprints(urls)
     changed = [u for u in urls if now[u] is not None and now[u] != recorded[u]]
     if changed:
-        raise EngineError(f"shards: {len(changed)} shard(s) changed since they were embedded into {cache.path} "
-                          f"(first: {changed[0]}: size:digest {recorded[changed[0]]} -> {now[changed[0]]}); "
-                          "their rows are from the old files: embed into a new --cache")
+        raise EngineError(
+            f"shards: {len(changed)} shard(s) changed since they were embedded into {cache.path} "
+            f"(first: {changed[0]}: size:digest {recorded[changed[0]]} -> {now[changed[0]]}); "
+            "their rows are from the old files: embed into a new --cache"
+        )
 
 
 def _prepare(cache_path, pending, loaded, class_set, dtype, device) -> dict:
@@ -306,8 +371,12 @@ def _prepare(cache_path, pending, loaded, class_set, dtype, device) -> dict:
     index = cache.register_shards(pending, fingerprints)
     cache.root.require_group("staging")
     sizes = [fingerprint_size(fingerprints.get(u)) for u in pending]
-    return {"shards": [(index[u], u) for u in pending], "sizes": sizes, "prompts_updated": updated,
-            "run": uuid.uuid4().hex[:12]}
+    return {
+        "shards": [(index[u], u) for u in pending],
+        "sizes": sizes,
+        "prompts_updated": updated,
+        "run": uuid.uuid4().hex[:12],
+    }
 
 
 def _complete(cache: Cache, order: list[int], staged: list[int]) -> dict:
@@ -320,13 +389,16 @@ def _complete(cache: Cache, order: list[int], staged: list[int]) -> dict:
     shards = cache.manifest["shards"]
     lost = [shards[i]["url"] for i in staged if shards[i]["status"] not in ("done", "failed")]
     if lost:
-        raise EngineError(f"cache: {len(lost)} shard(s) staged by a rank are not visible to rank 0 (first: "
-                          f"{lost[0]}); is {cache.path} on storage every node sees? Rerun to finish them")
+        raise EngineError(
+            f"cache: {len(lost)} shard(s) staged by a rank are not visible to rank 0 (first: "
+            f"{lost[0]}); is {cache.path} on storage every node sees? Rerun to finish them"
+        )
     return {"rows": cache.num_rows}
 
 
-def _embed_mine(mine, loaded, config, device, dtype, writer, timer, show_progress, summary, *,
-                should_stop=lambda: None) -> int:
+def _embed_mine(
+    mine, loaded, config, device, dtype, writer, timer, show_progress, summary, *, should_stop=lambda: None
+) -> int:
     writer.start()
     workers, threads = plan_cpu_split(config.workers, device)
     before = torch.get_num_threads()
@@ -337,8 +409,18 @@ def _embed_mine(mine, loaded, config, device, dtype, writer, timer, show_progres
     with timer("embed_loop"):  # until the last shard is staged (and, on the leader, appended)
         try:
             if mine:
-                new_rows = _run_loop(mine, loaded, config, device, dtype, writer, timer, show_progress,
-                                     workers=workers, should_stop=should_stop)
+                new_rows = _run_loop(
+                    mine,
+                    loaded,
+                    config,
+                    device,
+                    dtype,
+                    writer,
+                    timer,
+                    show_progress,
+                    workers=workers,
+                    should_stop=should_stop,
+                )
         except BaseException as err:
             if err is not writer.error:
                 raise  # the writer's own error is reported below, as one line
@@ -349,20 +431,32 @@ def _embed_mine(mine, loaded, config, device, dtype, writer, timer, show_progres
     if writer.error is not None:
         if isinstance(writer.error, EngineError):
             raise writer.error
-        raise EngineError(f"cache: writing {writer.cache.path} failed: {type(writer.error).__name__}: "
-                          f"{writer.error}") from writer.error
+        raise EngineError(
+            f"cache: writing {writer.cache.path} failed: {type(writer.error).__name__}: {writer.error}"
+        ) from writer.error
     return new_rows
 
 
-def _run_loop(shards, loaded, config, device, dtype, writer, timer, show_progress, *, workers: int,
-              should_stop) -> int:
-    reader = ShardReader(shards, loaded.preprocess, ReaderConfig(
-        label_key=config.label_key, true_label_key=config.true_label_key,
-        batch_size=config.batch_size, strict=config.strict))
+def _run_loop(shards, loaded, config, device, dtype, writer, timer, show_progress, *, workers: int, should_stop) -> int:
+    reader = ShardReader(
+        shards,
+        loaded.preprocess,
+        ReaderConfig(
+            label_key=config.label_key,
+            true_label_key=config.true_label_key,
+            batch_size=config.batch_size,
+            strict=config.strict,
+        ),
+    )
     loader = torch.utils.data.DataLoader(
-        reader, batch_size=None, num_workers=min(workers, len(shards)),
-        worker_init_fn=worker_init_single_thread, pin_memory=device.type == "cuda",
-        persistent_workers=False, prefetch_factor=4 if min(workers, len(shards)) else None)
+        reader,
+        batch_size=None,
+        num_workers=min(workers, len(shards)),
+        worker_init_fn=worker_init_single_thread,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if min(workers, len(shards)) else None,
+    )
     bar = progress(desc="embed", unit="img", disable=None if show_progress is None else not show_progress)
     try:
         return _consume(loader, loaded, device, dtype, writer, timer, bar, should_stop)
@@ -410,14 +504,21 @@ def _finish(summary, cache, timer, done, failed, started, *, new_rows, device, d
     read = sum(d.get("read_seconds", 0.0) for d in done + failed)
     bad = [b for d in done for b in d.get("bad", [])]
     summary["shards"].update(done=len(done), failed=len(failed))
-    summary.update({
-        "rows": cache.num_rows, "new_rows": new_rows,
-        "bad_samples": len(bad), "bad_examples": [{"key": k, "reason": r} for k, r in bad[:10]],
-        "missing_labels": sum(d.get("missing_labels", 0) for d in done),
-        "failed": [{"url": f["url"], "error": f["error"]} for f in failed],
-        "images_per_s": round(new_rows / (timer.seconds["embed_loop"] + timer.seconds.get("wait_ranks", 0.0)), 1)
-        if new_rows else 0.0,
-        "seconds": {"total": round(seconds, 3), "read_decode_workers": round(read, 3), **timer.rounded()},
-        "model": models.describe(cache.identity) if cache.identity else None,
-        "device": str(device), "precision": _PRECISION_NAMES[dtype]})
+    summary.update(
+        {
+            "rows": cache.num_rows,
+            "new_rows": new_rows,
+            "bad_samples": len(bad),
+            "bad_examples": [{"key": k, "reason": r} for k, r in bad[:10]],
+            "missing_labels": sum(d.get("missing_labels", 0) for d in done),
+            "failed": [{"url": f["url"], "error": f["error"]} for f in failed],
+            "images_per_s": round(new_rows / (timer.seconds["embed_loop"] + timer.seconds.get("wait_ranks", 0.0)), 1)
+            if new_rows
+            else 0.0,
+            "seconds": {"total": round(seconds, 3), "read_decode_workers": round(read, 3), **timer.rounded()},
+            "model": models.describe(cache.identity) if cache.identity else None,
+            "device": str(device),
+            "precision": _PRECISION_NAMES[dtype],
+        }
+    )
     return summary

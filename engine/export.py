@@ -18,6 +18,7 @@ MixFix label (so it needs `engine train`) and `selected` = "1"/"0". A `train/` g
 the `selection/` group is an error (its labels belong to another selection). A label of -1
 (no label) is written as no `cls` / `cls_given` field at all, never as "-1".
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,18 +54,18 @@ TMP_SUFFIX = ".tmp"
 class CacheRows:
     """Per-row arrays of a cache with a selection; all (N,) in cache order."""
 
-    keys: np.ndarray                  # object str
-    labels: np.ndarray                # int32 given label, -1 = none
-    selected: np.ndarray              # bool, the final selection
-    shard: np.ndarray                 # int32 index into `urls`, -1 = no source shard (imported)
-    position: np.ndarray              # int32 sample position within its shard
+    keys: np.ndarray  # object str
+    labels: np.ndarray  # int32 given label, -1 = none
+    selected: np.ndarray  # bool, the final selection
+    shard: np.ndarray  # int32 index into `urls`, -1 = no source shard (imported)
+    position: np.ndarray  # int32 sample position within its shard
     urls: list
     class_names: list
-    selection: dict                   # the selection's table columns (name → (N,)), `Selection.table_columns`
+    selection: dict  # the selection's table columns (name → (N,)), `Selection.table_columns`
     selection_written: float
     true_labels: np.ndarray | None = None
-    mixfix_labels: np.ndarray | None = None     # int32, the train group's final labels y'
-    mixfix_selected: np.ndarray | None = None   # bool, the train group's final training set
+    mixfix_labels: np.ndarray | None = None  # int32, the train group's final labels y'
+    mixfix_selected: np.ndarray | None = None  # bool, the train group's final training set
     train_written: float | None = None
 
     @property
@@ -80,19 +81,29 @@ def read_cache_rows(cache: Cache) -> CacheRows:
     mixfix = {}
     if Training.exists(cache):
         mixfix = _read_train(cache, float(attrs.get("written", 0.0)))
-    return CacheRows(keys=cache.keys(), labels=cache.labels(), selected=stored.selected,
-                     shard=np.asarray(shard, np.int32), position=np.asarray(position, np.int32),
-                     urls=[s["url"] for s in cache.manifest.get("shards", [])],
-                     class_names=list(cache.class_names or []), selection=stored.table_columns(),
-                     selection_written=float(attrs.get("written", 0.0)), true_labels=cache.true_labels(), **mixfix)
+    return CacheRows(
+        keys=cache.keys(),
+        labels=cache.labels(),
+        selected=stored.selected,
+        shard=np.asarray(shard, np.int32),
+        position=np.asarray(position, np.int32),
+        urls=[s["url"] for s in cache.manifest.get("shards", [])],
+        class_names=list(cache.class_names or []),
+        selection=stored.table_columns(),
+        selection_written=float(attrs.get("written", 0.0)),
+        true_labels=cache.true_labels(),
+        **mixfix,
+    )
 
 
 def _read_train(cache: Cache, selection_written: float) -> dict:
     trained = Training.read(cache)
     written = float(trained.attrs.get("written", 0.0))
     if written < selection_written:
-        raise EngineError(f"cache: the train results in {cache.path} predate its selection (their labels belong to "
-                          f"an earlier selection); rerun `engine train --cache {cache.path}`")
+        raise EngineError(
+            f"cache: the train results in {cache.path} predate its selection (their labels belong to "
+            f"an earlier selection); rerun `engine train --cache {cache.path}`"
+        )
     return {"mixfix_labels": trained.labels, "mixfix_selected": trained.selection, "train_written": written}
 
 
@@ -107,8 +118,9 @@ def check_table_target(out: str | None, table_format: str | None) -> None:
         return
     suffix = next((s for s in TABLE_FORMATS.values() if str(out).endswith(s)), None)
     if table_format is not None and suffix != TABLE_FORMATS[table_format]:
-        raise EngineError(f"out: got {str(out)!r}, but --format {table_format} expects a "
-                          f"{TABLE_FORMATS[table_format]} path")
+        raise EngineError(
+            f"out: got {str(out)!r}, but --format {table_format} expects a {TABLE_FORMATS[table_format]} path"
+        )
     if suffix is None:
         raise EngineError(f"out: got {str(out)!r}, expected a .csv or .parquet path")
 
@@ -124,8 +136,12 @@ def label_table(rows: CacheRows) -> dict[str, np.ndarray]:
     """Columns (each (N,)) of the export table in order: key, label, class, selected, the selection's
     other columns (names as in `engine select --out`), mixfix_label and mixfix_selected (when
     trained), true_label (when known), shard (url), position."""
-    columns = {"key": rows.keys, "label": rows.labels, "class": _lookup(rows.class_names, rows.labels),
-               "selected": rows.selected}
+    columns = {
+        "key": rows.keys,
+        "label": rows.labels,
+        "class": _lookup(rows.class_names, rows.labels),
+        "selected": rows.selected,
+    }
     for name, values in rows.selection.items():
         if name != "selected":
             columns[name] = values
@@ -156,8 +172,12 @@ def write_label_table(rows: CacheRows, out: str) -> dict:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"out": str(out), "format": "parquet" if str(out).endswith(".parquet") else "csv",
-            "rows": rows.num_rows, "columns": list(columns)}
+    return {
+        "out": str(out),
+        "format": "parquet" if str(out).endswith(".parquet") else "csv",
+        "rows": rows.num_rows,
+        "columns": list(columns),
+    }
 
 
 def export_table(cache_path: str, out: str, *, table_format: str | None = None) -> dict:
@@ -180,15 +200,15 @@ class ShardPattern:
 
     spec: str
     directory: Path
-    template: str           # a str.format template with one {index} field
+    template: str  # a str.format template with one {index} field
     start: int = 0
     stop: int | None = None
-    width: int = 1          # digits of the zero-padded number
-    prefix: str = ""        # the file name around the number
+    width: int = 1  # digits of the zero-padded number
+    prefix: str = ""  # the file name around the number
     suffix: str = ".tar"
 
     @classmethod
-    def parse(cls, spec: str) -> "ShardPattern":
+    def parse(cls, spec: str) -> ShardPattern:
         directory, name = os.path.split(spec)
         expected = "expected a pattern like OUT/{000000..}.tar or OUT/clean-%06d.tar"
         if _BRACE.search(directory) or _PERCENT.search(directory):
@@ -201,7 +221,7 @@ class ShardPattern:
         match = _BRACE.search(name) or _PERCENT.search(name)
         if braces:
             first, last = braces[0]
-            field_ = "{index:0%dd}" % len(first)
+            field_ = "{index:0" + str(len(first)) + "d}"
             start, stop = int(first), (int(last) + 1 if last else None)
             if stop is not None and stop <= start:
                 raise EngineError(f"shards: got {spec!r}; the range {first}..{last} is empty")
@@ -209,14 +229,24 @@ class ShardPattern:
         else:
             zero, digits = percents[0]
             if digits and not zero and int(digits) > 1:
-                raise EngineError(f"shards: got {spec!r}; %{digits}d pads with spaces; use %0{digits}d "
-                                  "(file names without spaces that sort in shard order)")
-            field_, start, stop = "{index:%s%sd}" % (zero, digits), 0, None
+                raise EngineError(
+                    f"shards: got {spec!r}; %{digits}d pads with spaces; use %0{digits}d "
+                    "(file names without spaces that sort in shard order)"
+                )
+            field_, start, stop = f"{{index:{zero}{digits}d}}", 0, None
             width = max(int(digits or 0), 1)
-        prefix, suffix = name[:match.start()], name[match.end():]
+        prefix, suffix = name[: match.start()], name[match.end() :]
         template = _braces_doubled(prefix) + field_ + _braces_doubled(suffix)
-        return cls(spec=spec, directory=Path(directory or "."), template=template, start=start, stop=stop,
-                   width=width, prefix=prefix, suffix=suffix)
+        return cls(
+            spec=spec,
+            directory=Path(directory or "."),
+            template=template,
+            start=start,
+            stop=stop,
+            width=width,
+            prefix=prefix,
+            suffix=suffix,
+        )
 
     def name(self, shard: int) -> str:
         return self.template.format(index=self.start + shard)
@@ -230,13 +260,17 @@ class ShardPattern:
 
     def check_capacity(self, shards: int) -> None:
         if self.stop is not None and self.start + shards > self.stop:
-            raise EngineError(f"shards: {self.spec!r} names {self.stop - self.start} shards but the export needs "
-                              f"{shards}; widen the range, raise --per-shard, or leave the range open ({{000000..}})")
+            raise EngineError(
+                f"shards: {self.spec!r} names {self.stop - self.start} shards but the export needs "
+                f"{shards}; widen the range, raise --per-shard, or leave the range open ({{000000..}})"
+            )
         last = self.start + shards - 1
         if shards and len(str(last)) > self.width:
-            raise EngineError(f"shards: {self.spec!r} pads the number to {self.width} digit(s) but the export needs "
-                              f"shards up to {last}, whose names would not sort in shard order; pad it, e.g. "
-                              f"{{000000..}} or %06d")
+            raise EngineError(
+                f"shards: {self.spec!r} pads the number to {self.width} digit(s) but the export needs "
+                f"shards up to {last}, whose names would not sort in shard order; pad it, e.g. "
+                f"{{000000..}} or %06d"
+            )
 
 
 def _braces_doubled(text: str) -> str:
@@ -293,22 +327,39 @@ class ExportPlan:
 def plan_export(rows: CacheRows, *, cache_path: str, pattern: ShardPattern, config: ShardExportConfig) -> ExportPlan:
     """The deterministic plan for `config` over `rows`, with a fingerprint of everything it depends on."""
     if config.keep == "all" and rows.mixfix_labels is None:
-        raise EngineError(f"keep: --keep all writes the MixFix-corrected labels, but {cache_path} has no train "
-                          f"results; run `engine train --cache {cache_path}` first (or use --keep selected)")
+        raise EngineError(
+            f"keep: --keep all writes the MixFix-corrected labels, but {cache_path} has no train "
+            f"results; run `engine train --cache {cache_path}` first (or use --keep selected)"
+        )
     picked = np.arange(rows.num_rows) if config.keep == "all" else np.flatnonzero(rows.selected)
     source = rows.mixfix_labels if rows.mixfix_labels is not None else rows.labels
-    description = {"cache": os.path.abspath(cache_path) if is_local(cache_path) else cache_path, "cache_rows": rows.num_rows, "keep": config.keep,
-                   "per_shard": config.per_shard, "pattern": os.path.abspath(pattern.spec),
-                   "selection_written": rows.selection_written, "train_written": rows.train_written,
-                   "samples": int(len(picked))}
-    plan = dict(rows=picked.astype(np.int64), labels=source[picked].astype(np.int32),
-                given=rows.labels[picked].astype(np.int32), selected=rows.selected[picked])
+    description = {
+        "cache": os.path.abspath(cache_path) if is_local(cache_path) else cache_path,
+        "cache_rows": rows.num_rows,
+        "keep": config.keep,
+        "per_shard": config.per_shard,
+        "pattern": os.path.abspath(pattern.spec),
+        "selection_written": rows.selection_written,
+        "train_written": rows.train_written,
+        "samples": int(len(picked)),
+    }
+    plan = dict(
+        rows=picked.astype(np.int64),
+        labels=source[picked].astype(np.int32),
+        given=rows.labels[picked].astype(np.int32),
+        selected=rows.selected[picked],
+    )
     digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode())
     for name in ("rows", "labels", "given", "selected"):
         digest.update(np.ascontiguousarray(plan[name]).tobytes())
-    return ExportPlan(**plan, per_shard=config.per_shard, keep=config.keep,
-                      labels_from="mixfix" if rows.mixfix_labels is not None else "given",
-                      fingerprint=digest.hexdigest(), description=description)
+    return ExportPlan(
+        **plan,
+        per_shard=config.per_shard,
+        keep=config.keep,
+        labels_from="mixfix" if rows.mixfix_labels is not None else "given",
+        fingerprint=digest.hexdigest(),
+        description=description,
+    )
 
 
 # ---------------------------------------------------------------- export.json
@@ -321,15 +372,28 @@ def _shape_problem(manifest) -> str | None:
     if not isinstance(manifest, dict):
         return f"holds {json_kind(manifest)}, expected an object"
     if not isinstance(manifest.get("plan", {}), dict):
-        return f"has {json_kind(manifest['plan'])} as \"plan\", expected an object"
-    return records_problem(manifest.get("shards"), name="shards", expected=dict, check=_shard_record_ok,
-                           what="an object with bytes and sha256")
+        return f'has {json_kind(manifest["plan"])} as "plan", expected an object'
+    return records_problem(
+        manifest.get("shards"),
+        name="shards",
+        expected=dict,
+        check=_shard_record_ok,
+        what="an object with bytes and sha256",
+    )
 
 
 def _folder(pattern: ShardPattern) -> UnitFolder:
-    return UnitFolder(pattern.directory, command="export", manifest_name=MANIFEST_NAME, kind="an export manifest",
-                      format=MANIFEST_FORMAT, shape_problem=_shape_problem, units_of=lambda m: m["shards"],
-                      option="shards", temp_suffix=TMP_SUFFIX)
+    return UnitFolder(
+        pattern.directory,
+        command="export",
+        manifest_name=MANIFEST_NAME,
+        kind="an export manifest",
+        format=MANIFEST_FORMAT,
+        shape_problem=_shape_problem,
+        units_of=lambda m: m["shards"],
+        option="shards",
+        temp_suffix=TMP_SUFFIX,
+    )
 
 
 def _write_manifest(folder: UnitFolder, manifest: dict) -> None:
@@ -340,13 +404,22 @@ def _write_manifest(folder: UnitFolder, manifest: dict) -> None:
 
 def _plan_change(old: dict, plan: ExportPlan) -> str:
     was, now = old.get("plan", {}), plan.description
-    return (f"cache {was.get('cache')}, keep {was.get('keep')}, {was.get('per_shard')} per shard, "
-            f"{was.get('samples')} samples; this run: cache {now['cache']}, keep {now['keep']}, "
-            f"{now['per_shard']} per shard, {now['samples']} samples")
+    return (
+        f"cache {was.get('cache')}, keep {was.get('keep')}, {was.get('per_shard')} per shard, "
+        f"{was.get('samples')} samples; this run: cache {now['cache']}, keep {now['keep']}, "
+        f"{now['per_shard']} per shard, {now['samples']} samples"
+    )
 
 
-def commit_manifest(folder: UnitFolder, pattern: ShardPattern, plan: ExportPlan, resume: Resume,
-                    pending: list[int], *, keep: frozenset = frozenset()) -> dict:
+def commit_manifest(
+    folder: UnitFolder,
+    pattern: ShardPattern,
+    plan: ExportPlan,
+    resume: Resume,
+    pending: list[int],
+    *,
+    keep: frozenset = frozenset(),
+) -> dict:
     """The first write of a run, once every check has passed: a resumed export.json forgets the
     shards about to be rewritten; otherwise the earlier export is removed and a fresh one written."""
     names = [pattern.name(j) for j in range(plan.num_shards)]
@@ -360,9 +433,14 @@ def commit_manifest(folder: UnitFolder, pattern: ShardPattern, plan: ExportPlan,
             manifest["complete"] = False
             _write_manifest(folder, manifest)
         return manifest
-    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "fingerprint": plan.fingerprint,
-                "plan": {**plan.description, "shards": plan.num_shards, "labels_from": plan.labels_from},
-                "shards": {}, "complete": False}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "fingerprint": plan.fingerprint,
+        "plan": {**plan.description, "shards": plan.num_shards, "labels_from": plan.labels_from},
+        "shards": {},
+        "complete": False,
+    }
     pattern.directory.mkdir(parents=True, exist_ok=True)
     _write_manifest(folder, manifest)
     return manifest
@@ -390,12 +468,17 @@ def _finished(path: Path, entry: dict, *, verify: bool) -> bool:
 # ---------------------------------------------------------------- reading the sources
 def check_sources(rows: CacheRows, plan: ExportPlan, pending: list[int], *, cache_path: str) -> list[str]:
     """The source shard urls the pending output shards need; an error naming the first missing one."""
-    entries = np.concatenate([np.arange(plan.entries(j).start, plan.entries(j).stop) for j in pending]) \
-        if pending else np.zeros(0, np.int64)
+    entries = (
+        np.concatenate([np.arange(plan.entries(j).start, plan.entries(j).stop) for j in pending])
+        if pending
+        else np.zeros(0, np.int64)
+    )
     shards = np.unique(rows.shard[plan.rows[entries]])
     if shards.size and (shards.min() < 0 or shards.max() >= len(rows.urls)):
-        raise EngineError(f"cache: {cache_path} records no source shard for some rows (imported features?); "
-                          "cleaned shards need a cache made by `engine embed`")
+        raise EngineError(
+            f"cache: {cache_path} records no source shard for some rows (imported features?); "
+            "cleaned shards need a cache made by `engine embed`"
+        )
     urls = [rows.urls[s] for s in shards.tolist()]
     missing = [u for u in urls if is_local(u) and not u.startswith("pipe:") and not os.path.isfile(u)]
     if missing:
@@ -431,15 +514,18 @@ def _read_run(url: str, positions: np.ndarray, entries: np.ndarray, keys: np.nda
             if position != want:
                 raise EngineError(f"{changed}: expected the sample at position {want}, read {position}")
             if sample.get("__key__") != key:
-                raise EngineError(f"{changed}: position {position} holds key {sample.get('__key__')!r}, "
-                                  f"the cache recorded {key!r}; embed it again or restore the original")
+                raise EngineError(
+                    f"{changed}: position {position} holds key {sample.get('__key__')!r}, "
+                    f"the cache recorded {key!r}; embed it again or restore the original"
+                )
             count += 1
             yield int(entry), sample
     except ValueError as err:
         raise EngineError(f"shard: cannot read {url}: {err}") from None
     if count != len(positions):
-        raise EngineError(f"{changed}: it ends before position {int(positions[count])} "
-                          "(the cache recorded more samples)")
+        raise EngineError(
+            f"{changed}: it ends before position {int(positions[count])} (the cache recorded more samples)"
+        )
 
 
 # ---------------------------------------------------------------- writing
@@ -500,8 +586,11 @@ class _ShardWriter:
         self.tar.close()
         self.file.close()
         os.replace(self.tmp, self.path)
-        manifest["shards"][self.path.name] = {"rows": self.rows, "bytes": self.file.bytes,
-                                              "sha256": self.file.sha256.hexdigest()}
+        manifest["shards"][self.path.name] = {
+            "rows": self.rows,
+            "bytes": self.file.bytes,
+            "sha256": self.file.sha256.hexdigest(),
+        }
         _write_manifest(self.folder, manifest)
 
     def abort(self) -> None:
@@ -512,8 +601,16 @@ class _ShardWriter:
             self.tmp.unlink(missing_ok=True)
 
 
-def write_pending(rows: CacheRows, plan: ExportPlan, pending: list[int], *, folder: UnitFolder, pattern: ShardPattern,
-                  manifest: dict, progress=None) -> int:
+def write_pending(
+    rows: CacheRows,
+    plan: ExportPlan,
+    pending: list[int],
+    *,
+    folder: UnitFolder,
+    pattern: ShardPattern,
+    manifest: dict,
+    progress=None,
+) -> int:
     """Write the `pending` output shards in order, streaming each needed source run once; returns rows written."""
     if not pending:
         return 0
@@ -528,8 +625,14 @@ def write_pending(rows: CacheRows, plan: ExportPlan, pending: list[int], *, fold
                 if writer is not None:
                     writer.finish(manifest)
                 writer = _ShardWriter(folder, pattern, shard, mtime=mtime)
-            writer.write(output_sample(sample, label=int(plan.labels[entry]), given=int(plan.given[entry]),
-                                       selected=bool(plan.selected[entry]) if keep_all else None))
+            writer.write(
+                output_sample(
+                    sample,
+                    label=int(plan.labels[entry]),
+                    given=int(plan.given[entry]),
+                    selected=bool(plan.selected[entry]) if keep_all else None,
+                )
+            )
             written += 1
             if progress is not None:
                 progress(1)
@@ -564,9 +667,14 @@ def prepare_shards(rows: CacheRows, pattern: ShardPattern, config: ShardExportCo
     if clash is not None:
         raise EngineError(f"shards: {clash} is one of the cache's source shards; write the export to another folder")
     folder = _folder(pattern)
-    resume = folder.start(fingerprint=plan.fingerprint, names=[pattern.name(j) for j in range(plan.num_shards)],
-                          overwrite=config.overwrite, changes=lambda old: _plan_change(old, plan), stray=pattern.matches,
-                          is_done=lambda name, entry: _finished(pattern.directory / name, entry, verify=config.verify))
+    resume = folder.start(
+        fingerprint=plan.fingerprint,
+        names=[pattern.name(j) for j in range(plan.num_shards)],
+        overwrite=config.overwrite,
+        changes=lambda old: _plan_change(old, plan),
+        stray=pattern.matches,
+        is_done=lambda name, entry: _finished(pattern.directory / name, entry, verify=config.verify),
+    )
     pending = [j for j in range(plan.num_shards) if pattern.name(j) not in resume.done]
     check_sources(rows, plan, pending, cache_path=cache_path)
     # every check passed: only now is anything removed or written
@@ -581,23 +689,42 @@ def run_shards(job: _ShardJob, *, show_progress: bool | None = None) -> dict:
     total = sum(len(plan.entries(j)) for j in job.pending)
     disable = None if show_progress is None else not show_progress
     with progress(total=total, desc="export", unit="img", disable=disable) as bar:
-        written = write_pending(job.rows, plan, job.pending, folder=job.folder, pattern=job.pattern, manifest=job.manifest,
-                                progress=bar.update)
+        written = write_pending(
+            job.rows,
+            plan,
+            job.pending,
+            folder=job.folder,
+            pattern=job.pattern,
+            manifest=job.manifest,
+            progress=bar.update,
+        )
     job.manifest["complete"] = True
     _write_manifest(job.folder, job.manifest)
     seconds = time.perf_counter() - started
-    return {"pattern": job.pattern.spec, "dir": str(job.pattern.directory), "keep": plan.keep,
-            "per_shard": plan.per_shard, "labels_from": plan.labels_from, "samples": int(len(plan.rows)),
-            "shards": plan.num_shards, "written": len(job.pending), "skipped": job.skipped, "rows_written": written,
-            "relabelled": int((plan.labels != plan.given).sum()), "unlabelled": int((plan.labels < 0).sum()),
-            "first": str(job.pattern.path(0)) if plan.num_shards else None,
-            "last": str(job.pattern.path(plan.num_shards - 1)) if plan.num_shards else None,
-            "manifest": str(job.pattern.directory / MANIFEST_NAME), "seconds": round(seconds, 3),
-            "samples_per_s": round(written / seconds, 1) if written and seconds > 0 else None}
+    return {
+        "pattern": job.pattern.spec,
+        "dir": str(job.pattern.directory),
+        "keep": plan.keep,
+        "per_shard": plan.per_shard,
+        "labels_from": plan.labels_from,
+        "samples": int(len(plan.rows)),
+        "shards": plan.num_shards,
+        "written": len(job.pending),
+        "skipped": job.skipped,
+        "rows_written": written,
+        "relabelled": int((plan.labels != plan.given).sum()),
+        "unlabelled": int((plan.labels < 0).sum()),
+        "first": str(job.pattern.path(0)) if plan.num_shards else None,
+        "last": str(job.pattern.path(plan.num_shards - 1)) if plan.num_shards else None,
+        "manifest": str(job.pattern.directory / MANIFEST_NAME),
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(written / seconds, 1) if written and seconds > 0 else None,
+    }
 
 
-def export_shards(cache_path: str, pattern: str, config: ShardExportConfig = ShardExportConfig(), *,
-                  show_progress: bool | None = None) -> dict:
+def export_shards(
+    cache_path: str, pattern: str, config: ShardExportConfig = ShardExportConfig(), *, show_progress: bool | None = None
+) -> dict:
     """Write cleaned WebDataset shards of `cache_path`'s source samples to `pattern` (resumable)."""
     parsed = ShardPattern.parse(pattern)
     with _locked(parsed):
@@ -605,9 +732,15 @@ def export_shards(cache_path: str, pattern: str, config: ShardExportConfig = Sha
         return run_shards(job, show_progress=show_progress)
 
 
-def export_cache(cache_path: str, *, out: str | None = None, table_format: str | None = None,
-                 shards: str | None = None, config: ShardExportConfig = ShardExportConfig(),
-                 show_progress: bool | None = None) -> dict:
+def export_cache(
+    cache_path: str,
+    *,
+    out: str | None = None,
+    table_format: str | None = None,
+    shards: str | None = None,
+    config: ShardExportConfig = ShardExportConfig(),
+    show_progress: bool | None = None,
+) -> dict:
     """`engine export`: the label table (`out`) and/or cleaned shards (`shards`); every input is
     checked (paths, selection, train results, source shards) before anything is written."""
     check_table_target(out, table_format)
@@ -617,8 +750,12 @@ def export_cache(cache_path: str, *, out: str | None = None, table_format: str |
     rows = read_cache_rows(Cache(cache_path))
     with _locked(pattern) if pattern is not None else contextlib.nullcontext():
         job = prepare_shards(rows, pattern, config, cache_path=cache_path) if pattern is not None else None
-        summary = {"cache": cache_path, "rows": rows.num_rows, "selected": int(rows.selected.sum()),
-                   "trained": rows.mixfix_labels is not None}
+        summary = {
+            "cache": cache_path,
+            "rows": rows.num_rows,
+            "selected": int(rows.selected.sum()),
+            "trained": rows.mixfix_labels is not None,
+        }
         if out is not None:
             summary["table"] = write_label_table(rows, out)
         if job is not None:
@@ -630,7 +767,7 @@ def export_cache(cache_path: str, *, out: str | None = None, table_format: str |
 def _locked(pattern: ShardPattern):
     """One export at a time into a folder; the folder is only made once the lock can be taken."""
     if not pattern.directory.is_dir():
-        yield            # nothing there yet: checks come first, the folder is made by the first write
+        yield  # nothing there yet: checks come first, the folder is made by the first write
         return
     with _folder(pattern).lock():
         yield

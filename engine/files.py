@@ -1,12 +1,14 @@
 """Durable small files: written whole under a temporary name, fsynced, renamed into place, so a
 reader (or a rerun after a kill) sees the old file or the new one, never half of one."""
+
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 
 def lock_folder(folder: str | os.PathLike, *, wait: bool = True) -> int | None:
@@ -70,8 +72,15 @@ def write_json_atomic(path: str | os.PathLike, doc, *, suffix: str = ".tmp", sor
     fsync_dir(path.parent)
 
 
-_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
-               float: "a number", type(None): "null"}
+_JSON_KINDS = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    type(None): "null",
+}
 
 
 def json_kind(value) -> str:
@@ -87,5 +96,6 @@ def read_json(path: str | os.PathLike):
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else ""
-        raise ValueError(f"unreadable ({type(err).__name__}: {first})" if first
-                         else f"unreadable ({type(err).__name__})") from None
+        raise ValueError(
+            f"unreadable ({type(err).__name__}: {first})" if first else f"unreadable ({type(err).__name__})"
+        ) from None

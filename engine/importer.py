@@ -3,6 +3,7 @@
 The .npz holds `features` (N, D), `labels` (N,), and optionally `keys` (N,), `true_labels` (N,),
 `text_features` (C, P, D) or (C, D), `text_mask` (C, P), `class_names` (C,).
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,11 +26,15 @@ def _require(cond: bool, message: str) -> None:
 
 
 def _validate(data, path: str) -> dict:
-    _require("features" in data and "labels" in data,
-             f"{path} must hold 'features' and 'labels'; it holds {sorted(data.keys())}")
+    _require(
+        "features" in data and "labels" in data,
+        f"{path} must hold 'features' and 'labels'; it holds {sorted(data.keys())}",
+    )
     features, labels = np.asarray(data["features"]), np.asarray(data["labels"])
-    _require(features.ndim == 2 and features.shape[0] > 0 and features.shape[1] > 0,
-             f"features: expected shape (N, D) with N, D > 0, got {features.shape}")
+    _require(
+        features.ndim == 2 and features.shape[0] > 0 and features.shape[1] > 0,
+        f"features: expected shape (N, D) with N, D > 0, got {features.shape}",
+    )
     _require(np.issubdtype(features.dtype, np.floating), f"features: expected floats, got {features.dtype}")
     _require(np.isfinite(features).all(), "features: contains NaN or infinity")
     n = features.shape[0]
@@ -44,14 +49,18 @@ def _validate(data, path: str) -> dict:
     out["keys"] = keys
     true = np.asarray(data["true_labels"]) if "true_labels" in data else np.full(n, -1)
     _require(true.shape == (n,), f"true_labels: expected shape ({n},), got {true.shape}")
-    _require(np.issubdtype(true.dtype, np.integer) and (true.size == 0 or true.min() >= -1),
-             f"true_labels: expected integers >= -1, got dtype {true.dtype}")
+    _require(
+        np.issubdtype(true.dtype, np.integer) and (true.size == 0 or true.min() >= -1),
+        f"true_labels: expected integers >= -1, got dtype {true.dtype}",
+    )
     out["true_labels"] = true.astype(np.int32)
     out.update(_validate_text(data, features.shape[1], labels))
     if "class_names" in data and "class_names" not in out:
         names = np.asarray(data["class_names"]).astype(str)
-        _require(names.ndim == 1 and labels.max() < len(names),
-                 f"class_names: expected (C,) with C > max label {labels.max()}, got {names.shape}")
+        _require(
+            names.ndim == 1 and labels.max() < len(names),
+            f"class_names: expected (C,) with C > max label {labels.max()}, got {names.shape}",
+        )
         out["class_names"] = names
     return out
 
@@ -62,15 +71,20 @@ def _validate_text(data, dim: int, labels: np.ndarray) -> dict:
     text = np.asarray(data["text_features"], dtype=np.float32)
     if text.ndim == 2:
         text = text[:, None, :]
-    _require(text.ndim == 3 and text.shape[2] == dim,
-             f"text_features: expected (C, P, {dim}) or (C, {dim}), got {np.asarray(data['text_features']).shape}")
+    _require(
+        text.ndim == 3 and text.shape[2] == dim,
+        f"text_features: expected (C, P, {dim}) or (C, {dim}), got {np.asarray(data['text_features']).shape}",
+    )
     c, p = text.shape[:2]
     mask = np.asarray(data["text_mask"], dtype=bool) if "text_mask" in data else np.ones((c, p), bool)
     _require(mask.shape == (c, p), f"text_mask: expected ({c}, {p}), got {mask.shape}")
     _require(mask.any(axis=1).all(), "text_mask: every class needs at least one prompt")
     _require(labels.max() < c, f"labels: max label {labels.max()} but only {c} classes of text features")
-    names = np.asarray(data["class_names"]).astype(str) if "class_names" in data else \
-        np.array([f"class {k}" for k in range(c)])
+    names = (
+        np.asarray(data["class_names"]).astype(str)
+        if "class_names" in data
+        else np.array([f"class {k}" for k in range(c)])
+    )
     _require(names.shape == (c,), f"class_names: expected ({c},), got {names.shape}")
     norms = np.linalg.norm(text, axis=2, keepdims=True)
     text = np.where(norms > 0, text / np.maximum(norms, 1e-12), 0.0)
@@ -90,7 +104,9 @@ def import_npz(path: str, cache_path: str, *, model_name: str | None = None) -> 
         data = _validate({k: npz[k] for k in npz.files}, path)
     features = data["features"].astype(np.float32)
     norms = np.linalg.norm(features, axis=1)
-    _require((norms > 0).all(), f"features: {(norms == 0).sum()} rows are all zeros (first: row {np.argmax(norms == 0)})")
+    _require(
+        (norms > 0).all(), f"features: {(norms == 0).sum()} rows are all zeros (first: row {np.argmax(norms == 0)})"
+    )
     renormalised = int((np.abs(norms - 1) > 1e-3).sum())
     features = (features / norms[:, None]).astype(np.float16)
     cache = CacheWriter(cache_path, create=True)
@@ -99,20 +115,35 @@ def import_npz(path: str, cache_path: str, *, model_name: str | None = None) -> 
         identity.update(model=f"import:{Path(path).name}", sha256=_sha256(path))
     cache.initialise(identity, dim=features.shape[1], precision="imported", source="import")
     index = cache.register_shards([f"{IMPORT_SHARD}{Path(path).resolve()}"])
-    (url, shard), = index.items()
+    ((url, shard),) = index.items()
     n = len(features)
-    cache.stage_shard(shard, features=features, keys=data["keys"].tolist(), labels=data["labels"],
-                      true_labels=data["true_labels"], positions=np.arange(n, dtype=np.int32),
-                      outcome={"url": url, "samples": n, "bad": [], "missing_labels": int((data["labels"] < 0).sum())})
+    cache.stage_shard(
+        shard,
+        features=features,
+        keys=data["keys"].tolist(),
+        labels=data["labels"],
+        true_labels=data["true_labels"],
+        positions=np.arange(n, dtype=np.int32),
+        outcome={"url": url, "samples": n, "bad": [], "missing_labels": int((data["labels"] < 0).sum())},
+    )
     cache.consolidate()
     if "class_names" in data and "text" not in data:
         cache.set_class_names(data["class_names"].tolist())
     if "text" in data:
-        class_set = ClassSet(name="imported", class_names=tuple(data["class_names"].tolist()),
-                             prompts=tuple(("<imported>",) * int(m.sum()) for m in data["mask"]))
+        class_set = ClassSet(
+            name="imported",
+            class_names=tuple(data["class_names"].tolist()),
+            prompts=tuple(("<imported>",) * int(m.sum()) for m in data["mask"]),
+        )
         cache.write_text(class_set, data["text"], data["mask"])
-    return {"cache": cache_path, "rows": n, "dim": int(features.shape[1]), "renormalised": renormalised,
-            "has_text": "text" in data, "has_true_labels": bool((data["true_labels"] >= 0).any())}
+    return {
+        "cache": cache_path,
+        "rows": n,
+        "dim": int(features.shape[1]),
+        "renormalised": renormalised,
+        "has_text": "text" in data,
+        "has_true_labels": bool((data["true_labels"] >= 0).any()),
+    }
 
 
 def _sha256(path: str) -> str:

@@ -16,6 +16,7 @@ an IVF index above, with nlist from N and nprobe calibrated on a seeded sample o
 reach `IndexConfig.target_recall` recall@10 against exact search. Measurements behind the
 rule are in benchmarks/bench_knn.py and its results.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,7 +26,6 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -34,12 +34,12 @@ from engine.runtime import EngineError, Timer, progress, resolve_device
 _logger = logging.getLogger(__name__)
 
 KINDS = ("auto", "flat", "ivf", "hnsw")
-STORAGES = {"fp16": "SQfp16", "fp32": "Flat", "sq8": "SQ8"}   # IVF/HNSW codes, faiss factory names
-FLAT_MAX_ROWS = 50_000          # auto: exact search up to here (CIFAR-sized sets stay exact)
-IVF_LISTS_PER_SQRT_N = 2        # auto: nlist = 2 * sqrt(N), rounded to a power of two
-TRAIN_POINTS_PER_LIST = 40      # k-means sample: faiss asks for at least 39 points per centroid
+STORAGES = {"fp16": "SQfp16", "fp32": "Flat", "sq8": "SQ8"}  # IVF/HNSW codes, faiss factory names
+FLAT_MAX_ROWS = 50_000  # auto: exact search up to here (CIFAR-sized sets stay exact)
+IVF_LISTS_PER_SQRT_N = 2  # auto: nlist = 2 * sqrt(N), rounded to a power of two
+TRAIN_POINTS_PER_LIST = 40  # k-means sample: faiss asks for at least 39 points per centroid
 DEFAULT_BLOCK_ROWS = 65_536
-CALIBRATION_K = 10              # recall@10 is what nprobe / efSearch is calibrated for
+CALIBRATION_K = 10  # recall@10 is what nprobe / efSearch is calibrated for
 META_SUFFIX = ".json"
 META_FORMAT = "engine-index"
 
@@ -101,11 +101,16 @@ class IndexInfo:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "IndexInfo":
+    def from_dict(cls, data: dict) -> IndexInfo:
         if data.get("format") != META_FORMAT:
             raise EngineError(f"index metadata: got format {data.get('format')!r}, expected {META_FORMAT!r}")
-        return cls(kind=data["kind"], params=dict(data["params"]), rows=int(data["rows"]),
-                   dim=int(data["dim"]), fingerprint=data["fingerprint"])
+        return cls(
+            kind=data["kind"],
+            params=dict(data["params"]),
+            rows=int(data["rows"]),
+            dim=int(data["dim"]),
+            fingerprint=data["fingerprint"],
+        )
 
 
 @dataclass
@@ -120,6 +125,7 @@ class FeatureIndex:
 
 # ---------------------------------------------------------------------------------------------
 # validation and small helpers
+
 
 def _faiss():
     import faiss
@@ -137,8 +143,10 @@ def _check_features(features, name: str = "features") -> tuple[int, int]:
     head = np.asarray(features[: min(shape[0], 256)], dtype=np.float32)
     norms = np.linalg.norm(head, axis=1)
     if not np.all(np.isfinite(norms)) or np.abs(norms - 1.0).max() > 1e-2:
-        raise EngineError(f"{name}: got rows with L2 norms in [{norms.min():.3g}, {norms.max():.3g}], "
-                          "expected unit-norm (L2-normalised) rows")
+        raise EngineError(
+            f"{name}: got rows with L2 norms in [{norms.min():.3g}, {norms.max():.3g}], "
+            "expected unit-norm (L2-normalised) rows"
+        )
     return int(shape[0]), int(shape[1])
 
 
@@ -155,8 +163,9 @@ def check_labels(labels, n: int | None, num_classes: int) -> np.ndarray:
     if labels.dtype.kind not in "iu":
         raise EngineError(f"labels: got dtype {labels.dtype}, expected integers (-1 = unlabelled)")
     if labels.size and (labels.min() < -1 or labels.max() >= num_classes):
-        raise EngineError(f"labels: got values in [{labels.min()}, {labels.max()}], "
-                          f"expected -1 (unlabelled) or 0..{num_classes - 1}")
+        raise EngineError(
+            f"labels: got values in [{labels.min()}, {labels.max()}], expected -1 (unlabelled) or 0..{num_classes - 1}"
+        )
     return labels.astype(np.int64, copy=False)
 
 
@@ -164,8 +173,9 @@ def check_neighbors(similarities, ids) -> tuple[np.ndarray, np.ndarray]:
     similarities = np.asarray(similarities, dtype=np.float32)
     ids = np.asarray(ids)
     if ids.ndim != 2 or similarities.shape != ids.shape:
-        raise EngineError(f"similarities/ids: got shapes {similarities.shape} and {ids.shape}, "
-                          "expected the same (N, k)")
+        raise EngineError(
+            f"similarities/ids: got shapes {similarities.shape} and {ids.shape}, expected the same (N, k)"
+        )
     if ids.dtype.kind not in "iu":
         raise EngineError(f"ids: got dtype {ids.dtype}, expected integers")
     return similarities, ids.astype(np.int64, copy=False)
@@ -176,8 +186,7 @@ def check_ids(ids, n: int) -> np.ndarray:
     if ids.ndim != 2 or ids.dtype.kind not in "iu":
         raise EngineError(f"ids: got shape {ids.shape} dtype {ids.dtype}, expected (N, k) integers")
     if ids.size and (ids.min() < -1 or ids.max() >= n):
-        raise EngineError(f"ids: got values in [{ids.min()}, {ids.max()}], "
-                          f"expected -1 (missing) or 0..{n - 1}")
+        raise EngineError(f"ids: got values in [{ids.min()}, {ids.max()}], expected -1 (missing) or 0..{n - 1}")
     return ids.astype(np.int64, copy=False)
 
 
@@ -243,6 +252,7 @@ def index_is_stale(index: FeatureIndex | IndexInfo, features, *, keys=None) -> b
 
 # ---------------------------------------------------------------------------------------------
 # choosing and building
+
 
 def _auto_nlist(n: int) -> int:
     """2 * sqrt(N) rounded to a power of two, at most N / 40 (enough k-means points per list)."""
@@ -321,7 +331,7 @@ def _set_search_param(index, kind: str, value: int, where: str) -> None:
 
 
 def _nprobe_candidates(params: dict) -> list[int]:
-    return [2 ** i for i in range(int(math.log2(max(1, params["nlist"] // 4))) + 1)]
+    return [2**i for i in range(int(math.log2(max(1, params["nlist"] // 4))) + 1)]
 
 
 # kind -> (faiss parameter, config/params name, candidate values for calibration, ascending cost)
@@ -348,8 +358,7 @@ def _train_and_add(index, features, params: dict, config: IndexConfig, timer: Ti
         bar.close()
 
 
-def build_index(features, config: IndexConfig = IndexConfig(), *, keys=None,
-                device="auto") -> FeatureIndex:
+def build_index(features, config: IndexConfig = IndexConfig(), *, keys=None, device="auto") -> FeatureIndex:
     """Index `features (N, D)` float16/float32 unit rows for inner-product search.
 
     `config` chooses the kind (see `choose_index`); `keys (N,)` go into the fingerprint;
@@ -374,14 +383,12 @@ def build_index(features, config: IndexConfig = IndexConfig(), *, keys=None,
         params["recall_at_10"] = recall
     params["seconds"] = timer.rounded()
     params["seed"] = config.seed
-    info = IndexInfo(kind=kind, params=params, rows=n, dim=dim,
-                     fingerprint=row_fingerprint(features, keys=keys))
+    info = IndexInfo(kind=kind, params=params, rows=n, dim=dim, fingerprint=row_fingerprint(features, keys=keys))
     _logger.info("built %s index over %d x %d on %s: %s", kind, n, dim, where, params)
     return FeatureIndex(index=index, info=info, device=where, gpu_resources=resources)
 
 
-def _calibrate(index, features, kind: str, params: dict, config: IndexConfig,
-               where: str) -> tuple[int, float | None]:
+def _calibrate(index, features, kind: str, params: dict, config: IndexConfig, where: str) -> tuple[int, float | None]:
     """The fixed value from config, or the smallest candidate reaching the target recall@10."""
     _, name, candidates = _SEARCH_PARAM[kind]
     fixed = params.get(name)
@@ -397,7 +404,7 @@ def _calibrate(index, features, kind: str, params: dict, config: IndexConfig,
     queries = _gather_rows(features, rows, config.block_rows)
     exact = _drop_self(*exact_search(features, queries, k=k + 1, block_rows=config.block_rows), rows)[1]
     recall = 0.0
-    for value in ([fixed] if fixed else candidates(params)):
+    for value in [fixed] if fixed else candidates(params):
         _set_search_param(index, kind, value, where)
         sims, ids = index.search(queries, k + 1)
         recall = recall_at_k(_drop_self(sims, ids, rows)[1], exact)
@@ -406,14 +413,21 @@ def _calibrate(index, features, kind: str, params: dict, config: IndexConfig,
             break
     else:
         if not fixed:
-            _logger.warning("calibration: %s=%d reaches recall@%d %.3f < target %.3f; "
-                            "pass a larger nlist/%s or use kind flat", name, value, k, recall,
-                            config.target_recall, name)
+            _logger.warning(
+                "calibration: %s=%d reaches recall@%d %.3f < target %.3f; pass a larger nlist/%s or use kind flat",
+                name,
+                value,
+                k,
+                recall,
+                config.target_recall,
+                name,
+            )
     return int(value), round(float(recall), 4)
 
 
 # ---------------------------------------------------------------------------------------------
 # search
+
 
 def _drop_self(similarities: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(B, k+1) results of querying `rows (B,)` -> (B, k) without the row itself, by id.
@@ -434,8 +448,9 @@ def _clean(similarities: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.nd
     return similarities, ids
 
 
-def exact_search(features, queries: np.ndarray, *, k: int,
-                 block_rows: int = DEFAULT_BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(
+    features, queries: np.ndarray, *, k: int, block_rows: int = DEFAULT_BLOCK_ROWS
+) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top-k inner products of `queries (M, D)` against `features (N, D)`, streamed
     over blocks of feature rows (BLAS via faiss.knn, merged in a result heap).
 
@@ -479,13 +494,16 @@ def search_index(index: FeatureIndex, queries: np.ndarray, *, k: int) -> tuple[n
 def _check_index_rows(index: FeatureIndex, features) -> int:
     n, dim = int(features.shape[0]), int(features.shape[1])
     if (n, dim) != (index.info.rows, index.info.dim):
-        raise EngineError(f"features: got shape ({n}, {dim}), expected the indexed "
-                          f"({index.info.rows}, {index.info.dim}); rebuild the index")
+        raise EngineError(
+            f"features: got shape ({n}, {dim}), expected the indexed "
+            f"({index.info.rows}, {index.info.dim}); rebuild the index"
+        )
     return n
 
 
-def knn_all(index: FeatureIndex, features, *, k: int = 10, exclude_self: bool = True,
-            block_rows: int = DEFAULT_BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+def knn_all(
+    index: FeatureIndex, features, *, k: int = 10, exclude_self: bool = True, block_rows: int = DEFAULT_BLOCK_ROWS
+) -> tuple[np.ndarray, np.ndarray]:
     """Every row's k nearest neighbors among the indexed `features (N, D)`, in row blocks.
 
     With `exclude_self`, k+1 are searched and the row itself dropped by id (see `_drop_self`).
@@ -512,8 +530,9 @@ def knn_all(index: FeatureIndex, features, *, k: int = 10, exclude_self: bool = 
     return out_sims, out_ids
 
 
-def query_neighbors(index: FeatureIndex, features, row: int, *, k: int = 10,
-                    exclude_self: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def query_neighbors(
+    index: FeatureIndex, features, row: int, *, k: int = 10, exclude_self: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest neighbors of row `row` of `features (N, D)` -> (similarities (k,), ids (k,))."""
     n = _check_index_rows(index, features)
     if not isinstance(row, (int, np.integer)) or not 0 <= row < n:
@@ -530,6 +549,7 @@ def query_neighbors(index: FeatureIndex, features, row: int, *, k: int = 10,
 
 # ---------------------------------------------------------------------------------------------
 # persistence
+
 
 def save_index(index: FeatureIndex, path) -> Path:
     """Write the faiss index to `path` (a GPU index is copied to CPU first) and its `IndexInfo`
@@ -577,6 +597,7 @@ def _place(index, info: IndexInfo, device) -> FeatureIndex:
 # ---------------------------------------------------------------------------------------------
 # class similarity
 
+
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -597,15 +618,15 @@ def text_class_similarity(text_features, mask=None) -> np.ndarray:
         raise EngineError(f"mask: got shape {mask.shape}, expected {text.shape[:2]}")
     empty = np.flatnonzero(~mask.any(axis=1))
     if empty.size:
-        raise EngineError(f"mask: classes {empty[:10].tolist()} have no valid prompt, "
-                          "expected at least one each")
+        raise EngineError(f"mask: classes {empty[:10].tolist()} have no valid prompt, expected at least one each")
     means = (text * mask[:, :, None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
     unit = _unit_rows(means)
     return unit @ unit.T
 
 
-def class_centroids(features, labels, num_classes: int, *,
-                    block_rows: int = DEFAULT_BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+def class_centroids(
+    features, labels, num_classes: int, *, block_rows: int = DEFAULT_BLOCK_ROWS
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-class sums of `features (N, D)` over rows with `labels (N,)` = c (-1 ignored), streamed
     in row blocks, renormalised -> (centroids (C, D) float32 unit rows, NaN for classes without
     samples; counts (C,) int64)."""
@@ -618,21 +639,22 @@ def class_centroids(features, labels, num_classes: int, *,
     for start, stop in _blocks(n, check_positive(block_rows, "block_rows")):
         lab = labels[start:stop]
         cols = np.flatnonzero(lab >= 0)
-        onehot = sp.csr_matrix((np.ones(cols.size, np.float32), (lab[cols], cols)),
-                               shape=(num_classes, stop - start))
-        sums += onehot @ _rows32(features, start, stop)    # float32 per block, float64 across blocks
+        onehot = sp.csr_matrix((np.ones(cols.size, np.float32), (lab[cols], cols)), shape=(num_classes, stop - start))
+        sums += onehot @ _rows32(features, start, stop)  # float32 per block, float64 across blocks
     counts = np.bincount(labels[labels >= 0], minlength=num_classes).astype(np.int64)
     return _unit_rows(sums), counts
 
 
-def image_class_similarity(features, labels, num_classes: int, *,
-                           block_rows: int = DEFAULT_BLOCK_ROWS) -> np.ndarray:
+def image_class_similarity(features, labels, num_classes: int, *, block_rows: int = DEFAULT_BLOCK_ROWS) -> np.ndarray:
     """C x C cosine similarity of the image-feature class centroids (see `class_centroids`).
     Rows and columns of classes without labelled samples are NaN. Returns (C, C) float32."""
     centroids, counts = class_centroids(features, labels, num_classes, block_rows=block_rows)
     if (counts == 0).any():
-        _logger.warning("class similarity: %d of %d classes have no labelled sample (NaN rows)",
-                        int((counts == 0).sum()), num_classes)
+        _logger.warning(
+            "class similarity: %d of %d classes have no labelled sample (NaN rows)",
+            int((counts == 0).sum()),
+            num_classes,
+        )
     return centroids @ centroids.T
 
 
@@ -646,12 +668,12 @@ def top_confusable_pairs(similarity, *, top: int = 20) -> list[tuple[int, int, f
     top = check_positive(top, "top")
     c = sim.shape[0]
     found_a, found_b, found_v = [], [], []
-    for start, stop in _blocks(c, max(1, 2 ** 22 // max(1, c))):
+    for start, stop in _blocks(c, max(1, 2**22 // max(1, c))):
         block = sim[start:stop].astype(np.float64)
-        block[np.arange(c)[None, :] <= np.arange(start, stop)[:, None]] = np.nan   # keep a < b
+        block[np.arange(c)[None, :] <= np.arange(start, stop)[:, None]] = np.nan  # keep a < b
         flat = np.flatnonzero(~np.isnan(block))
         values = block.ravel()[flat]
-        if values.size > top:   # keep every value tied with the top-th, so ties stay deterministic
+        if values.size > top:  # keep every value tied with the top-th, so ties stay deterministic
             keep = values >= np.partition(values, values.size - top)[values.size - top]
             flat, values = flat[keep], values[keep]
         found_a.append(flat // c + start)
@@ -664,6 +686,7 @@ def top_confusable_pairs(similarity, *, top: int = 20) -> list[tuple[int, int, f
 
 # ---------------------------------------------------------------------------------------------
 # kNN label agreement and "which classes swap"
+
 
 def neighbor_labels(ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """labels of the neighbors, -1 where the neighbor is missing or unlabelled. (N, k) int64."""
@@ -709,11 +732,11 @@ def neighbor_majority(ids, labels, num_classes: int, *, block_rows: int = DEFAUL
     ids = check_ids(ids, labels.shape[0])
     majority = np.empty(ids.shape[0], dtype=np.int64)
     for start, stop in _blocks(ids.shape[0], check_positive(block_rows, "block_rows")):
-        neighbor = np.sort(neighbor_labels(ids[start:stop], labels), axis=1)   # -1 first, then ascending
+        neighbor = np.sort(neighbor_labels(ids[start:stop], labels), axis=1)  # -1 first, then ascending
         valid = neighbor >= 0
         counts = ((neighbor[:, :, None] == neighbor[:, None, :]) & valid[:, None, :]).sum(axis=2)
         counts[~valid] = -1
-        best = np.argmax(counts, axis=1)          # first maximum = smallest label among ties
+        best = np.argmax(counts, axis=1)  # first maximum = smallest label among ties
         block = neighbor[np.arange(stop - start), best]
         block[~valid.any(axis=1)] = -1
         majority[start:stop] = block
@@ -737,8 +760,7 @@ def top_label_swaps(labels, majority, *, top: int = 20) -> list[tuple[int, int, 
     labels = np.asarray(labels, dtype=np.int64)
     majority = np.asarray(majority, dtype=np.int64)
     if labels.ndim != 1 or majority.shape != labels.shape:
-        raise EngineError(f"labels/majority: got shapes {labels.shape} and {majority.shape}, "
-                          "expected (N,) each")
+        raise EngineError(f"labels/majority: got shapes {labels.shape} and {majority.shape}, expected (N,) each")
     top = check_positive(top, "top")
     ok = (labels >= 0) & (majority >= 0) & (labels != majority)
     pairs, counts = np.unique(np.stack([labels[ok], majority[ok]], axis=1), axis=0, return_counts=True)
@@ -766,13 +788,18 @@ def knn_diagnostics(ids, labels, num_classes: int, *, top: int = 20) -> KnnDiagn
     agreement = neighbor_agreement(ids, labels)
     majority = neighbor_majority(ids, labels, num_classes)
     mean = float(np.nanmean(agreement)) if (~np.isnan(agreement)).any() else float("nan")
-    return KnnDiagnostics(agreement=agreement, class_agreement=class_agreement(agreement, labels, num_classes),
-                          mean_agreement=mean, majority=majority,
-                          swaps=top_label_swaps(labels, majority, top=top))
+    return KnnDiagnostics(
+        agreement=agreement,
+        class_agreement=class_agreement(agreement, labels, num_classes),
+        mean_agreement=mean,
+        majority=majority,
+        swaps=top_label_swaps(labels, majority, top=top),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # the kNN graph (cleanlab's Datalab)
+
 
 def knn_graph(similarities, ids, n: int | None = None):
     """The kNN graph as cleanlab's Datalab takes it (`knn_graph=`): a scipy.sparse.csr_matrix
@@ -787,8 +814,10 @@ def knn_graph(similarities, ids, n: int | None = None):
     if n != rows:
         raise EngineError(f"n: got {n}, expected the number of rows of ids ({rows})")
     if (ids < 0).any() or (ids >= n).any():
-        raise EngineError(f"ids: got values in [{ids.min()}, {ids.max()}], expected every neighbor "
-                          f"present in [0, {n}); rebuild with a larger nprobe")
+        raise EngineError(
+            f"ids: got values in [{ids.min()}, {ids.max()}], expected every neighbor "
+            f"present in [0, {n}); rebuild with a larger nprobe"
+        )
     if (ids == np.arange(rows)[:, None]).any():
         raise EngineError("ids: some rows list themselves; compute them with exclude_self=True")
     dist = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * sims)).astype(np.float32)

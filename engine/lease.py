@@ -22,6 +22,7 @@ prompts), each for seconds, so concurrent jobs interleave at shard granularity.
 `ENGINE_S3_LOCK=off` turns it off for stores that do not honour conditional writes (then:
 one job per cache at a time).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,7 +42,7 @@ _logger = logging.getLogger(__name__)
 LOCK_NAME = "engine.lock"
 TTL_S = float(os.environ.get("ENGINE_LOCK_TTL_S", "60"))
 _S3_PROTOCOLS = ("s3", "s3a")
-_verified_buckets: set[str] = set()   # stores seen to refuse a second If-None-Match PUT
+_verified_buckets: set[str] = set()  # stores seen to refuse a second If-None-Match PUT
 
 
 def supports_lease(url: str) -> bool:
@@ -53,16 +54,17 @@ def _error_code(err: BaseException) -> tuple[str, int | None]:
     for e in (err, err.__cause__, err.__context__):
         response = getattr(e, "response", None)
         if isinstance(response, dict):
-            return (str(response.get("Error", {}).get("Code", "")),
-                    response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+            return (
+                str(response.get("Error", {}).get("Code", "")),
+                response.get("ResponseMetadata", {}).get("HTTPStatusCode"),
+            )
     return "", None
 
 
 def _precondition_failed(err: BaseException) -> bool:
     """412: the object is not the version the condition named (or exists, for If-None-Match)."""
     code, status = _error_code(err)
-    return code in ("PreconditionFailed", "412") or status == 412 or (
-        isinstance(err, FileExistsError) and not code)
+    return code in ("PreconditionFailed", "412") or status == 412 or (isinstance(err, FileExistsError) and not code)
 
 
 def _conflict(err: BaseException) -> bool:
@@ -88,16 +90,25 @@ def _check_client_supports_conditions() -> None:
     if not {"IfNoneMatch", "IfMatch"} <= set(put) or "IfMatch" not in delete:
         import botocore
 
-        raise EngineError(f"cache: botocore {botocore.__version__} cannot send conditional writes "
-                          "(If-None-Match/If-Match), which the S3 cache lock needs: upgrade s3fs/aiobotocore, "
-                          "or set ENGINE_S3_LOCK=off and run one job per cache at a time")
+        raise EngineError(
+            f"cache: botocore {botocore.__version__} cannot send conditional writes "
+            "(If-None-Match/If-Match), which the S3 cache lock needs: upgrade s3fs/aiobotocore, "
+            "or set ENGINE_S3_LOCK=off and run one job per cache at a time"
+        )
 
 
 class S3Lease:
     """An exclusive lease on `<url>/engine.lock`; use as a context manager."""
 
-    def __init__(self, url: str, *, ttl: float | None = None, poll: float = 0.25,
-                 timeout: float | None = None, owner: dict | None = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl: float | None = None,
+        poll: float = 0.25,
+        timeout: float | None = None,
+        owner: dict | None = None,
+    ):
         import fsspec
 
         _check_client_supports_conditions()
@@ -110,10 +121,10 @@ class S3Lease:
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), **(owner or {})}
         self.etag: str | None = None
         self.lost: str | None = None
-        self._ok_at = float("-inf")          # monotonic time just before our last successful write
+        self._ok_at = float("-inf")  # monotonic time just before our last successful write
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
-        self._guard = threading.Lock()        # the heartbeat and release never write at once
+        self._guard = threading.Lock()  # the heartbeat and release never write at once
 
     # ------------------------------------------------------------ S3 calls
     def _put(self, **condition) -> str:
@@ -175,16 +186,22 @@ class S3Lease:
                         break
                     seen = None
                 elif seen is None or seen[0] != etag:
-                    seen = (etag, now)   # a live holder renews, which changes the etag
+                    seen = (etag, now)  # a live holder renews, which changes the etag
                 elif now - seen[1] > self._expiry(holder):
                     if self._try_put(IfMatch=etag):
-                        _logger.warning("cache %s: took over a lock not renewed for %.0f s (held by %s)",
-                                        self.url, now - seen[1], _describe(holder))
+                        _logger.warning(
+                            "cache %s: took over a lock not renewed for %.0f s (held by %s)",
+                            self.url,
+                            now - seen[1],
+                            _describe(holder),
+                        )
                         break
-                    seen = None   # someone else took it (or it was released): start again
+                    seen = None  # someone else took it (or it was released): start again
             if self.timeout is not None and now - started > self.timeout:
-                raise EngineError(f"cache: {self.url} is locked by {_describe(holder)}; waited "
-                                  f"{now - started:.0f} s (a lock not renewed for {self.ttl:.0f} s is taken over)")
+                raise EngineError(
+                    f"cache: {self.url} is locked by {_describe(holder)}; waited "
+                    f"{now - started:.0f} s (a lock not renewed for {self.ttl:.0f} s is taken over)"
+                )
             if now - last_said > 30:
                 _logger.warning("cache %s: waiting for the lock held by %s", self.url, _describe(holder))
                 last_said = now
@@ -223,9 +240,11 @@ class S3Lease:
         ignored = []
         try:
             self.fs.call_s3("put_object", Bucket=self.bucket, Key=probe, Body=b"{}")
-            for name, call, condition in (("If-None-Match on PUT", "put_object", {"IfNoneMatch": "*", "Body": b"{}"}),
-                                          ("If-Match on PUT", "put_object", {"IfMatch": '"0"', "Body": b"{}"}),
-                                          ("If-Match on DELETE", "delete_object", {"IfMatch": '"0"'})):
+            for name, call, condition in (
+                ("If-None-Match on PUT", "put_object", {"IfNoneMatch": "*", "Body": b"{}"}),
+                ("If-Match on PUT", "put_object", {"IfMatch": '"0"', "Body": b"{}"}),
+                ("If-Match on DELETE", "delete_object", {"IfMatch": '"0"'}),
+            ):
                 try:
                     self.fs.call_s3(call, Bucket=self.bucket, Key=probe, **condition)
                     ignored.append(name)
@@ -238,9 +257,11 @@ class S3Lease:
             with contextlib.suppress(Exception):
                 self.fs.call_s3("delete_object", Bucket=self.bucket, Key=probe)
         if ignored:
-            raise EngineError(f"cache: the object store of {self.url} ignores conditional writes "
-                              f"({', '.join(ignored)}), so it cannot be locked: set ENGINE_S3_LOCK=off and run "
-                              "one job per cache at a time")
+            raise EngineError(
+                f"cache: the object store of {self.url} ignores conditional writes "
+                f"({', '.join(ignored)}), so it cannot be locked: set ENGINE_S3_LOCK=off and run "
+                "one job per cache at a time"
+            )
         _verified_buckets.add(self.bucket)
 
     def _renew(self) -> None:
@@ -252,7 +273,7 @@ class S3Lease:
                     self.etag = self._put(IfMatch=self.etag)
                 except Exception as err:
                     mine = self._ours() if (_precondition_failed(err) or _conflict(err)) else None
-                    if mine is not None:   # the write had landed (a retried request), or a 409
+                    if mine is not None:  # the write had landed (a retried request), or a 409
                         self.etag = mine
                         continue
                     if _precondition_failed(err) or _missing(err):
@@ -266,21 +287,25 @@ class S3Lease:
         if not self.lost and age > self.ttl / 2:
             self.lost = f"not renewed for {age:.0f} s"
         if self.lost:
-            raise EngineError(f"cache: lost the lock on {self.url} ({self.lost}); stopped before writing more: "
-                              "rerun the command, the per-shard commit keeps what is done")
+            raise EngineError(
+                f"cache: lost the lock on {self.url} ({self.lost}); stopped before writing more: "
+                "rerun the command, the per-shard commit keeps what is done"
+            )
 
     def release(self) -> None:
         self._stop.set()
         with self._guard:
             if not self.lost and time.monotonic() - self._ok_at > self.ttl / 2:
-                self.lost = "not renewed in time"   # it may be another's now: leave it alone
+                self.lost = "not renewed in time"  # it may be another's now: leave it alone
             if not self.lost:
                 self._delete()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=5)
         if self.lost:
-            raise EngineError(f"cache: lost the lock on {self.url} ({self.lost}): this process stalled for "
-                              f"over {self.ttl / 2:.0f} s; rerun the command, the per-shard commit keeps what is done")
+            raise EngineError(
+                f"cache: lost the lock on {self.url} ({self.lost}): this process stalled for "
+                f"over {self.ttl / 2:.0f} s; rerun the command, the per-shard commit keeps what is done"
+            )
 
     def _delete(self) -> None:
         for _ in range(3):
@@ -291,8 +316,9 @@ class S3Lease:
                 if _missing(err):
                     return  # a retried DELETE whose first try had landed (we were in time: see above)
                 if not (_precondition_failed(err) or _conflict(err)):
-                    _logger.warning("cache %s: releasing the lock failed (%s); it expires in %.0f s",
-                                    self.url, err, self.ttl)
+                    _logger.warning(
+                        "cache %s: releasing the lock failed (%s); it expires in %.0f s", self.url, err, self.ttl
+                    )
                     return
                 mine = self._ours()
                 if mine is None and _precondition_failed(err):

@@ -1,10 +1,11 @@
 """The cache's cross-process lock: `flock` on a local cache directory, a lease object on S3
 (`engine.lease`), nothing on other object stores (one job per cache there). See docs/architecture.md."""
+
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ offline model `shapes-tiny` that ships with the engine.
 Every model gets a stable identity (architecture, weights tag or file sha256, preprocessing)
 that the cache records, so features from different models are never mixed.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -19,9 +20,9 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -46,7 +47,7 @@ class LoadedModel:
     identity: dict
     embed_dim: int
 
-    def to(self, device: torch.device) -> "LoadedModel":
+    def to(self, device: torch.device) -> LoadedModel:
         self.model.to(device)
         return self
 
@@ -85,9 +86,11 @@ def _unknown_model(name: str) -> EngineError:
     names = list_model_names()
     close = difflib.get_close_matches(name, names, n=8, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return EngineError(f"model: got {name!r}, which is neither a bundled model ({', '.join(BUNDLED)}), "
-                       f"an open_clip architecture, nor a folder with open_clip_config.json.{hint} "
-                       f"`engine models` lists all {len(names)} choices.")
+    return EngineError(
+        f"model: got {name!r}, which is neither a bundled model ({', '.join(BUNDLED)}), "
+        f"an open_clip architecture, nor a folder with open_clip_config.json.{hint} "
+        f"`engine models` lists all {len(names)} choices."
+    )
 
 
 def _reachable(host: tuple[str, int], timeout: float = 3.0) -> bool:
@@ -108,8 +111,11 @@ def _cached_tag_file(tag_cfg: dict) -> str | None:
     except ImportError:
         return None
     repo_id = "/".join(hub.strip("/").split("/")[:2])
-    for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin",
-                     "open_clip_pytorch_model.safetensors"):
+    for filename in (
+        "open_clip_model.safetensors",
+        "open_clip_pytorch_model.bin",
+        "open_clip_pytorch_model.safetensors",
+    ):
         found = try_to_load_from_cache(repo_id, filename)
         if isinstance(found, str):
             return found
@@ -120,7 +126,8 @@ def _weights_unavailable(name: str, tag: str, why: str) -> EngineError:
     return EngineError(
         f"pretrained: weights for {name} {tag!r} cannot be fetched ({why}). Download them on a "
         f"machine with network access (open_clip.create_model('{name}', pretrained='{tag}') or the "
-        f"model's hub page) and pass the file: --model {name} --pretrained /path/to/weights.safetensors")
+        f"model's hub page) and pass the file: --model {name} --pretrained /path/to/weights.safetensors"
+    )
 
 
 def _resolve_open_clip(name: str, pretrained: str | None, probe: bool) -> tuple[dict, dict]:
@@ -128,19 +135,25 @@ def _resolve_open_clip(name: str, pretrained: str | None, probe: bool) -> tuple[
     import open_clip
 
     if pretrained is None:
-        raise EngineError(f"pretrained: {name} needs --pretrained TAG|PATH (tags: "
-                          f"{', '.join(list_pretrained(name)) or 'none'}), or 'random' for timing only; "
-                          "no model is ever silently randomly initialised")
+        raise EngineError(
+            f"pretrained: {name} needs --pretrained TAG|PATH (tags: "
+            f"{', '.join(list_pretrained(name)) or 'none'}), or 'random' for timing only; "
+            "no model is ever silently randomly initialised"
+        )
     if pretrained == RANDOM:
         return {"model_name": name}, {"model": name, "pretrained": RANDOM}
     if os.path.isfile(pretrained):
         digest = sha256_file(pretrained)
-        return ({"model_name": name, "pretrained": pretrained},
-                {"model": name, "pretrained": f"file:{Path(pretrained).name}", "sha256": digest})
+        return (
+            {"model_name": name, "pretrained": pretrained},
+            {"model": name, "pretrained": f"file:{Path(pretrained).name}", "sha256": digest},
+        )
     tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if not tag_cfg:
-        raise EngineError(f"pretrained: got {pretrained!r} for {name}, which is neither a file nor a known tag "
-                          f"(tags: {', '.join(list_pretrained(name)) or 'none'})")
+        raise EngineError(
+            f"pretrained: got {pretrained!r} for {name}, which is neither a file nor a known tag "
+            f"(tags: {', '.join(list_pretrained(name)) or 'none'})"
+        )
     identity = {"model": name, "pretrained": pretrained}
     if probe and not _reachable(_PROBE_HOSTS):
         cached = _cached_tag_file(tag_cfg)
@@ -166,8 +179,10 @@ def resolve(name: str, pretrained: str | None = None, *, probe: bool = True) -> 
                 raise EngineError(f"pretrained: got {pretrained!r} for {name}; expected nothing, 'bundled' or a file")
             weights = Path(pretrained)
         if not weights.is_file():
-            raise EngineError(f"model: the bundled weights of {name} are missing at {weights}; "
-                              "reinstall the engine or retrain with scripts/train_shapes_tiny.py")
+            raise EngineError(
+                f"model: the bundled weights of {name} are missing at {weights}; "
+                "reinstall the engine or retrain with scripts/train_shapes_tiny.py"
+            )
         kwargs = {"model_name": f"local-dir:{folder}", "pretrained": str(weights)}
         return kwargs, {"model": name, "pretrained": f"file:{weights.name}", "sha256": sha256_file(weights)}
     if name.startswith(("local-dir:", "hf-hub:")) or Path(name, "open_clip_config.json").is_file():
@@ -223,13 +238,13 @@ def load_model(name: str, pretrained: str | None = None, *, device: torch.device
         raise EngineError(f"model: could not build {name} with {pretrained!r}: {first}") from None
     model.eval().to(device)
     pp = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
-    identity["preprocess"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in pp.items()
-                              if k in _PREPROCESS_KEYS}
+    identity["preprocess"] = {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in pp.items() if k in _PREPROCESS_KEYS
+    }
     with torch.inference_mode():
         embed_dim = int(model.encode_text(tokenizer(["x"]).to(device)).shape[1])
     identity["embed_dim"] = embed_dim
-    return LoadedModel(model=model, preprocess=preprocess, tokenizer=tokenizer, identity=identity,
-                       embed_dim=embed_dim)
+    return LoadedModel(model=model, preprocess=preprocess, tokenizer=tokenizer, identity=identity, embed_dim=embed_dim)
 
 
 def same_model(a: dict, b: dict) -> bool:

@@ -13,6 +13,7 @@ Two shapes, one set of rules (docs/architecture.md, "Output folders"):
   user's in it are kept, and what a killed run left is undone by the next one (liveness by the
   `flock` each run holds on its hidden folders).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,9 +24,9 @@ import os
 import shutil
 import socket
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from engine.files import atomic_file, json_kind, lock_folder, read_json, write_json_atomic
 from engine.runtime import EngineError
@@ -39,8 +40,9 @@ def exclusive(folder: Path, *, command: str, option: str) -> Iterator[None]:
     so no lock file is left in it)."""
     fd = lock_folder(folder, wait=False)
     if fd is None:
-        raise EngineError(f"{option}: another `engine {command}` is writing into {folder}; "
-                          f"wait for it or use another {option}")
+        raise EngineError(
+            f"{option}: another `engine {command}` is writing into {folder}; wait for it or use another {option}"
+        )
     try:
         yield
     finally:
@@ -48,6 +50,7 @@ def exclusive(folder: Path, *, command: str, option: str) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- folders of units
+
 
 @dataclass
 class Resume:
@@ -100,8 +103,9 @@ class UnitFolder:
             problem = f"is {err}"
         else:
             if isinstance(manifest, dict) and "format" in manifest and manifest["format"] != self.format:
-                raise EngineError(f"{self.option}: {path} was not written by `engine {self.command}`; "
-                                  f"use another {self.option}")
+                raise EngineError(
+                    f"{self.option}: {path} was not written by `engine {self.command}`; use another {self.option}"
+                )
             shape = self.shape_problem(manifest)
             if shape is None:
                 return manifest, False
@@ -111,8 +115,16 @@ class UnitFolder:
         _logger.warning("%s: %s %s; --overwrite: starting again", self.option, path, problem)
         return None, True
 
-    def start(self, *, fingerprint: str, names: list[str], overwrite: bool, is_done: Callable[[str, dict], bool],
-              changes: Callable[[dict], str], stray: Callable[[str], bool] | None = None) -> Resume:
+    def start(
+        self,
+        *,
+        fingerprint: str,
+        names: list[str],
+        overwrite: bool,
+        is_done: Callable[[str, dict], bool],
+        changes: Callable[[dict], str],
+        stray: Callable[[str], bool] | None = None,
+    ) -> Resume:
         """Decide, without writing anything, how this run of the plan `fingerprint` (units `names`)
         starts; `clean(resume)` then clears the way.
 
@@ -126,8 +138,10 @@ class UnitFolder:
             units = self.units_of(old)
             return Resume(manifest=old, done={n: units[n] for n in names if n in units and is_done(n, units[n])})
         if old is not None and not overwrite:
-            raise EngineError(f"{self.option}: {self.folder} holds output of a different plan ({changes(old)}); "
-                              f"use --overwrite to replace it, or another {self.option}")
+            raise EngineError(
+                f"{self.option}: {self.folder} holds output of a different plan ({changes(old)}); "
+                f"use --overwrite to replace it, or another {self.option}"
+            )
         if overwrite:
             victims = set(names) | (set(self.units_of(old)) if old is not None else set())
             if corrupt and stray is not None and self.folder.is_dir():
@@ -135,9 +149,11 @@ class UnitFolder:
             return Resume(manifest=None, victims=victims)
         taken = [n for n in names if (self.folder / n).exists()]
         if taken:
-            raise EngineError(f"{self.option}: {self.folder} already holds {taken[0]} ({len(taken)} of this run's "
-                              f"names) and no {self.manifest_name} records it; use --overwrite to replace "
-                              f"them, or another {self.option}")
+            raise EngineError(
+                f"{self.option}: {self.folder} already holds {taken[0]} ({len(taken)} of this run's "
+                f"names) and no {self.manifest_name} records it; use --overwrite to replace "
+                f"them, or another {self.option}"
+            )
         return Resume(manifest=None)
 
     def clean(self, resume: Resume, names: list[str], *, protect: frozenset = frozenset()) -> None:
@@ -150,12 +166,12 @@ class UnitFolder:
             (self.folder / (name + self.temp_suffix)).unlink(missing_ok=True)
 
     def _final_name(self, name: str) -> str:
-        return name[:-len(self.temp_suffix)] if name.endswith(self.temp_suffix) else name
+        return name[: -len(self.temp_suffix)] if name.endswith(self.temp_suffix) else name
 
     def _remove(self, names: set, protect: frozenset) -> int:
         removed = 0
         for name in names:
-            if not name or Path(name).name != name:          # only plain names inside the folder
+            if not name or Path(name).name != name:  # only plain names inside the folder
                 continue
             for path in (self.folder / name, self.folder / (name + self.temp_suffix)):
                 if os.path.abspath(path) not in protect and path.is_file():
@@ -174,8 +190,9 @@ class UnitFolder:
         write_json_atomic(self.manifest_path, manifest, suffix=self.temp_suffix, sort_keys=sort_keys)
 
 
-def records_problem(records, *, name: str, expected: type, check: Callable[[object], bool] | None = None,
-                    what: str = "an object") -> str | None:
+def records_problem(
+    records, *, name: str, expected: type, check: Callable[[object], bool] | None = None, what: str = "an object"
+) -> str | None:
     """Shape check of one manifest field holding unit records (a list or a dict of objects)."""
     if not isinstance(records, expected):
         return f"{name!r} is {json_kind(records)}, expected {json_kind(expected())}"
@@ -187,6 +204,7 @@ def records_problem(records, *, name: str, expected: type, check: Callable[[obje
 
 
 # ----------------------------------------------------------------------------- folders swapped whole
+
 
 @dataclass
 class FolderSwap:
@@ -205,8 +223,10 @@ class FolderSwap:
         if self.out.exists() and not self.out.is_dir():
             raise EngineError(f"out: {self.out} is a file; expected a folder for the {self.command}")
         if self.out.is_dir() and any(self.out.iterdir()) and not (self.out / self.marker).exists():
-            raise EngineError(f"out: {self.out} exists and is not an engine {self.command} folder (no "
-                              f"{self.marker}); give an empty or new --out")
+            raise EngineError(
+                f"out: {self.out} exists and is not an engine {self.command} folder (no "
+                f"{self.marker}); give an empty or new --out"
+            )
 
     def is_output(self, name: str) -> bool:
         return name == self.marker or any(fnmatch.fnmatchcase(name, p) for p in self.outputs)
@@ -215,8 +235,10 @@ class FolderSwap:
         """`.<out>.engine-<command>-<new|old>-<host>-<pid>-<random>` (host and pid for a person
         reading the folder; whether its run is alive is told by the lock it holds)."""
         host = socket.gethostname().replace("-", "_") or "host"
-        return self.out.parent / f".{self.out.name}.engine-{self.command}-{what}-{host}-{os.getpid()}-" \
-                                 f"{uuid.uuid4().hex[:12]}"
+        return (
+            self.out.parent / f".{self.out.name}.engine-{self.command}-{what}-{host}-{os.getpid()}-"
+            f"{uuid.uuid4().hex[:12]}"
+        )
 
     def _dead(self) -> list[tuple[str, Path, int]]:
         """(new|old, folder, fd of its lock, now ours) left by runs that no longer hold their lock."""
@@ -225,7 +247,7 @@ class FolderSwap:
         prefix = f".{self.out.name}.engine-{self.command}-"
         found = []
         for path in self.out.parent.glob(f"{glob.escape(prefix)}*"):
-            what = path.name[len(prefix):].split("-", 1)[0]
+            what = path.name[len(prefix) :].split("-", 1)[0]
             if what not in ("new", "old") or not path.is_dir() or path.is_symlink():
                 continue
             fd = lock_folder(path, wait=False)
@@ -267,8 +289,10 @@ class FolderSwap:
             if target is None:
                 kept.append(entry.name)
             else:
-                done.append(f"moved {entry.name} back into {self.out}"
-                            + (f" as {target.name}" if target.name != entry.name else ""))
+                done.append(
+                    f"moved {entry.name} back into {self.out}"
+                    + (f" as {target.name}" if target.name != entry.name else "")
+                )
         if kept:
             return done + [f"kept {path.name}: it holds {', '.join(kept[:3])} that could not be moved into {self.out}"]
         shutil.rmtree(path, ignore_errors=True)
@@ -282,8 +306,9 @@ class FolderSwap:
         stage.mkdir()
         for name in subfolders:
             (stage / name).mkdir()
-        (stage / self.marker).write_text(f"made by engine {self.command}; a rerun replaces this folder's "
-                                         f"{self.command}\n")
+        (stage / self.marker).write_text(
+            f"made by engine {self.command}; a rerun replaces this folder's {self.command}\n"
+        )
         self.held.append(lock_folder(stage, wait=False))
         return stage
 

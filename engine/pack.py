@@ -8,13 +8,15 @@ recorded in OUT/pack.json, so a replaced or touched image makes a different plan
 Shards are independent: a process pool (started by a fork server once torch is loaded, see
 `_start_method`) verifies and writes each one to `NAME.partial`, then renames it into place, and
 the main process records it in the manifest. A rerun of the same plan skips recorded shards and
-rewrites the others; a killed run never leaves half a shard under a final name. Entry times in the tars are fixed, so one plan always gives the same bytes.
+rewrites the others; a killed run never leaves half a shard under a final name. Entry times in
+the tars are fixed, so one plan always gives the same bytes.
 
 Every image is decoded (PIL open + load) before it is written. JPEG, PNG and WebP bytes are
 stored unchanged (the format is read from the magic bytes, not the file name); any other
 format PIL decodes is converted losslessly to PNG. Files that cannot be read or decoded are
 skipped, counted and recorded with a one-line reason.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,10 +42,11 @@ MANIFEST = "pack.json"
 CLASSES = "classes.json"
 PARTIAL = ".partial"
 FORMAT_VERSION = 1
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
-                              ".ppm", ".pgm", ".pbm", ".pnm"})
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
 _PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"})  # PNG stores these as they are
-_KEY_UNSAFE = re.compile(r"[/\\.\s]")    # webdataset splits a member name at its first dot
+_KEY_UNSAFE = re.compile(r"[/\\.\s]")  # webdataset splits a member name at its first dot
 _LIST_LINE = re.compile(r"(.+?)[\s,]+([^\s,]+)")
 _BUFFER_NAME = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 _TAR_MTIME = 0
@@ -53,17 +56,17 @@ _EXAMPLES = 5
 
 @dataclass(frozen=True)
 class PackConfig:
-    list_file: str | None = None        # `PATH LABEL` lines; None: ROOT/<class>/<image> (or label_from_name)
-    true_list: str | None = None        # same format: true labels, stored as `true_cls`
-    subset: str | None = None           # one path a line: pack only these, in this order
+    list_file: str | None = None  # `PATH LABEL` lines; None: ROOT/<class>/<image> (or label_from_name)
+    true_list: str | None = None  # same format: true labels, stored as `true_cls`
+    subset: str | None = None  # one path a line: pack only these, in this order
     label_from_name: str | None = None  # regex with one group: the label from each file name
-    class_names: str | None = None      # one class name a line, line i names class i
+    class_names: str | None = None  # one class name a line, line i names class i
     per_shard: int = 1000
-    prefix: str | None = None           # default: ROOT's folder name
-    shuffle: int | None = None          # seed of a local generator that permutes the files
-    workers: int | None = None          # default: min(cores, 8)
+    prefix: str | None = None  # default: ROOT's folder name
+    shuffle: int | None = None  # seed of a local generator that permutes the files
+    workers: int | None = None  # default: min(cores, 8)
     overwrite: bool = False
-    strict: bool = False                # stop at the first unreadable image instead of skipping it
+    strict: bool = False  # stop at the first unreadable image instead of skipping it
 
     def __post_init__(self):
         if self.per_shard < 1:
@@ -87,12 +90,15 @@ def name_pattern(regex: str) -> re.Pattern:
     except re.error as err:
         raise EngineError(f"label-from-name: {regex!r} is not a valid regular expression ({err})") from None
     if pattern.groups != 1:
-        raise EngineError(f"label-from-name: {regex!r} has {pattern.groups} groups, expected exactly one "
-                          r"(the label), e.g. '(\d+)_\d+\.jpg'")
+        raise EngineError(
+            f"label-from-name: {regex!r} has {pattern.groups} groups, expected exactly one "
+            r"(the label), e.g. '(\d+)_\d+\.jpg'"
+        )
     return pattern
 
 
 # ---------------------------------------------------------------- list files
+
 
 def _list_lines(path: str | os.PathLike, option: str):
     """(line number, stripped line) of a list file, skipping blank lines and # comments."""
@@ -173,6 +179,7 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
 
 # ---------------------------------------------------------------- scanning ROOT
 
+
 def _image_files(root: Path, sub: str = "") -> tuple[list[str], list[str]]:
     """(image files, other files) under root/sub as sorted POSIX paths relative to root.
 
@@ -202,8 +209,10 @@ def scan_image_folder(root: Path) -> tuple[dict[str, int], list[str], list[str]]
     and files directly in ROOT are ignored (returned, so they can be counted)."""
     folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not folders:
-        raise EngineError(f"root: {str(root)!r} has no class folders (expected ROOT/<class>/<image>); "
-                          "give --list FILE or --label-from-name REGEX for other layouts")
+        raise EngineError(
+            f"root: {str(root)!r} has no class folders (expected ROOT/<class>/<image>); "
+            "give --list FILE or --label-from-name REGEX for other layouts"
+        )
     labels: dict[str, int] = {}
     ignored = [e.name for e in os.scandir(root) if e.is_file()]
     for label, folder in enumerate(folders):
@@ -233,10 +242,11 @@ def scan_by_name(root: Path, regex: str) -> tuple[dict[str, int], list[tuple[str
 
 # ---------------------------------------------------------------- the plan
 
+
 def make_key(rel: str) -> str:
     """The sample key of a relative path: the path without its extension, with `/`, `\\`, `.` and
     white space replaced by `_` (webdataset splits member names at the first dot)."""
-    return _KEY_UNSAFE.sub("_", rel[:len(rel) - len(posixpath.splitext(rel)[1])])
+    return _KEY_UNSAFE.sub("_", rel[: len(rel) - len(posixpath.splitext(rel)[1])])
 
 
 @dataclass
@@ -248,11 +258,11 @@ class Plan:
     per_shard: int
     source: str
     entries: list
-    unlabelled: list = field(default_factory=list)   # [(path, reason)]: bad before any shard
+    unlabelled: list = field(default_factory=list)  # [(path, reason)]: bad before any shard
     class_names: list | None = None
     folders: list | None = None
     notes: dict = field(default_factory=dict)
-    stats: list = field(default_factory=list)       # (size, mtime_ns) of each entry's file, None: missing
+    stats: list = field(default_factory=list)  # (size, mtime_ns) of each entry's file, None: missing
     fingerprint: str = ""
 
     @property
@@ -263,7 +273,7 @@ class Plan:
         return f"{self.prefix}-{index:06d}.tar"
 
     def shard_entries(self, index: int) -> list:
-        return self.entries[index * self.per_shard:(index + 1) * self.per_shard]
+        return self.entries[index * self.per_shard : (index + 1) * self.per_shard]
 
 
 def _default_prefix(root: Path) -> str:
@@ -317,9 +327,18 @@ def build_plan(root: str | os.PathLike, config: PackConfig) -> Plan:
     if not entries:
         raise EngineError(f"root: no images to pack under {str(root)!r} ({source}; {len(unlabelled)} without a label)")
     _check_keys(entries)
-    plan = Plan(root=str(root_path.resolve()), prefix=config.prefix or _default_prefix(root_path),
-                per_shard=config.per_shard, source=source, entries=entries, unlabelled=unlabelled,
-                class_names=names, folders=folders, notes=notes, stats=[_file_stat(root_path, e[0]) for e in entries])
+    plan = Plan(
+        root=str(root_path.resolve()),
+        prefix=config.prefix or _default_prefix(root_path),
+        per_shard=config.per_shard,
+        source=source,
+        entries=entries,
+        unlabelled=unlabelled,
+        class_names=names,
+        folders=folders,
+        notes=notes,
+        stats=[_file_stat(root_path, e[0]) for e in entries],
+    )
     plan.fingerprint = fingerprint(plan)
     return plan
 
@@ -336,8 +355,9 @@ def _check_keys(entries: list) -> None:
     owner: dict[str, str] = {}
     for rel, key, _, _ in entries:
         if key in owner:
-            raise EngineError(f"keys: {owner[key]!r} and {rel!r} both become the sample key {key!r}; "
-                              "rename one of them")
+            raise EngineError(
+                f"keys: {owner[key]!r} and {rel!r} both become the sample key {key!r}; rename one of them"
+            )
         owner[key] = rel
 
 
@@ -354,8 +374,12 @@ def fingerprint(plan: Plan) -> str:
     """sha256 of everything that decides the shards' contents: root, per_shard, prefix, and the
     ordered (path, label, true label, file size, file mtime) entries and unlabelled paths, so a
     replaced or touched image changes the plan."""
-    digest = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, "root": plan.root, "per_shard": plan.per_shard,
-                                        "prefix": plan.prefix}, sort_keys=True).encode())
+    digest = hashlib.sha256(
+        json.dumps(
+            {"format": FORMAT_VERSION, "root": plan.root, "per_shard": plan.per_shard, "prefix": plan.prefix},
+            sort_keys=True,
+        ).encode()
+    )
     stats = plan.stats or [None] * len(plan.entries)
     for (rel, _, label, true), stat in zip(plan.entries, stats):
         size, mtime = stat if stat is not None else ("-", "-")
@@ -366,6 +390,7 @@ def fingerprint(plan: Plan) -> str:
 
 
 # ---------------------------------------------------------------- images and shards (worker side)
+
 
 def sniff_format(data: bytes) -> str | None:
     """`jpg`, `png` or `webp` from the magic bytes; None for anything else."""
@@ -448,26 +473,57 @@ def write_shard(task: dict) -> dict:
                 formats[ext] = formats.get(ext, 0) + 1
                 converted += was_converted
                 sink.write(sample)
-    return {"index": task["index"], "name": final.name, "entries": len(task["entries"]),
-            "samples": len(task["entries"]) - len(bad), "bytes": final.stat().st_size, "formats": formats,
-            "converted": converted, "bad": bad}
+    return {
+        "index": task["index"],
+        "name": final.name,
+        "entries": len(task["entries"]),
+        "samples": len(task["entries"]) - len(bad),
+        "bytes": final.stat().st_size,
+        "formats": formats,
+        "converted": converted,
+        "bad": bad,
+    }
 
 
 # ---------------------------------------------------------------- the output folder (main process)
 
+
 def _new_manifest(plan: Plan, config: PackConfig) -> dict:
-    given = {name: (os.path.abspath(value) if value is not None else None)
-             for name, value in (("list", config.list_file), ("true_list", config.true_list),
-                                 ("subset", config.subset), ("class_names", config.class_names))}
-    record = {"root": plan.root, "source": plan.source, **given, "label_from_name": config.label_from_name,
-              "per_shard": plan.per_shard, "prefix": plan.prefix, "shuffle": config.shuffle,
-              "files": len(plan.entries) + len(plan.unlabelled), "labelled": len(plan.entries),
-              "with_true_label": sum(e[3] is not None for e in plan.entries), **plan.notes}
-    return {"format": FORMAT_VERSION, "engine_version": engine_version(), "fingerprint": plan.fingerprint,
-            "plan": record, "classes": plan.class_names, "complete": False,
-            "shards": [{"name": plan.shard_name(i), "entries": len(plan.shard_entries(i)), "status": "pending"}
-                       for i in range(plan.num_shards)],
-            "bad": [{"path": rel, "reason": reason, "shard": None} for rel, reason in plan.unlabelled]}
+    given = {
+        name: (os.path.abspath(value) if value is not None else None)
+        for name, value in (
+            ("list", config.list_file),
+            ("true_list", config.true_list),
+            ("subset", config.subset),
+            ("class_names", config.class_names),
+        )
+    }
+    record = {
+        "root": plan.root,
+        "source": plan.source,
+        **given,
+        "label_from_name": config.label_from_name,
+        "per_shard": plan.per_shard,
+        "prefix": plan.prefix,
+        "shuffle": config.shuffle,
+        "files": len(plan.entries) + len(plan.unlabelled),
+        "labelled": len(plan.entries),
+        "with_true_label": sum(e[3] is not None for e in plan.entries),
+        **plan.notes,
+    }
+    return {
+        "format": FORMAT_VERSION,
+        "engine_version": engine_version(),
+        "fingerprint": plan.fingerprint,
+        "plan": record,
+        "classes": plan.class_names,
+        "complete": False,
+        "shards": [
+            {"name": plan.shard_name(i), "entries": len(plan.shard_entries(i)), "status": "pending"}
+            for i in range(plan.num_shards)
+        ],
+        "bad": [{"path": rel, "reason": reason, "shard": None} for rel, reason in plan.unlabelled],
+    }
 
 
 def _shape_problem(manifest) -> str | None:
@@ -476,18 +532,31 @@ def _shape_problem(manifest) -> str | None:
         return f"the top level is {json_kind(manifest)}, expected an object"
     for name, expected in (("shards", list), ("plan", dict), ("bad", list)):
         if name in manifest or name == "shards":
-            problem = records_problem(manifest.get(name), name=name, expected=expected) if expected is list else (
-                None if isinstance(manifest[name], dict) else
-                f"{name!r} is {json_kind(manifest[name])}, expected an object")
+            problem = (
+                records_problem(manifest.get(name), name=name, expected=expected)
+                if expected is list
+                else (
+                    None
+                    if isinstance(manifest[name], dict)
+                    else f"{name!r} is {json_kind(manifest[name])}, expected an object"
+                )
+            )
             if problem:
                 return problem
     return None
 
 
 def _folder(out: Path) -> UnitFolder:
-    return UnitFolder(out, command="pack", manifest_name=MANIFEST, kind="a pack manifest", format=FORMAT_VERSION,
-                      shape_problem=_shape_problem, temp_suffix=PARTIAL,
-                      units_of=lambda m: {str(r.get("name", "")): r for r in m["shards"] if r.get("name")})
+    return UnitFolder(
+        out,
+        command="pack",
+        manifest_name=MANIFEST,
+        kind="a pack manifest",
+        format=FORMAT_VERSION,
+        shape_problem=_shape_problem,
+        temp_suffix=PARTIAL,
+        units_of=lambda m: {str(r.get("name", "")): r for r in m["shards"] if r.get("name")},
+    )
 
 
 def _save_manifest(out: Path, manifest: dict) -> None:
@@ -497,8 +566,18 @@ def _save_manifest(out: Path, manifest: dict) -> None:
 
 
 def _plan_changes(old: dict, new: dict) -> str:
-    fields = ("root", "source", "list", "true_list", "subset", "label_from_name", "per_shard", "prefix", "shuffle",
-              "files")
+    fields = (
+        "root",
+        "source",
+        "list",
+        "true_list",
+        "subset",
+        "label_from_name",
+        "per_shard",
+        "prefix",
+        "shuffle",
+        "files",
+    )
     changed = [f"{f} {old.get(f)!r} -> {new.get(f)!r}" for f in fields if old.get(f) != new.get(f)]
     return "; ".join(changed) or "the files, their labels, or their sizes or modification times changed"
 
@@ -507,8 +586,12 @@ def _is_done(out: Path, record: dict) -> bool:
     """A finished shard's record (all the fields a summary reads) whose file is still in place."""
     numbers = all(type(record.get(k)) is int for k in ("entries", "samples", "bytes", "converted"))
     formats = record.get("formats")
-    if record.get("status") != "done" or not numbers or not isinstance(formats, dict) or \
-            not all(type(v) is int for v in formats.values()):
+    if (
+        record.get("status") != "done"
+        or not numbers
+        or not isinstance(formats, dict)
+        or not all(type(v) is int for v in formats.values())
+    ):
         return False
     path = out / record["name"]
     return path.is_file() and path.stat().st_size == record["bytes"]
@@ -523,9 +606,13 @@ def _prepare_out(out: Path, plan: Plan, config: PackConfig) -> dict:
     (recorded, still in place, with readable bad-file records) carried over."""
     fresh = _new_manifest(plan, config)
     folder, names = _folder(out), [s["name"] for s in fresh["shards"]]
-    resume = folder.start(fingerprint=plan.fingerprint, names=names, overwrite=config.overwrite,
-                          is_done=lambda name, record: _is_done(out, record),
-                          changes=lambda old: _plan_changes(old.get("plan", {}), fresh["plan"]))
+    resume = folder.start(
+        fingerprint=plan.fingerprint,
+        names=names,
+        overwrite=config.overwrite,
+        is_done=lambda name, record: _is_done(out, record),
+        changes=lambda old: _plan_changes(old.get("plan", {}), fresh["plan"]),
+    )
     folder.clean(resume, names)
     if config.overwrite:
         (out / CLASSES).unlink(missing_ok=True)
@@ -553,6 +640,7 @@ def _write_classes(out: Path, plan: Plan) -> str | None:
 
 # ---------------------------------------------------------------- running
 
+
 def default_workers() -> int:
     return min(available_cores(), 8)
 
@@ -566,9 +654,11 @@ def _checked(call, task: dict) -> dict:
     except OSError as err:
         raise EngineError(f"out: writing {task['path']} failed: {_reason(err)}; rerun to resume") from None
     except BrokenProcessPool:
-        raise EngineError(f"out: a worker died while writing {task['path']} (out of memory? or a script "
-                          "calling pack_dataset without an `if __name__ == '__main__':` guard); "
-                          "rerun to resume") from None
+        raise EngineError(
+            f"out: a worker died while writing {task['path']} (out of memory? or a script "
+            "calling pack_dataset without an `if __name__ == '__main__':` guard); "
+            "rerun to resume"
+        ) from None
 
 
 def _ignore_interrupt() -> None:
@@ -615,9 +705,15 @@ def _results(tasks: list[dict], workers: int):
 
 def _record(manifest: dict, record: dict) -> None:
     manifest["shards"][record["index"]] = {
-        "name": record["name"], "entries": record["entries"], "status": "done", "samples": record["samples"],
-        "bytes": record["bytes"], "formats": record["formats"], "converted": record["converted"],
-        "bad": len(record["bad"])}
+        "name": record["name"],
+        "entries": record["entries"],
+        "status": "done",
+        "samples": record["samples"],
+        "bytes": record["bytes"],
+        "formats": record["formats"],
+        "converted": record["converted"],
+        "bad": len(record["bad"]),
+    }
     for rel, reason in record["bad"]:
         _logger.info("skipped %s: %s", rel, reason)
         manifest["bad"].append({"path": rel, "reason": reason, "shard": record["name"]})
@@ -628,8 +724,12 @@ def _write_pending(tasks: list[dict], workers: int, manifest: dict, out: Path, s
 
     saved = time.monotonic()
     with _results(tasks, workers) as results:
-        with progress(total=sum(len(t["entries"]) for t in tasks), desc="pack", unit="img",
-                      disable=None if show_progress is None else not show_progress) as bar:
+        with progress(
+            total=sum(len(t["entries"]) for t in tasks),
+            desc="pack",
+            unit="img",
+            disable=None if show_progress is None else not show_progress,
+        ) as bar:
             for record in results:
                 _record(manifest, record)
                 bar.update(record["entries"])
@@ -638,8 +738,13 @@ def _write_pending(tasks: list[dict], workers: int, manifest: dict, out: Path, s
                     saved = time.monotonic()
 
 
-def pack_dataset(root: str | os.PathLike, out_dir: str | os.PathLike, config: PackConfig | None = None, *,
-                 show_progress: bool | None = None) -> dict:
+def pack_dataset(
+    root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: PackConfig | None = None,
+    *,
+    show_progress: bool | None = None,
+) -> dict:
     """Write ROOT's images as WebDataset shards `OUT/{prefix}-{000000}.tar` plus `pack.json`
     (and `classes.json` when class names are known); returns a summary dict.
 
@@ -653,8 +758,9 @@ def pack_dataset(root: str | os.PathLike, out_dir: str | os.PathLike, config: Pa
         raise EngineError(f"out: {str(out)!r} exists and is not a directory")
     folder_layout = config.list_file is None and config.label_from_name is None
     if folder_layout and Path(root).is_dir() and out.resolve().is_relative_to(Path(root).resolve()):
-        raise EngineError(f"out: {str(out)!r} is inside ROOT, where it would become a class folder; "
-                          "choose an --out outside ROOT")
+        raise EngineError(
+            f"out: {str(out)!r} is inside ROOT, where it would become a class folder; choose an --out outside ROOT"
+        )
     plan = build_plan(root, config)
     if config.strict and plan.unlabelled:
         rel, reason = plan.unlabelled[0]
@@ -664,8 +770,16 @@ def pack_dataset(root: str | os.PathLike, out_dir: str | os.PathLike, config: Pa
         manifest = _prepare_out(out, plan, config)
         classes_file = _write_classes(out, plan)
         pending = [i for i, s in enumerate(manifest["shards"]) if s["status"] != "done"]
-        tasks = [{"index": i, "path": str(out / plan.shard_name(i)), "root": plan.root,
-                  "entries": plan.shard_entries(i), "strict": config.strict} for i in pending]
+        tasks = [
+            {
+                "index": i,
+                "path": str(out / plan.shard_name(i)),
+                "root": plan.root,
+                "entries": plan.shard_entries(i),
+                "strict": config.strict,
+            }
+            for i in pending
+        ]
         workers = min(config.workers or default_workers(), max(1, len(tasks)))
         _save_manifest(out, manifest)
         try:
@@ -674,26 +788,46 @@ def pack_dataset(root: str | os.PathLike, out_dir: str | os.PathLike, config: Pa
             _save_manifest(out, manifest)
     seconds = time.perf_counter() - started
     processed = sum(len(t["entries"]) for t in tasks)
-    return _summary(plan, manifest, out, classes_file, written=len(tasks), processed=processed, workers=workers,
-                    seconds=seconds)
+    return _summary(
+        plan, manifest, out, classes_file, written=len(tasks), processed=processed, workers=workers, seconds=seconds
+    )
 
 
-def _summary(plan: Plan, manifest: dict, out: Path, classes_file: str | None, *, written: int, processed: int,
-             workers: int, seconds: float) -> dict:
+def _summary(
+    plan: Plan,
+    manifest: dict,
+    out: Path,
+    classes_file: str | None,
+    *,
+    written: int,
+    processed: int,
+    workers: int,
+    seconds: float,
+) -> dict:
     done = [s for s in manifest["shards"] if s["status"] == "done"]
     formats: dict[str, int] = {}
     for shard in done:
         for ext, count in shard["formats"].items():
             formats[ext] = formats.get(ext, 0) + count
     total = len(manifest["shards"])
-    return {"out_dir": str(out), "manifest": str(out / MANIFEST), "shard_pattern": str(out / f"{plan.prefix}-*.tar"),
-            "fingerprint": plan.fingerprint, "source": plan.source,
-            "shards": {"total": total, "written": written, "skipped": total - written},
-            "files": len(plan.entries) + len(plan.unlabelled), "samples": sum(s["samples"] for s in done),
-            "formats": formats, "converted": sum(s["converted"] for s in done),
-            "bad": len(manifest["bad"]), "bad_examples": manifest["bad"][:_EXAMPLES],
-            "classes": len(plan.class_names) if plan.class_names else None, "classes_file": classes_file,
-            "with_true_label": manifest["plan"]["with_true_label"],
-            "ignored": plan.notes.get("ignored", {}).get("count", 0),
-            "workers": workers, "seconds": round(seconds, 3),
-            "images_per_s": round(processed / seconds, 1) if processed else 0.0}
+    return {
+        "out_dir": str(out),
+        "manifest": str(out / MANIFEST),
+        "shard_pattern": str(out / f"{plan.prefix}-*.tar"),
+        "fingerprint": plan.fingerprint,
+        "source": plan.source,
+        "shards": {"total": total, "written": written, "skipped": total - written},
+        "files": len(plan.entries) + len(plan.unlabelled),
+        "samples": sum(s["samples"] for s in done),
+        "formats": formats,
+        "converted": sum(s["converted"] for s in done),
+        "bad": len(manifest["bad"]),
+        "bad_examples": manifest["bad"][:_EXAMPLES],
+        "classes": len(plan.class_names) if plan.class_names else None,
+        "classes_file": classes_file,
+        "with_true_label": manifest["plan"]["with_true_label"],
+        "ignored": plan.notes.get("ignored", {}).get("count", 0),
+        "workers": workers,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(processed / seconds, 1) if processed else 0.0,
+    }

@@ -5,6 +5,7 @@ goes to worker i mod W; ranks split the list first), decodes and preprocesses im
 yields batches that never span two shards. The last batch of a shard carries the shard's
 outcome (samples read, bad samples with reasons, or the error that stopped it).
 """
+
 from __future__ import annotations
 
 import glob
@@ -12,8 +13,8 @@ import io
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -21,12 +22,11 @@ from PIL import Image
 
 from engine.runtime import EngineError
 
-
 _logger = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _REMOTE = ("pipe:", "http://", "https://", "s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "ais://", "hf://")
-_FSSPEC = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://")   # opened with fsspec (s3fs, gcsfs, adlfs)
+_FSSPEC = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://")  # opened with fsspec (s3fs, gcsfs, adlfs)
 
 
 def iter_tar_samples(url: str) -> Iterator[dict]:
@@ -70,8 +70,9 @@ def expand_shards(specs: list[str] | tuple[str, ...]) -> list[str]:
     return sorted(dict.fromkeys(urls))
 
 
-def split_for_rank(shards: list, rank: int, world_size: int, sizes: list | None = None, *,
-                   tolerance: float = 0.05) -> list:
+def split_for_rank(
+    shards: list, rank: int, world_size: int, sizes: list | None = None, *, tolerance: float = 0.05
+) -> list:
     """Rank `rank`'s share of a plan of shards, in plan order; every rank computes the same split.
 
     Every world_size-th shard from `rank` on (round robin, which keeps ranks moving through the
@@ -219,7 +220,9 @@ def read_samples(url: str, positions=None) -> Iterator[tuple[int, dict]]:
     samples exactly as `ShardReader` did at embed time. A missing shard raises EngineError
     naming it; an unreadable one raises ValueError with the reason.
     """
-    if (not url.startswith(_REMOTE) and not os.path.isfile(url)) or (url.startswith(_FSSPEC) and not _remote_exists(url)):
+    if (not url.startswith(_REMOTE) and not os.path.isfile(url)) or (
+        url.startswith(_FSSPEC) and not _remote_exists(url)
+    ):
         raise EngineError(f"shard: {url!r} is no longer there (moved or deleted since it was embedded)")
     wanted = None if positions is None else set(int(p) for p in positions)
     last = None if wanted is None else (max(wanted) if wanted else -1)
@@ -245,10 +248,10 @@ class ShardOutcome:
     shard: int
     url: str
     samples: int = 0
-    bad: list = field(default_factory=list)        # [(key, reason)]
+    bad: list = field(default_factory=list)  # [(key, reason)]
     missing_labels: int = 0
     error: str | None = None
-    fatal: bool = False             # --strict: the run must stop (raised in the main process)
+    fatal: bool = False  # --strict: the run must stop (raised in the main process)
     read_seconds: float = 0.0
 
 
@@ -257,14 +260,14 @@ class Batch:
     """Preprocessed images of one shard, with their metadata; `outcome` set on the shard's last batch."""
 
     shard: int
-    images: torch.Tensor            # (B, 3, H, W) float32
+    images: torch.Tensor  # (B, 3, H, W) float32
     keys: list
-    positions: np.ndarray           # (B,) int32 sample position within the shard
-    labels: np.ndarray              # (B,) int32, -1 = missing
-    true_labels: np.ndarray         # (B,) int32, -1 = missing
+    positions: np.ndarray  # (B,) int32 sample position within the shard
+    labels: np.ndarray  # (B,) int32, -1 = missing
+    true_labels: np.ndarray  # (B,) int32, -1 = missing
     outcome: ShardOutcome | None = None
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         """Called by the DataLoader's pin-memory thread (GPU runs): page-locked images."""
         if self.images is not None and self.images.numel():
             self.images = self.images.pin_memory()
@@ -294,7 +297,7 @@ class ShardReader(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
-        mine = self.shards if info is None else self.shards[info.id::info.num_workers]
+        mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
         for index, url in mine:
             yield from self._read_shard(index, url)
 
@@ -345,9 +348,20 @@ class ShardReader(torch.utils.data.IterableDataset):
     @staticmethod
     def _collate(index: int, items: list) -> Batch:
         if not items:
-            return Batch(shard=index, images=torch.empty(0), keys=[], positions=np.zeros(0, np.int32),
-                         labels=np.zeros(0, np.int32), true_labels=np.zeros(0, np.int32))
+            return Batch(
+                shard=index,
+                images=torch.empty(0),
+                keys=[],
+                positions=np.zeros(0, np.int32),
+                labels=np.zeros(0, np.int32),
+                true_labels=np.zeros(0, np.int32),
+            )
         keys, images, positions, labels, true_labels = zip(*items)
-        return Batch(shard=index, images=torch.stack(images), keys=list(keys),
-                     positions=np.asarray(positions, np.int32), labels=np.asarray(labels, np.int32),
-                     true_labels=np.asarray(true_labels, np.int32))
+        return Batch(
+            shard=index,
+            images=torch.stack(images),
+            keys=list(keys),
+            positions=np.asarray(positions, np.int32),
+            labels=np.asarray(labels, np.int32),
+            true_labels=np.asarray(true_labels, np.int32),
+        )

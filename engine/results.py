@@ -13,6 +13,7 @@ Every write replaces the group in one step (`Cache.replace_group`): readers see 
 the new one. Readers check that a group covers the cache's current rows and name the command
 that refreshes it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,20 +27,25 @@ from engine.runtime import EngineError
 
 def _check_rows(cache: Cache, name: str, rows: int, command: str) -> None:
     if rows != cache.num_rows:
-        raise EngineError(f"cache: the {name} results in {cache.path} cover {rows} rows but the cache has "
-                          f"{cache.num_rows}; rerun `{command} --cache {cache.path}`")
+        raise EngineError(
+            f"cache: the {name} results in {cache.path} cover {rows} rows but the cache has "
+            f"{cache.num_rows}; rerun `{command} --cache {cache.path}`"
+        )
 
 
 def _open(cache: Cache, name: str, command: str, schema: int):
     group = cache.open_group(name, missing=f"run `{command} --cache {cache.path}` first")
     found = dict(group.attrs).get("schema", 1)
     if found != schema:
-        raise EngineError(f"cache: the {name} results in {cache.path} were written by another engine version "
-                          f"(layout {found}, this engine reads {schema}); rerun `{command} --cache {cache.path}`")
+        raise EngineError(
+            f"cache: the {name} results in {cache.path} were written by another engine version "
+            f"(layout {found}, this engine reads {schema}); rerun `{command} --cache {cache.path}`"
+        )
     return group
 
 
 # ----------------------------------------------------------------------------- selection
+
 
 @dataclass
 class PairResult:
@@ -84,14 +90,21 @@ class Selection:
     COMMAND: ClassVar[str] = "engine select"
 
     @classmethod
-    def from_result(cls, result, attrs: dict | None = None) -> "Selection":
+    def from_result(cls, result, attrs: dict | None = None) -> Selection:
         """From an `engine.select.SelectionResult` (or anything with the same fields)."""
-        return cls(selected=result.selected, filled=result.filled, noise_score=result.noise_score,
-                   pairs={p: PairResult(result.scores[p], result.masks[p]) for p in result.scores},
-                   classifiers={c: ClassifierResult(result.predictions[c], result.confidences[c],
-                                                    result.loss_scores[c]) for c in result.predictions},
-                   clean_score=getattr(result, "clean_score", None), noise=getattr(result, "noise", None),
-                   attrs=dict(attrs or {}))
+        return cls(
+            selected=result.selected,
+            filled=result.filled,
+            noise_score=result.noise_score,
+            pairs={p: PairResult(result.scores[p], result.masks[p]) for p in result.scores},
+            classifiers={
+                c: ClassifierResult(result.predictions[c], result.confidences[c], result.loss_scores[c])
+                for c in result.predictions
+            },
+            clean_score=getattr(result, "clean_score", None),
+            noise=getattr(result, "noise", None),
+            attrs=dict(attrs or {}),
+        )
 
     def write(self, cache: Cache) -> None:
         def fill(group):
@@ -113,10 +126,11 @@ class Selection:
                 sub = group.require_group("noise")
                 for key in ("given", "true", "count"):
                     write_array(sub, key, self.noise[key])
+
         cache.replace_group(self.NAME, fill, {**self.attrs, "schema": self.SCHEMA})
 
     @classmethod
-    def read(cls, cache: Cache) -> "Selection":
+    def read(cls, cache: Cache) -> Selection:
         group = _open(cache, cls.NAME, cls.COMMAND, cls.SCHEMA)
         selected = group["selected"][:].astype(bool)
         _check_rows(cache, "selection", len(selected), cls.COMMAND)
@@ -133,10 +147,16 @@ class Selection:
         noise = None
         if "noise" in group:
             noise = {key: group[f"noise/{key}"][:] for key in ("given", "true", "count")}
-        return cls(selected=selected, filled=group["filled"][:].astype(bool), noise_score=group["noise_score"][:],
-                   pairs=pairs, classifiers=classifiers,
-                   clean_score=group["clean_score"][:] if "clean_score" in group else None, noise=noise,
-                   attrs=dict(group.attrs))
+        return cls(
+            selected=selected,
+            filled=group["filled"][:].astype(bool),
+            noise_score=group["noise_score"][:],
+            pairs=pairs,
+            classifiers=classifiers,
+            clean_score=group["clean_score"][:] if "clean_score" in group else None,
+            noise=noise,
+            attrs=dict(group.attrs),
+        )
 
     @classmethod
     def exists(cls, cache: Cache) -> bool:
@@ -160,6 +180,7 @@ class Selection:
 
 # ----------------------------------------------------------------------------- neighbors
 
+
 @dataclass
 class Neighbors:
     """The `knn/` group: ids (N, k) int64 and similarities (N, k) float32 of every row's k nearest
@@ -181,21 +202,37 @@ class Neighbors:
         def fill(group):
             write_array(group, "ids", np.asarray(self.ids, np.int64))
             write_array(group, "similarities", np.asarray(self.similarities, np.float32))
-        cache.replace_group(self.NAME, fill, {**self.attrs, "k": int(self.k), "fingerprint": self.fingerprint,
-                                              "index": self.index, "schema": self.SCHEMA})
+
+        cache.replace_group(
+            self.NAME,
+            fill,
+            {
+                **self.attrs,
+                "k": int(self.k),
+                "fingerprint": self.fingerprint,
+                "index": self.index,
+                "schema": self.SCHEMA,
+            },
+        )
 
     @classmethod
-    def read(cls, cache: Cache, *, lazy: bool = False) -> "Neighbors":
+    def read(cls, cache: Cache, *, lazy: bool = False) -> Neighbors:
         group = _open(cache, cls.NAME, cls.COMMAND, cls.SCHEMA)
         attrs = dict(group.attrs)
         ids, sims = group["ids"], group["similarities"]
         if not lazy:
             ids, sims = ids[:], sims[:]
-        return cls(ids=ids, similarities=sims, k=int(attrs["k"]), fingerprint=attrs.get("fingerprint", ""),
-                   index=attrs.get("index", ""), attrs=attrs)
+        return cls(
+            ids=ids,
+            similarities=sims,
+            k=int(attrs["k"]),
+            fingerprint=attrs.get("fingerprint", ""),
+            index=attrs.get("index", ""),
+            attrs=attrs,
+        )
 
     @classmethod
-    def current(cls, cache: Cache, *, k: int, features=None, at_least: bool = False) -> "Neighbors | None":
+    def current(cls, cache: Cache, *, k: int, features=None, at_least: bool = False) -> Neighbors | None:
         """The stored neighbors when they belong to the cache's current rows and hold exactly `k`
         (or, `at_least`, k or more) per row; else None. `features (N, D)` when already loaded;
         else only the rows the fingerprint samples are read."""
@@ -213,6 +250,7 @@ class Neighbors:
 
 # ----------------------------------------------------------------------------- index
 
+
 @dataclass
 class IndexGroup:
     """The `index/` group: the serialised FAISS index (bytes,) uint8 and its `info` (kind,
@@ -227,11 +265,14 @@ class IndexGroup:
     COMMAND: ClassVar[str] = "engine index"
 
     def write(self, cache: Cache) -> None:
-        cache.replace_group(self.NAME, lambda group: write_array(group, "faiss", np.asarray(self.data, np.uint8)),
-                            {**self.attrs, "info": self.info, "schema": self.SCHEMA})
+        cache.replace_group(
+            self.NAME,
+            lambda group: write_array(group, "faiss", np.asarray(self.data, np.uint8)),
+            {**self.attrs, "info": self.info, "schema": self.SCHEMA},
+        )
 
     @classmethod
-    def read(cls, cache: Cache) -> "IndexGroup":
+    def read(cls, cache: Cache) -> IndexGroup:
         group = _open(cache, cls.NAME, cls.COMMAND, cls.SCHEMA)
         attrs = dict(group.attrs)
         return cls(data=group["faiss"][:], info=attrs["info"], attrs=attrs)
@@ -245,6 +286,7 @@ class IndexGroup:
 
 
 # ----------------------------------------------------------------------------- diagnostics
+
 
 @dataclass
 class Diagnostics:
@@ -268,15 +310,17 @@ class Diagnostics:
         def fill(group):
             for key in self.ARRAYS:
                 write_array(group, key, getattr(self, key))
+
         cache.replace_group(self.NAME, fill, {**self.attrs, "schema": self.SCHEMA})
 
     @classmethod
-    def read(cls, cache: Cache) -> "Diagnostics":
+    def read(cls, cache: Cache) -> Diagnostics:
         group = _open(cache, cls.NAME, cls.COMMAND, cls.SCHEMA)
         return cls(**{key: group[key][:] for key in cls.ARRAYS}, attrs=dict(group.attrs))
 
 
 # ----------------------------------------------------------------------------- training
+
 
 @dataclass
 class Training:
@@ -295,10 +339,11 @@ class Training:
         def fill(group):
             write_array(group, "labels", np.asarray(self.labels, np.int32))
             write_array(group, "selection", np.asarray(self.selection, bool))
+
         cache.replace_group(self.NAME, fill, {**self.attrs, "schema": self.SCHEMA})
 
     @classmethod
-    def read(cls, cache: Cache) -> "Training":
+    def read(cls, cache: Cache) -> Training:
         group = _open(cache, cls.NAME, cls.COMMAND, cls.SCHEMA)
         labels = group["labels"][:].astype(np.int32)
         _check_rows(cache, "train", len(labels), cls.COMMAND)

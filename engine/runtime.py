@@ -1,4 +1,5 @@
 """Device, precision, threads, seeding, progress and timing: resolved once at the entry point."""
+
 from __future__ import annotations
 
 import contextlib
@@ -142,8 +143,9 @@ def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", dis
 
     if disable is None:
         disable = not sys.stderr.isatty() and os.environ.get("ENGINE_PROGRESS") != "1"
-    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, disable=disable,
-                dynamic_ncols=True, smoothing=0.1)
+    return tqdm(
+        iterable, total=total, desc=desc, unit=unit, file=sys.stderr, disable=disable, dynamic_ncols=True, smoothing=0.1
+    )
 
 
 @dataclass

@@ -36,19 +36,27 @@ classifier fits, and a few blocks: B x C x P float32 for zero-shot (B chosen for
 unless `block_rows` is set), about 16 MB for the linear objective. Nothing N x C is held; at
 N = 1M, C = 1000, D = 512 a run peaked at 3.6 GB RSS (on a GPU machine, data generation included).
 """
+
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
-from engine.classifiers import (CLASSIFIERS, NEEDS_HINT, ClassifierInputs, LogProbsFn, as_features, as_labels,
-                                auto_block_rows)
+from engine.classifiers import (
+    CLASSIFIERS,
+    NEEDS_HINT,
+    ClassifierInputs,
+    LogProbsFn,
+    as_features,
+    as_labels,
+    auto_block_rows,
+)
 from engine.runtime import DEVICES, EngineError, Timer, progress, resolve_device
 
 _logger = logging.getLogger(__name__)
@@ -56,11 +64,12 @@ _logger = logging.getLogger(__name__)
 CRITERIA = {
     "consistency": "P(y|x) / max_k P(k|x) >= theta_cons",
     "loss": "per-class 2-component GMM on the normalised log P(y|x); posterior of the larger-mean "
-            "component >= theta_gmm",
+    "component >= theta_gmm",
 }
 
 
 # ----------------------------------------------------------------------------- config
+
 
 def _names(field_name: str, value, table: dict) -> tuple[str, ...]:
     names = tuple(v.strip() for v in value.split(",")) if isinstance(value, str) else tuple(value)
@@ -68,23 +77,31 @@ def _names(field_name: str, value, table: dict) -> tuple[str, ...]:
         raise EngineError(f"{field_name}: got {value!r}, expected a non-empty list of {', '.join(table)}")
     unknown = [v for v in names if v not in table]
     if unknown:
-        raise EngineError(f"{field_name}: got unknown {', '.join(map(repr, unknown))}, expected some of "
-                          f"{', '.join(table)}")
+        raise EngineError(
+            f"{field_name}: got unknown {', '.join(map(repr, unknown))}, expected some of {', '.join(table)}"
+        )
     if len(set(names)) != len(names):
         raise EngineError(f"{field_name}: got {names!r} with repeats, expected each name once")
     return names
 
 
-def _check_number(name: str, value, *, low: float, high: float = math.inf, low_open: bool = False,
-                  integer: bool = False) -> None:
+def _check_number(
+    name: str, value, *, low: float, high: float = math.inf, low_open: bool = False, integer: bool = False
+) -> None:
     kinds = (int,) if integer else (int, float)
-    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value) \
-        and (value > low if low_open else value >= low) and value <= high
+    ok = (
+        isinstance(value, kinds)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and value <= high
+    )
     if not ok:
         what = "an integer" if integer else "a number"
         bound = f"> {low}" if low_open else f">= {low}"
-        raise EngineError(f"{name}: got {value!r}, expected {what} {bound}"
-                          + (f" and <= {high}" if high != math.inf else ""))
+        raise EngineError(
+            f"{name}: got {value!r}, expected {what} {bound}" + (f" and <= {high}" if high != math.inf else "")
+        )
 
 
 @dataclass(frozen=True)
@@ -95,17 +112,17 @@ class SelectConfig:
     classifiers: tuple[str, ...] = ("zeroshot", "linear")
     theta_cons: float = 0.8
     theta_gmm: float = 0.5
-    tau: float = 0.07                 # zero-shot temperature
-    linear_c: float = 1.0             # inverse penalty, scikit-learn's C
+    tau: float = 0.07  # zero-shot temperature
+    linear_c: float = 1.0  # inverse penalty, scikit-learn's C
     linear_max_iter: int = 10_000
-    linear_tol: float = 1e-4          # max |grad| of the summed objective (scikit-learn 1.2.2's tol)
-    linear_whiten: float = 0.1        # ridge of the whitening preconditioner (0 = none)
-    linear_folds: int = 0             # 0: in-sample (the paper); K >= 2: out-of-fold
+    linear_tol: float = 1e-4  # max |grad| of the summed objective (scikit-learn 1.2.2's tol)
+    linear_whiten: float = 0.1  # ridge of the whitening preconditioner (0 = none)
+    linear_folds: int = 0  # 0: in-sample (the paper); K >= 2: out-of-fold
     gmm_max_iter: int = 100
     gmm_tol: float = 1e-3
     gmm_reg_covar: float = 1e-6
     fill_empty: bool = True
-    block_rows: int | None = None     # None: about 16M float32 per (rows, columns) block
+    block_rows: int | None = None  # None: about 16M float32 per (rows, columns) block
     device: str = "auto"
     seed: int = 0
 
@@ -119,8 +136,12 @@ class SelectConfig:
         for name in ("linear_max_iter", "gmm_max_iter"):
             _check_number(name, getattr(self, name), low=1, integer=True)
         _check_number("linear_whiten", self.linear_whiten, low=0.0)
-        if isinstance(self.linear_folds, bool) or not isinstance(self.linear_folds, int) \
-                or self.linear_folds < 0 or self.linear_folds == 1:
+        if (
+            isinstance(self.linear_folds, bool)
+            or not isinstance(self.linear_folds, int)
+            or self.linear_folds < 0
+            or self.linear_folds == 1
+        ):
             raise EngineError(f"linear_folds: got {self.linear_folds!r}, expected 0 (in-sample) or an integer >= 2")
         if self.block_rows is not None:
             _check_number("block_rows", self.block_rows, low=1, integer=True)
@@ -139,7 +160,7 @@ class SelectConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "SelectConfig":
+    def from_dict(cls, values: dict) -> SelectConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -148,6 +169,7 @@ class SelectConfig:
 
 
 # ----------------------------------------------------------------------------- scores
+
 
 def score_block(log_probs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-row scores of one block: log_probs (B, C) float, labels (B,) int64 (-1 = unlabelled).
@@ -161,8 +183,12 @@ def score_block(log_probs: torch.Tensor, labels: torch.Tensor) -> dict[str, torc
     log_p = log_probs.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
     consistency = torch.exp(log_p - top)
     zero = torch.zeros((), dtype=torch.float32, device=log_probs.device)
-    return {"consistency": torch.where(labelled, consistency, zero), "log_p": torch.where(labelled, log_p, zero),
-            "prediction": prediction, "confidence": top.exp()}
+    return {
+        "consistency": torch.where(labelled, consistency, zero),
+        "log_p": torch.where(labelled, log_p, zero),
+        "prediction": prediction,
+        "confidence": top.exp(),
+    }
 
 
 @dataclass(frozen=True)
@@ -176,7 +202,7 @@ class ClassGroups:
     starts: np.ndarray
 
     @classmethod
-    def build(cls, labels: np.ndarray, num_classes: int) -> "ClassGroups":
+    def build(cls, labels: np.ndarray, num_classes: int) -> ClassGroups:
         labelled = np.flatnonzero(labels >= 0)
         order = labelled[np.argsort(labels[labelled], kind="stable")]
         counts = np.bincount(labels[labelled], minlength=num_classes)
@@ -217,6 +243,7 @@ def normalise_loss(log_p: np.ndarray, groups: ClassGroups) -> tuple[np.ndarray, 
 
 # ----------------------------------------------------------------------------- mixtures
 
+
 @dataclass
 class MixtureFit:
     """Batched 2-component 1-D Gaussian mixtures, one per group.
@@ -256,7 +283,7 @@ def two_means_init(values: np.ndarray, group: np.ndarray, num_groups: int) -> np
     n_left = (np.arange(len(values)) - starts[group] + 1).astype(np.float64)
     n_right = n - n_left
     cut_ok = np.concatenate([(values[1:] > values[:-1]) & (group[1:] == group[:-1]), [False]])
-    gain = np.where(cut_ok, left_sum ** 2 * n / (n_left * np.maximum(n_right, 1.0)), -1.0)
+    gain = np.where(cut_ok, left_sum**2 * n / (n_left * np.maximum(n_right, 1.0)), -1.0)
     best = np.maximum.reduceat(gain, starts[counts > 0])
     full_best = np.full(num_groups, -1.0)
     full_best[counts > 0] = best
@@ -273,8 +300,10 @@ def _m_step(values, group, resp, num_groups, reg_covar):
     nk += 10 * np.finfo(np.float64).eps
     means = np.stack([np.bincount(group, resp[:, j] * values, minlength=num_groups) for j in range(2)], 1) / nk
     diff2 = (values[:, None] - means[group]) ** 2
-    variances = np.stack([np.bincount(group, resp[:, j] * diff2[:, j], minlength=num_groups)
-                          for j in range(2)], 1) / nk + reg_covar
+    variances = (
+        np.stack([np.bincount(group, resp[:, j] * diff2[:, j], minlength=num_groups) for j in range(2)], 1) / nk
+        + reg_covar
+    )
     return nk, means, variances
 
 
@@ -282,13 +311,20 @@ def _e_step(values, group, weights, means, variances):
     """(log_resp (M, 2), log p(x) (M,)) under the current parameters, as scikit-learn computes them."""
     prec_chol = 1.0 / np.sqrt(variances)
     y = (values[:, None] - means[group]) * prec_chol[group]
-    log_prob = -0.5 * (np.log(2 * np.pi) + y ** 2) + np.log(prec_chol[group]) + np.log(weights[group])
+    log_prob = -0.5 * (np.log(2 * np.pi) + y**2) + np.log(prec_chol[group]) + np.log(weights[group])
     norm = np.logaddexp(log_prob[:, 0], log_prob[:, 1])
     return log_prob - norm[:, None], norm
 
 
-def fit_mixtures(values: np.ndarray, group: np.ndarray, *, num_groups: int, max_iter: int = 100,
-                 tol: float = 1e-3, reg_covar: float = 1e-6) -> MixtureFit:
+def fit_mixtures(
+    values: np.ndarray,
+    group: np.ndarray,
+    *,
+    num_groups: int,
+    max_iter: int = 100,
+    tol: float = 1e-3,
+    reg_covar: float = 1e-6,
+) -> MixtureFit:
     """One batched EM fitting a 2-component Gaussian mixture to each group's values.
 
     values (M,) float, group (M,) int in [0, num_groups); every group present needs 2 distinct
@@ -326,37 +362,53 @@ def fit_mixtures(values: np.ndarray, group: np.ndarray, *, num_groups: int, max_
     upper = np.argmax(means, axis=1)
     posterior = np.empty(len(x))
     posterior[order] = np.exp(log_resp[np.arange(len(x)), upper[g]])
-    return MixtureFit(posterior=posterior, weights=weights, means=means, variances=variances, n_iter=n_iter,
-                      converged=converged | (counts == 0))
+    return MixtureFit(
+        posterior=posterior,
+        weights=weights,
+        means=means,
+        variances=variances,
+        n_iter=n_iter,
+        converged=converged | (counts == 0),
+    )
 
 
-def loss_posteriors(loss_scores: np.ndarray, groups: ClassGroups, degenerate: np.ndarray, *,
-                    config: "SelectConfig") -> tuple[np.ndarray, dict]:
+def loss_posteriors(
+    loss_scores: np.ndarray, groups: ClassGroups, degenerate: np.ndarray, *, config: SelectConfig
+) -> tuple[np.ndarray, dict]:
     """(posterior (N,) float32 of the larger-mean component, info) for the loss criterion: one
     batched mixture per non-degenerate class; rows of degenerate classes get 1, unlabelled 0."""
     posterior = np.zeros(len(loss_scores), dtype=np.float32)
     fit_rows = ~degenerate[groups.labels]
     posterior[groups.order[~fit_rows]] = 1.0
-    info = {"classes_fitted": int((~degenerate & (groups.counts > 0)).sum()), "unconverged": 0,
-            "max_n_iter": 0}
+    info = {"classes_fitted": int((~degenerate & (groups.counts > 0)).sum()), "unconverged": 0, "max_n_iter": 0}
     if fit_rows.any():
         rows = groups.order[fit_rows]
-        fit = fit_mixtures(loss_scores[rows].astype(np.float64), groups.labels[fit_rows],
-                           num_groups=len(groups.counts), max_iter=config.gmm_max_iter, tol=config.gmm_tol,
-                           reg_covar=config.gmm_reg_covar)
+        fit = fit_mixtures(
+            loss_scores[rows].astype(np.float64),
+            groups.labels[fit_rows],
+            num_groups=len(groups.counts),
+            max_iter=config.gmm_max_iter,
+            tol=config.gmm_tol,
+            reg_covar=config.gmm_reg_covar,
+        )
         posterior[rows] = fit.posterior
         info["unconverged"] = int((~fit.converged).sum())
         info["max_n_iter"] = int(fit.n_iter.max())
         if info["unconverged"]:
-            _logger.warning("select: %d class mixtures did not converge in %d iterations (kept as they are)",
-                            info["unconverged"], config.gmm_max_iter)
+            _logger.warning(
+                "select: %d class mixtures did not converge in %d iterations (kept as they are)",
+                info["unconverged"],
+                config.gmm_max_iter,
+            )
     return posterior, info
 
 
 # ----------------------------------------------------------------------------- selection
 
-def fill_empty_classes(selected: np.ndarray, labels: np.ndarray, ranking: np.ndarray, groups: ClassGroups,
-                       *, num_classes: int) -> tuple[np.ndarray, int]:
+
+def fill_empty_classes(
+    selected: np.ndarray, labels: np.ndarray, ranking: np.ndarray, groups: ClassGroups, *, num_classes: int
+) -> tuple[np.ndarray, int]:
     """Rows (K,) int64 to add so that no labelled class ends empty, and m (0 when none is empty).
 
     selected (N,) bool; ranking (N,) float, higher first (ties: lower row first). A class with
@@ -367,7 +419,7 @@ def fill_empty_classes(selected: np.ndarray, labels: np.ndarray, ranking: np.nda
     if not empty.any():
         return np.zeros(0, dtype=np.int64), 0
     nonzero = per_class[per_class > 0]
-    m = max(int(nonzero.min()) if len(nonzero) else 0, len(groups.order) // num_classes ** 2, 1)
+    m = max(int(nonzero.min()) if len(nonzero) else 0, len(groups.order) // num_classes**2, 1)
     candidates = groups.order[empty[groups.labels]]
     cand_labels = labels[candidates]
     order = np.lexsort((candidates, -ranking[candidates].astype(np.float64), cand_labels))
@@ -376,8 +428,7 @@ def fill_empty_classes(selected: np.ndarray, labels: np.ndarray, ranking: np.nda
     return ranked[np.arange(len(ranked)) - first < m], m
 
 
-def noise_scores(scores: Mapping[str, np.ndarray], thresholds: Mapping[str, float],
-                 labelled: np.ndarray) -> np.ndarray:
+def noise_scores(scores: Mapping[str, np.ndarray], thresholds: Mapping[str, float], labelled: np.ndarray) -> np.ndarray:
     """(N,) float32 in [0, 1]: max over pairs of max(0, (theta - score) / theta); 1 for unlabelled rows."""
     noise = np.zeros(len(labelled), dtype=np.float32)
     for pair, score in scores.items():
@@ -397,8 +448,10 @@ def selection_metrics(selected, labels, true_labels) -> dict:
     0 (never NaN) when a denominator is 0."""
     selected, labels, true_labels = (np.asarray(a) for a in (selected, labels, true_labels))
     if not (selected.shape == labels.shape == true_labels.shape) or selected.ndim != 1:
-        raise EngineError(f"selection_metrics: got shapes {selected.shape}, {labels.shape}, {true_labels.shape}, "
-                          f"expected three equal (N,) shapes")
+        raise EngineError(
+            f"selection_metrics: got shapes {selected.shape}, {labels.shape}, {true_labels.shape}, "
+            f"expected three equal (N,) shapes"
+        )
     known = (true_labels >= 0) & (labels >= 0)
     correct = known & (labels == true_labels)
     chosen = selected.astype(bool) & known
@@ -406,9 +459,16 @@ def selection_metrics(selected, labels, true_labels) -> dict:
     precision = hits / int(chosen.sum()) if chosen.any() else 0.0
     recall = hits / int(correct.sum()) if correct.any() else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "selected": int(chosen.sum()),
-            "correct_selected": hits, "correct": int(correct.sum()), "evaluated": int(known.sum()),
-            "noise_rate": 1.0 - int(correct.sum()) / int(known.sum()) if known.any() else 0.0}
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "selected": int(chosen.sum()),
+        "correct_selected": hits,
+        "correct": int(correct.sum()),
+        "evaluated": int(known.sum()),
+        "noise_rate": 1.0 - int(correct.sum()) / int(known.sum()) if known.any() else 0.0,
+    }
 
 
 def label_agreement(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
@@ -427,8 +487,8 @@ def label_agreement(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> d
     return {"agreement": round(agreement, 6), "chance": round(chance, 6), "kappa": round(kappa, 6)}
 
 
-FEW_ITERATIONS = 5        # a fit that stops sooner has hardly left its starting point
-CHANCE_KAPPA = 0.05       # agreement with the given labels this close to chance is a warning
+FEW_ITERATIONS = 5  # a fit that stops sooner has hardly left its starting point
+CHANCE_KAPPA = 0.05  # agreement with the given labels this close to chance is a warning
 
 
 def classifier_warnings(info: Mapping[str, dict]) -> list[str]:
@@ -440,18 +500,26 @@ def classifier_warnings(info: Mapping[str, dict]) -> list[str]:
         for k, fit in enumerate(entry.get("fit", [])):
             which = name if len(entry["fit"]) == 1 else f"{name} (fold {k + 1})"
             if fit["stop"] == "max_iter":
-                out.append(f"{which}: hit its iteration cap ({fit['n_iter']}) before converging "
-                           f"(max |grad| {fit['grad_max']:.3g}); raise linear_max_iter")
+                out.append(
+                    f"{which}: hit its iteration cap ({fit['n_iter']}) before converging "
+                    f"(max |grad| {fit['grad_max']:.3g}); raise linear_max_iter"
+                )
             elif fit["stop"] == "line_search":
-                out.append(f"{which}: the line search failed after {fit['n_iter']} iterations "
-                           f"(max |grad| {fit['grad_max']:.3g}); its probabilities may be far from the optimum")
+                out.append(
+                    f"{which}: the line search failed after {fit['n_iter']} iterations "
+                    f"(max |grad| {fit['grad_max']:.3g}); its probabilities may be far from the optimum"
+                )
             elif fit["n_iter"] < FEW_ITERATIONS:
-                out.append(f"{which}: stopped after only {fit['n_iter']} iterations "
-                           f"(max |grad| {fit['grad_max']:.3g}); check linear_tol")
+                out.append(
+                    f"{which}: stopped after only {fit['n_iter']} iterations "
+                    f"(max |grad| {fit['grad_max']:.3g}); check linear_tol"
+                )
         agree = entry.get("labels")
         if agree and agree["kappa"] < CHANCE_KAPPA:
-            out.append(f"{name}: agrees with the given labels on {agree['agreement']:.1%} of rows, no better than "
-                       f"chance ({agree['chance']:.1%}); check that the classes (prompts) match the labels")
+            out.append(
+                f"{name}: agrees with the given labels on {agree['agreement']:.1%} of rows, no better than "
+                f"chance ({agree['chance']:.1%}); check that the classes (prompts) match the labels"
+            )
     return out
 
 
@@ -459,13 +527,15 @@ def classifier_accuracy(pred, true_labels) -> float:
     """Fraction of rows with a known true label (>= 0) where pred (N,) == true_labels (N,); 0 if none."""
     pred, true_labels = np.asarray(pred), np.asarray(true_labels)
     if pred.shape != true_labels.shape or pred.ndim != 1:
-        raise EngineError(f"classifier_accuracy: got shapes {pred.shape} and {true_labels.shape}, "
-                          f"expected two equal (N,) shapes")
+        raise EngineError(
+            f"classifier_accuracy: got shapes {pred.shape} and {true_labels.shape}, expected two equal (N,) shapes"
+        )
     known = true_labels >= 0
     return float((pred[known] == true_labels[known]).mean()) if known.any() else 0.0
 
 
 # ----------------------------------------------------------------------------- result
+
 
 @dataclass
 class SelectionResult:
@@ -500,25 +570,40 @@ class SelectionResult:
 
     def summary(self) -> dict:
         """JSON-ready: counts, per-class figures, classifier info, metrics, timings, warnings and the config."""
-        return {"rows": int(len(self.selected)), "counts": self.counts, "per_class": self.per_class,
-                "unlabelled": self.unlabelled, "classifiers": self.classifier_info, "metrics": self.metrics,
-                "warnings": self.warnings, "timings": self.timings, "config": self.config.to_dict()}
+        return {
+            "rows": int(len(self.selected)),
+            "counts": self.counts,
+            "per_class": self.per_class,
+            "unlabelled": self.unlabelled,
+            "classifiers": self.classifier_info,
+            "metrics": self.metrics,
+            "warnings": self.warnings,
+            "timings": self.timings,
+            "config": self.config.to_dict(),
+        }
 
 
 # ----------------------------------------------------------------------------- pipeline
+
 
 def _as_text(text_features, text_mask, dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     text = torch.as_tensor(np.asarray(text_features) if not isinstance(text_features, torch.Tensor) else text_features)
     if text.ndim == 2:
         text = text[:, None, :]
     if text.ndim != 3 or not text.is_floating_point() or text.shape[2] != dim or text.shape[0] < 1:
-        raise EngineError(f"text_features: got shape {tuple(text.shape)} dtype {text.dtype}, expected (C, P, {dim}) "
-                          f"or (C, {dim}) floating point (D of the image features)")
-    mask = torch.ones(text.shape[:2], dtype=torch.bool) if text_mask is None else torch.as_tensor(
-        np.asarray(text_mask) if not isinstance(text_mask, torch.Tensor) else text_mask)
+        raise EngineError(
+            f"text_features: got shape {tuple(text.shape)} dtype {text.dtype}, expected (C, P, {dim}) "
+            f"or (C, {dim}) floating point (D of the image features)"
+        )
+    mask = (
+        torch.ones(text.shape[:2], dtype=torch.bool)
+        if text_mask is None
+        else torch.as_tensor(np.asarray(text_mask) if not isinstance(text_mask, torch.Tensor) else text_mask)
+    )
     if tuple(mask.shape) != tuple(text.shape[:2]) or mask.dtype is not torch.bool:
-        raise EngineError(f"text_mask: got shape {tuple(mask.shape)} dtype {mask.dtype}, expected "
-                          f"{tuple(text.shape[:2])} bool (C, P)")
+        raise EngineError(
+            f"text_mask: got shape {tuple(mask.shape)} dtype {mask.dtype}, expected {tuple(text.shape[:2])} bool (C, P)"
+        )
     if not mask.any(1).all():
         missing = torch.nonzero(~mask.any(1)).squeeze(1)[:5].tolist()
         raise EngineError(f"text_mask: classes {missing} have no prompt, expected at least one per class")
@@ -528,8 +613,10 @@ def _as_text(text_features, text_mask, dim: int, device: torch.device) -> tuple[
 def _check_sources(config: SelectConfig, extra: Mapping, available: set) -> None:
     stray = [name for name in extra if name not in config.classifiers]
     if stray:
-        raise EngineError(f"extra_classifiers: got {stray}, which are not in config.classifiers "
-                          f"({', '.join(config.classifiers)}); add them there")
+        raise EngineError(
+            f"extra_classifiers: got {stray}, which are not in config.classifiers "
+            f"({', '.join(config.classifiers)}); add them there"
+        )
     for name in config.classifiers:
         if name in extra:
             continue
@@ -544,13 +631,16 @@ def _neighbors(neighbors, n: int) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     similarities, ids = (np.asarray(a) for a in neighbors)
     if similarities.ndim != 2 or similarities.shape != ids.shape or len(ids) != n:
-        raise EngineError(f"neighbors: got shapes {similarities.shape} and {ids.shape}, expected two ({n}, k) arrays "
-                          f"(similarities, ids)")
+        raise EngineError(
+            f"neighbors: got shapes {similarities.shape} and {ids.shape}, expected two ({n}, k) arrays "
+            f"(similarities, ids)"
+        )
     return similarities, ids
 
 
-def _prepare(features, labels, text_features, text_mask, num_classes, true_labels, neighbors, config,
-             extra) -> tuple[ClassifierInputs, np.ndarray | None]:
+def _prepare(
+    features, labels, text_features, text_mask, num_classes, true_labels, neighbors, config, extra
+) -> tuple[ClassifierInputs, np.ndarray | None]:
     """Validate everything at the boundary; features become float16 on the device."""
     device = resolve_device(config.device)
     feats = as_features(features, device)
@@ -561,13 +651,16 @@ def _prepare(features, labels, text_features, text_mask, num_classes, true_label
     else:
         classes = text[0].shape[0]
         if num_classes is not None and num_classes != classes:
-            raise EngineError(f"num_classes: got {num_classes}, but text_features has {classes} classes; "
-                              f"expected them to agree")
+            raise EngineError(
+                f"num_classes: got {num_classes}, but text_features has {classes} classes; expected them to agree"
+            )
         labs, num_classes = as_labels(labels, n, None)
         if num_classes > classes:
-            raise EngineError(f"labels: got values up to {num_classes - 1}, but text_features has {classes} "
-                              f"classes (expected labels in [-1, {classes - 1}]); run `engine prompts` with the "
-                              f"class file of these labels")
+            raise EngineError(
+                f"labels: got values up to {num_classes - 1}, but text_features has {classes} "
+                f"classes (expected labels in [-1, {classes - 1}]); run `engine prompts` with the "
+                f"class file of these labels"
+            )
         num_classes = classes
     if not (labs >= 0).any():
         raise EngineError(f"labels: got {n} rows and none labelled (all -1), expected some labelled rows")
@@ -578,18 +671,30 @@ def _prepare(features, labels, text_features, text_mask, num_classes, true_label
     if true_labels is not None:
         true = as_labels(true_labels, n, num_classes, name="true_labels")[0].numpy()
     columns = max(num_classes * (text[0].shape[1] if text is not None else 1), num_classes, dim)
-    inputs = ClassifierInputs(features=feats, labels=labs.numpy(), num_classes=num_classes, text=text,
-                              neighbors=found, device=device, block_rows=config.block_rows or auto_block_rows(columns))
+    inputs = ClassifierInputs(
+        features=feats,
+        labels=labs.numpy(),
+        num_classes=num_classes,
+        text=text,
+        neighbors=found,
+        device=device,
+        block_rows=config.block_rows or auto_block_rows(columns),
+    )
     return inputs, true
 
 
 def _score_rows(name: str, fn: LogProbsFn, inputs: ClassifierInputs, *, probs_path, show_progress) -> dict:
     """One pass over the row blocks: per-row scores (N,) of classifier `name`, and its P to `probs_path`."""
     n, c = len(inputs.labels), inputs.num_classes
-    out = {"consistency": np.empty(n, np.float32), "log_p": np.empty(n, np.float32),
-           "prediction": np.empty(n, np.int32), "confidence": np.empty(n, np.float32)}
-    probs = None if probs_path is None else np.lib.format.open_memmap(
-        probs_path, mode="w+", dtype=np.float32, shape=(n, c))
+    out = {
+        "consistency": np.empty(n, np.float32),
+        "log_p": np.empty(n, np.float32),
+        "prediction": np.empty(n, np.int32),
+        "confidence": np.empty(n, np.float32),
+    }
+    probs = (
+        None if probs_path is None else np.lib.format.open_memmap(probs_path, mode="w+", dtype=np.float32, shape=(n, c))
+    )
     labels = torch.from_numpy(inputs.labels)
     disable = None if show_progress is None else not show_progress
     with progress(total=n, desc=f"select {name}", unit="row", disable=disable) as bar:
@@ -597,8 +702,10 @@ def _score_rows(name: str, fn: LogProbsFn, inputs: ClassifierInputs, *, probs_pa
             stop = min(n, start + inputs.block_rows)
             block = torch.as_tensor(fn(start, stop))
             if tuple(block.shape) != (stop - start, c) or not block.is_floating_point():
-                raise EngineError(f"classifier {name}: rows {start}:{stop} gave shape {tuple(block.shape)} dtype "
-                                  f"{block.dtype}, expected ({stop - start}, {c}) floating log-probabilities")
+                raise EngineError(
+                    f"classifier {name}: rows {start}:{stop} gave shape {tuple(block.shape)} dtype "
+                    f"{block.dtype}, expected ({stop - start}, {c}) floating log-probabilities"
+                )
             scores = score_block(block, labels[start:stop].to(block.device))
             if bool(torch.isnan(block).any()) or not bool((scores["confidence"] > 0).all()):
                 raise EngineError(f"classifier {name}: rows {start}:{stop} have NaN or all -inf log-probabilities")
@@ -612,8 +719,9 @@ def _score_rows(name: str, fn: LogProbsFn, inputs: ClassifierInputs, *, probs_pa
     return out
 
 
-def _criterion_scores(per: dict, inputs: ClassifierInputs, groups: ClassGroups, config: SelectConfig, timer: Timer,
-                      info: dict) -> None:
+def _criterion_scores(
+    per: dict, inputs: ClassifierInputs, groups: ClassGroups, config: SelectConfig, timer: Timer, info: dict
+) -> None:
     """Adds loss_score (N,) and, with the loss criterion, posterior (N,) to one classifier's `per`."""
     with timer("normalise"):
         per["loss_score"], degenerate = normalise_loss(per["log_p"], groups)
@@ -637,29 +745,55 @@ def _combine(per: dict, inputs: ClassifierInputs, groups: ClassGroups, config: S
             masks[pair] = labelled & (scores[pair] >= thresholds[pair])
     intersection = np.logical_and.reduce(list(masks.values()))
     ranker = "zeroshot" if "zeroshot" in per else config.classifiers[0]
-    fill_rows, m = (fill_empty_classes(intersection, inputs.labels, per[ranker]["loss_score"], groups,
-                                       num_classes=inputs.num_classes) if config.fill_empty
-                    else (np.zeros(0, np.int64), 0))
+    fill_rows, m = (
+        fill_empty_classes(
+            intersection, inputs.labels, per[ranker]["loss_score"], groups, num_classes=inputs.num_classes
+        )
+        if config.fill_empty
+        else (np.zeros(0, np.int64), 0)
+    )
     filled = np.zeros(len(labelled), dtype=bool)
     filled[fill_rows] = True
     selected = intersection | filled
     final_per_class = np.bincount(inputs.labels[selected], minlength=inputs.num_classes)[groups.counts > 0]
     before = np.bincount(inputs.labels[intersection], minlength=inputs.num_classes)
-    per_class = {"min": int(final_per_class.min()), "median": float(np.median(final_per_class)),
-                 "max": int(final_per_class.max()), "classes_with_rows": int((groups.counts > 0).sum()),
-                 "empty_before_fill": int(((groups.counts > 0) & (before == 0)).sum()),
-                 "filled_classes": int(len(np.unique(inputs.labels[fill_rows]))), "fill_m": m,
-                 "fill_ranked_by": f"{ranker}/loss_score"}
+    per_class = {
+        "min": int(final_per_class.min()),
+        "median": float(np.median(final_per_class)),
+        "max": int(final_per_class.max()),
+        "classes_with_rows": int((groups.counts > 0).sum()),
+        "empty_before_fill": int(((groups.counts > 0) & (before == 0)).sum()),
+        "filled_classes": int(len(np.unique(inputs.labels[fill_rows]))),
+        "fill_m": m,
+        "fill_ranked_by": f"{ranker}/loss_score",
+    }
     counts = {pair: int(mask.sum()) for pair, mask in masks.items()}
     counts.update(intersection=int(intersection.sum()), filled=int(filled.sum()), final=int(selected.sum()))
-    return {"selected": selected, "filled": filled, "scores": scores, "masks": masks, "counts": counts,
-            "per_class": per_class, "noise_score": noise_scores(scores, thresholds, labelled)}
+    return {
+        "selected": selected,
+        "filled": filled,
+        "scores": scores,
+        "masks": masks,
+        "counts": counts,
+        "per_class": per_class,
+        "noise_score": noise_scores(scores, thresholds, labelled),
+    }
 
 
-def select_samples(features, labels, *, text_features=None, text_mask=None, config: SelectConfig | None = None,
-                   num_classes: int | None = None, extra_classifiers: Mapping[str, LogProbsFn] | None = None,
-                   neighbors=None, true_labels=None, probs_dir=None,
-                   show_progress: bool | None = None) -> SelectionResult:
+def select_samples(
+    features,
+    labels,
+    *,
+    text_features=None,
+    text_mask=None,
+    config: SelectConfig | None = None,
+    num_classes: int | None = None,
+    extra_classifiers: Mapping[str, LogProbsFn] | None = None,
+    neighbors=None,
+    true_labels=None,
+    probs_dir=None,
+    show_progress: bool | None = None,
+) -> SelectionResult:
     """Select the rows whose given label looks clean (docs/method.md).
 
     features (N, D) float16 unit rows (numpy or torch; other float dtypes are cast: a float16
@@ -675,8 +809,9 @@ def select_samples(features, labels, *, text_features=None, text_mask=None, conf
     extra = dict(extra_classifiers or {})
     timer = Timer()
     with timer("prepare"):
-        inputs, true = _prepare(features, labels, text_features, text_mask, num_classes, true_labels, neighbors,
-                                config, extra)
+        inputs, true = _prepare(
+            features, labels, text_features, text_mask, num_classes, true_labels, neighbors, config, extra
+        )
         groups = ClassGroups.build(inputs.labels, inputs.num_classes)
     per, info = {}, {}
     for name in config.classifiers:
@@ -693,15 +828,24 @@ def select_samples(features, labels, *, text_features=None, text_mask=None, conf
     result = SelectionResult(
         predictions={k: v["prediction"] for k, v in per.items()},
         confidences={k: v["confidence"] for k, v in per.items()},
-        loss_scores={k: v["loss_score"] for k, v in per.items()}, unlabelled=int((inputs.labels < 0).sum()),
-        classifier_info=info, timings=timer.rounded(), config=config, linear_models=models,
-        warnings=classifier_warnings(info), **combined)
+        loss_scores={k: v["loss_score"] for k, v in per.items()},
+        unlabelled=int((inputs.labels < 0).sum()),
+        classifier_info=info,
+        timings=timer.rounded(),
+        config=config,
+        linear_models=models,
+        warnings=classifier_warnings(info),
+        **combined,
+    )
     for line in result.warnings:
         _logger.info("select: warning: %s", line)
     if true is not None:
         result.metrics = selection_metrics(result.selected, inputs.labels, true)
-        result.metrics["accuracy"] = {k: classifier_accuracy(v, true)
-                                      for k, v in result.predictions.items()}
-    _logger.info("select: %d of %d rows selected (%s)", result.counts["final"], len(inputs.labels),
-                 ", ".join(f"{k} {v}" for k, v in result.counts.items()))
+        result.metrics["accuracy"] = {k: classifier_accuracy(v, true) for k, v in result.predictions.items()}
+    _logger.info(
+        "select: %d of %d rows selected (%s)",
+        result.counts["final"],
+        len(inputs.labels),
+        ", ".join(f"{k} {v}" for k, v in result.counts.items()),
+    )
     return result

@@ -2,6 +2,7 @@
 core (`select`, `index`, `train`), and write the results back into the cache's result groups
 (`selection/`, `index/`, `diagnostics/`, `train/`) with the configuration and timings.
 """
+
 from __future__ import annotations
 
 import csv
@@ -30,8 +31,10 @@ def _same_features(a: Cache, b: Cache, what: str) -> None:
     from engine.models import describe, same_model
 
     if not same_model(a.identity, b.identity):
-        raise EngineError(f"{what}: {b.path} holds features of {describe(b.identity)}, but {a.path} holds "
-                          f"{describe(a.identity)}; embed both with the same model")
+        raise EngineError(
+            f"{what}: {b.path} holds features of {describe(b.identity)}, but {a.path} holds "
+            f"{describe(a.identity)}; embed both with the same model"
+        )
 
 
 # ---------------------------------------------------------------- select
@@ -50,8 +53,15 @@ def neighbors_for(cache: Cache, features, *, k: int, device: str) -> Neighbors:
     return found
 
 
-def select_from_cache(cache_path: str, config, *, out: str | None = None, probs_dir: str | None = None,
-                      knn_k: int = 10, show_progress: bool | None = None) -> dict:
+def select_from_cache(
+    cache_path: str,
+    config,
+    *,
+    out: str | None = None,
+    probs_dir: str | None = None,
+    knn_k: int = 10,
+    show_progress: bool | None = None,
+) -> dict:
     """CLIPCleaner selection on the cache; results into `selection/`, optional table and P matrices."""
     from engine.select import select_samples
 
@@ -72,9 +82,18 @@ def select_from_cache(cache_path: str, config, *, out: str | None = None, probs_
     if probs_dir:
         Path(probs_dir).mkdir(parents=True, exist_ok=True)
     with timer("select_total"):
-        result = select_samples(features, labels, text_features=text, text_mask=mask, config=config,
-                                num_classes=num_classes, neighbors=neighbors, true_labels=true,
-                                probs_dir=probs_dir, show_progress=show_progress)
+        result = select_samples(
+            features,
+            labels,
+            text_features=text,
+            text_mask=mask,
+            config=config,
+            num_classes=num_classes,
+            neighbors=neighbors,
+            true_labels=true,
+            probs_dir=probs_dir,
+            show_progress=show_progress,
+        )
     summary = {"cache": cache_path, **result.summary(), "seconds": {**timer.rounded(), **result.timings}}
     stored = Selection.from_result(result, {k: v for k, v in summary.items() if k != "cache"})
     stored.write(cache)
@@ -91,8 +110,16 @@ def select_from_cache(cache_path: str, config, *, out: str | None = None, probs_
 
 
 # ---------------------------------------------------------------- train / predict
-def train_from_cache(cache_path: str, config, *, eval_cache: str | None = None, out: str = "head.pt",
-                     baselines: bool = False, resume: bool = False, on_epoch=None) -> dict:
+def train_from_cache(
+    cache_path: str,
+    config,
+    *,
+    eval_cache: str | None = None,
+    out: str = "head.pt",
+    baselines: bool = False,
+    resume: bool = False,
+    on_epoch=None,
+) -> dict:
     """MixFix (and optionally the two baselines) on the cache's features and latest selection."""
     from engine.train import save_head, train_head, train_with_baselines
 
@@ -113,35 +140,59 @@ def train_from_cache(cache_path: str, config, *, eval_cache: str | None = None, 
     metrics_path = Path(out).with_suffix(".metrics.jsonl")
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     with open(metrics_path, "a" if resume else "w") as metrics:
+
         def record(row: dict) -> None:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             if on_epoch is not None:
                 on_epoch(row)
 
-        common = dict(config=config, num_classes=len(names), true_labels=cache.true_labels(), on_epoch=record,
-                      **evaluation)
+        common = dict(
+            config=config, num_classes=len(names), true_labels=cache.true_labels(), on_epoch=record, **evaluation
+        )
         with timer("train"):
             if baselines:
                 runs = train_with_baselines(features, labels, selected, **common)
                 result, table = runs.mixfix, runs.table
             else:
-                result = train_head(features, labels, selected, state_path=str(out) + ".state", resume=resume,
-                                    **common)
+                result = train_head(features, labels, selected, state_path=str(out) + ".state", resume=resume, **common)
                 table = [{"run": "mixfix" if config.mixfix else "selection", "eval_acc": result.eval_acc}]
     save_head(out, result, class_names=names, feature_identity=cache.identity, config=config)
     if result.best_state is not None:
-        save_head(Path(out).with_suffix(".best.pt"), result, class_names=names, feature_identity=cache.identity,
-                  config=config, which="best")
-    Training(labels=result.labels, selection=result.selection,
-             attrs={"config": config.to_dict(), "eval_acc": result.eval_acc, "table": table, "head": str(out),
-                    "seconds": timer.rounded()}).write(cache)
+        save_head(
+            Path(out).with_suffix(".best.pt"),
+            result,
+            class_names=names,
+            feature_identity=cache.identity,
+            config=config,
+            which="best",
+        )
+    Training(
+        labels=result.labels,
+        selection=result.selection,
+        attrs={
+            "config": config.to_dict(),
+            "eval_acc": result.eval_acc,
+            "table": table,
+            "head": str(out),
+            "seconds": timer.rounded(),
+        },
+    ).write(cache)
     last = result.log[-1] if result.log else {}
-    return {"cache": cache_path, "head": str(out), "metrics": str(metrics_path), "epochs": len(result.log),
-            "initial_selected": int(selected.sum()), "final_set": int(result.selection.sum()),
-            "relabelled": last.get("relabelled"), "relabel_correct": last.get("relabel_correct"),
-            "eval_acc": result.eval_acc, "best_val_acc": result.best_val_acc, "table": table,
-            "seconds": timer.rounded()}
+    return {
+        "cache": cache_path,
+        "head": str(out),
+        "metrics": str(metrics_path),
+        "epochs": len(result.log),
+        "initial_selected": int(selected.sum()),
+        "final_set": int(result.selection.sum()),
+        "relabelled": last.get("relabelled"),
+        "relabel_correct": last.get("relabel_correct"),
+        "eval_acc": result.eval_acc,
+        "best_val_acc": result.best_val_acc,
+        "table": table,
+        "seconds": timer.rounded(),
+    }
 
 
 def predict_from_cache(head_path: str, cache_path: str, *, out: str | None = None, device: str = "auto") -> dict:
@@ -153,8 +204,12 @@ def predict_from_cache(head_path: str, cache_path: str, *, out: str | None = Non
     head = load_head(head_path, feature_dim=cache.dim, feature_identity=cache.identity)
     pred, conf, _ = predict(head, cache.load_features(), device=device)
     labels, true = cache.labels(), cache.true_labels()
-    summary = {"cache": cache_path, "head": head_path, "rows": int(len(pred)),
-               "agree_with_given": float((pred == labels)[labels >= 0].mean()) if (labels >= 0).any() else None}
+    summary = {
+        "cache": cache_path,
+        "head": head_path,
+        "rows": int(len(pred)),
+        "agree_with_given": float((pred == labels)[labels >= 0].mean()) if (labels >= 0).any() else None,
+    }
     if true is not None and (true >= 0).any():
         summary["accuracy"] = float((pred == true)[true >= 0].mean())
     if out:
@@ -179,10 +234,19 @@ def index_from_cache(cache_path: str, config, *, device: str = "auto") -> dict:
         features, keys = cache.load_features(), cache.keys()
     with timer("build"):
         index = build_index(features, config, keys=keys, device=device)
-    IndexGroup(data=index_to_bytes(index), info=index.info.to_dict(),
-               attrs={"config": _asdict(config), "seconds": timer.rounded()}).write(cache)
-    return {"cache": cache_path, "kind": index.info.kind, "rows": index.info.rows, "params": index.info.params,
-            "device": index.device, "seconds": timer.rounded()}
+    IndexGroup(
+        data=index_to_bytes(index),
+        info=index.info.to_dict(),
+        attrs={"config": _asdict(config), "seconds": timer.rounded()},
+    ).write(cache)
+    return {
+        "cache": cache_path,
+        "kind": index.info.kind,
+        "rows": index.info.rows,
+        "params": index.info.params,
+        "device": index.device,
+        "seconds": timer.rounded(),
+    }
 
 
 def load_cached_index(cache: Cache, features, *, device: str = "auto", build_config=None):
@@ -203,8 +267,9 @@ def _pairs(pairs, names, value: str) -> list[dict]:
     return [{"a": names[a], "b": names[b], value: round(float(v), 4)} for a, b, v in pairs]
 
 
-def diagnose_from_cache(cache_path: str, *, k: int = 10, top: int = 10, device: str = "auto",
-                        export_knn: str | None = None) -> dict:
+def diagnose_from_cache(
+    cache_path: str, *, k: int = 10, top: int = 10, device: str = "auto", export_knn: str | None = None
+) -> dict:
     """Confusable class pairs (text and image), kNN label agreement and the swap table; written
     into `knn/` (neighbor ids and similarities, reused by `select --classifiers ...,knn`) and
     `diagnostics/`."""
@@ -226,17 +291,27 @@ def diagnose_from_cache(cache_path: str, *, k: int = 10, top: int = 10, device: 
         text_pairs = []
         if cache.has_text():
             text_pairs = ix.top_confusable_pairs(ix.text_class_similarity(*cache.text_features()), top=top)
-    summary = {"cache": cache_path, "k": k, "index": index.info.kind,
-               "confusable_text": _pairs(text_pairs, names, "similarity"),
-               "confusable_image": _pairs(ix.top_confusable_pairs(np.nan_to_num(image_sim, nan=-1.0), top=top),
-                                          names, "similarity"),
-               "swaps": [{"label": names[a], "neighbors_say": names[b], "count": int(c)} for a, b, c in report.swaps],
-               "agreement_mean": round(float(report.mean_agreement), 4),
-               "class_agreement": {names[c]: round(float(v), 4) for c, v in enumerate(report.class_agreement)
-                                   if np.isfinite(v)}}
-    Diagnostics(agreement=report.agreement, majority=report.majority, class_agreement=report.class_agreement,
-                image_similarity=image_sim,
-                attrs={key: summary[key] for key in ("confusable_text", "confusable_image", "swaps", "k")}).write(cache)
+    summary = {
+        "cache": cache_path,
+        "k": k,
+        "index": index.info.kind,
+        "confusable_text": _pairs(text_pairs, names, "similarity"),
+        "confusable_image": _pairs(
+            ix.top_confusable_pairs(np.nan_to_num(image_sim, nan=-1.0), top=top), names, "similarity"
+        ),
+        "swaps": [{"label": names[a], "neighbors_say": names[b], "count": int(c)} for a, b, c in report.swaps],
+        "agreement_mean": round(float(report.mean_agreement), 4),
+        "class_agreement": {
+            names[c]: round(float(v), 4) for c, v in enumerate(report.class_agreement) if np.isfinite(v)
+        },
+    }
+    Diagnostics(
+        agreement=report.agreement,
+        majority=report.majority,
+        class_agreement=report.class_agreement,
+        image_similarity=image_sim,
+        attrs={key: summary[key] for key in ("confusable_text", "confusable_image", "swaps", "k")},
+    ).write(cache)
     if export_knn:
         ix.save_knn_graph(ix.knn_graph(sims, ids), export_knn)
         summary["knn_graph"] = export_knn
@@ -256,10 +331,18 @@ def neighbors_from_cache(cache_path: str, key: str, *, k: int = 10, device: str 
     labels, keys = cache.labels(), cache.keys()
     names = _class_names(cache, labels)
     label_name = lambda y: names[y] if 0 <= y < len(names) else None  # noqa: E731
-    found = [{"key": keys[i], "label": int(labels[i]), "class": label_name(int(labels[i])),
-              "similarity": round(float(s), 4)} for s, i in zip(sims, ids) if i >= 0]
-    return {"key": key, "row": row, "label": int(labels[row]), "class": label_name(int(labels[row])),
-            "neighbors": found}
+    found = [
+        {"key": keys[i], "label": int(labels[i]), "class": label_name(int(labels[i])), "similarity": round(float(s), 4)}
+        for s, i in zip(sims, ids)
+        if i >= 0
+    ]
+    return {
+        "key": key,
+        "row": row,
+        "label": int(labels[row]),
+        "class": label_name(int(labels[row])),
+        "neighbors": found,
+    }
 
 
 def _asdict(config) -> dict:
@@ -285,9 +368,18 @@ def write_table(path: str, columns: dict) -> None:
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
-            raise EngineError("out: Parquet needs pyarrow (`pip install 'engine[parquet]'`); or use a .csv path") from None
-        pq.write_table(pa.table({k: np.asarray(v).tolist() if np.asarray(v).dtype == object else np.asarray(v)
-                                 for k, v in columns.items()}), path)
+            raise EngineError(
+                "out: Parquet needs pyarrow (`pip install 'engine[parquet]'`); or use a .csv path"
+            ) from None
+        pq.write_table(
+            pa.table(
+                {
+                    k: np.asarray(v).tolist() if np.asarray(v).dtype == object else np.asarray(v)
+                    for k, v in columns.items()
+                }
+            ),
+            path,
+        )
         return
     names = list(columns)
     arrays = [np.asarray(columns[n]) for n in names]
@@ -296,4 +388,4 @@ def write_table(path: str, columns: dict) -> None:
         writer.writerow(names)
         block = 65536
         for start in range(0, len(arrays[0]), block):
-            writer.writerows(zip(*(a[start:start + block].tolist() for a in arrays)))
+            writer.writerows(zip(*(a[start : start + block].tolist() for a in arrays)))

@@ -5,6 +5,7 @@ Classes are (colour, shape) pairs listed so that classes 2i and 2i+1 are *close 
 (red/orange, circle/ellipse, square/rectangle, pentagon/hexagon, blue/purple): their colour
 or shape ranges overlap, so "hard" label noise (a flip to the partner) is genuinely hard.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -29,15 +30,24 @@ _SUPERSAMPLE = 3
 
 # hue centre (degrees), half-width; saturation and value ranges are shared
 COLOURS = {
-    "red": (0.0, 10.0), "orange": (16.0, 10.0), "yellow": (55.0, 8.0),
-    "green": (125.0, 15.0), "blue": (220.0, 12.0), "purple": (250.0, 12.0),
+    "red": (0.0, 10.0),
+    "orange": (16.0, 10.0),
+    "yellow": (55.0, 8.0),
+    "green": (125.0, 15.0),
+    "blue": (220.0, 12.0),
+    "purple": (250.0, 12.0),
 }
 # aspect ratio range (long side / short side) and number of polygon vertices (0 = smooth)
 SHAPES = {
-    "circle": ((1.0, 1.1), 0), "ellipse": ((1.12, 1.5), 0),
-    "square": ((1.0, 1.1), 4), "rectangle": ((1.15, 1.6), 4),
-    "pentagon": ((1.0, 1.05), 5), "hexagon": ((1.0, 1.05), 6),
-    "triangle": ((1.0, 1.1), 3), "star": ((1.0, 1.05), -5), "cross": ((1.0, 1.05), -4),
+    "circle": ((1.0, 1.1), 0),
+    "ellipse": ((1.12, 1.5), 0),
+    "square": ((1.0, 1.1), 4),
+    "rectangle": ((1.15, 1.6), 4),
+    "pentagon": ((1.0, 1.05), 5),
+    "hexagon": ((1.0, 1.05), 6),
+    "triangle": ((1.0, 1.1), 3),
+    "star": ((1.0, 1.05), -5),
+    "cross": ((1.0, 1.05), -4),
 }
 SHAPE_WORDS = {
     "circle": ["which is perfectly round", "with no corners at all", "shaped like a coin"],
@@ -58,8 +68,7 @@ COLOUR_WORDS = {
     "blue": ["the colour of the sky", "deep blue like the sea"],
     "purple": ["the colour of a violet", "purple like a plum"],
 }
-TEMPLATES = ["a photo of a {name}", "a drawing of a {name}", "a picture of a {name}",
-             "an image of a small {name}"]
+TEMPLATES = ["a photo of a {name}", "a drawing of a {name}", "a picture of a {name}", "an image of a small {name}"]
 SUFFIX = "."
 
 
@@ -74,11 +83,13 @@ def _class_pairs() -> list[tuple[tuple[str, str], tuple[str, str]]]:
         by_shape.append(((colour, a), (colour, b)))
     colour_pairs = [("red", "orange"), ("blue", "purple"), ("yellow", "green")]
     solo = ["triangle", "star", "cross"]
-    by_colour = [((colour_pairs[k % 3][0], solo[(k + k // 3) % 3]),
-                  (colour_pairs[k % 3][1], solo[(k + k // 3) % 3])) for k in range(9)]
+    by_colour = [
+        ((colour_pairs[k % 3][0], solo[(k + k // 3) % 3]), (colour_pairs[k % 3][1], solo[(k + k // 3) % 3]))
+        for k in range(9)
+    ]
     pairs = []
     for i in range(9):
-        pairs.extend(by_shape[2 * i:2 * i + 2])
+        pairs.extend(by_shape[2 * i : 2 * i + 2])
         pairs.append(by_colour[i])
     return pairs
 
@@ -92,7 +103,7 @@ MAX_CLASSES = len(class_list())
 
 
 def class_names(num_classes: int) -> list[str]:
-    return [f"{c} {s}" for c, s in class_list()[:_check_classes(num_classes)]]
+    return [f"{c} {s}" for c, s in class_list()[: _check_classes(num_classes)]]
 
 
 def _check_classes(num_classes: int) -> int:
@@ -116,9 +127,8 @@ def class_descriptions(colour: str, shape: str) -> list[str]:
 def class_file(num_classes: int) -> dict:
     """The `classes.json` document for the first `num_classes` classes (see engine.classes)."""
     classes = []
-    for index, (colour, shape) in enumerate(class_list()[:_check_classes(num_classes)]):
-        classes.append({"index": index, "name": f"{colour} {shape}",
-                        "descriptions": class_descriptions(colour, shape)})
+    for index, (colour, shape) in enumerate(class_list()[: _check_classes(num_classes)]):
+        classes.append({"index": index, "name": f"{colour} {shape}", "descriptions": class_descriptions(colour, shape)})
     return {"name": "shapes", "templates": TEMPLATES, "suffix": SUFFIX, "classes": classes}
 
 
@@ -126,12 +136,12 @@ def captions(colour: str, shape: str) -> list[str]:
     """Training captions for the tiny CLIP: every template with and without each description."""
     name = f"{colour} {shape}"
     plain = [t.format(name=name) + SUFFIX for t in TEMPLATES]
-    described = [t.format(name=name) + " " + d + SUFFIX
-                 for t in TEMPLATES for d in class_descriptions(colour, shape)]
+    described = [t.format(name=name) + " " + d + SUFFIX for t in TEMPLATES for d in class_descriptions(colour, shape)]
     return plain + described
 
 
 # ---------------------------------------------------------------- drawing
+
 
 def _rgb(hue_deg: float, sat: float, val: float) -> tuple[int, int, int]:
     r, g, b = colorsys.hsv_to_rgb((hue_deg % 360.0) / 360.0, sat, val)
@@ -178,8 +188,23 @@ def _outline(rng: np.random.Generator, shape: str, cx: float, cy: float, radius:
         pts = np.stack([np.cos(angles) * radii, np.sin(angles) * radii], 1)
     else:  # cross: 12-gon plus sign
         a, b = 1.0, 0.33
-        pts = np.array([[b, a], [b, b], [a, b], [a, -b], [b, -b], [b, -a], [-b, -a], [-b, -b],
-                        [-a, -b], [-a, b], [-b, b], [-b, a]], dtype=np.float64)
+        pts = np.array(
+            [
+                [b, a],
+                [b, b],
+                [a, b],
+                [a, -b],
+                [b, -b],
+                [b, -a],
+                [-b, -a],
+                [-b, -b],
+                [-a, -b],
+                [-a, b],
+                [-b, b],
+                [-b, a],
+            ],
+            dtype=np.float64,
+        )
     pts = pts * np.array([aspect, 1.0]) / math.sqrt(aspect)
     theta = rng.uniform(0, 2 * math.pi)
     rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
@@ -226,8 +251,9 @@ def draw_image(class_index: int, rng: np.random.Generator, *, num_classes: int =
 NOISE_KINDS = ("none", "sym", "hard", "mix")
 
 
-def noisy_labels(true_labels: np.ndarray, *, num_classes: int, noise: str, rate: float,
-                 rng: np.random.Generator) -> np.ndarray:
+def noisy_labels(
+    true_labels: np.ndarray, *, num_classes: int, noise: str, rate: float, rng: np.random.Generator
+) -> np.ndarray:
     """(N,) int64 given labels: each sample is corrupted with probability `rate`.
 
     sym: new label uniform over all C classes (may equal the true one, the usual protocol);
@@ -241,8 +267,11 @@ def noisy_labels(true_labels: np.ndarray, *, num_classes: int, noise: str, rate:
     if noise == "none" or rate == 0.0:
         return labels
     flip = rng.random(len(labels)) < rate
-    hard = {"sym": np.zeros(len(labels), bool), "hard": np.ones(len(labels), bool),
-            "mix": rng.random(len(labels)) < 0.5}[noise]
+    hard = {
+        "sym": np.zeros(len(labels), bool),
+        "hard": np.ones(len(labels), bool),
+        "mix": rng.random(len(labels)) < 0.5,
+    }[noise]
     uniform = rng.integers(0, num_classes, size=len(labels))
     labels[flip & hard] = partners(num_classes)[true_labels[flip & hard]]
     labels[flip & ~hard] = uniform[flip & ~hard]
@@ -272,15 +301,20 @@ class ShapesConfig:
 
 
 def shard_samples(config: ShapesConfig, shard: int):
-    """Yield the samples of one shard as dicts (`__key__`, `jpg`, `cls`, `true_cls`: all bytes; labels as ASCII ints)."""
+    """Yield the samples of one shard as dicts (`__key__`, `jpg`, `cls`, `true_cls`: all bytes; labels as
+    ASCII ints)."""
     rng = np.random.default_rng([config.seed, shard])
     true = rng.integers(0, config.classes, size=config.per_shard)
     given = noisy_labels(true, num_classes=config.classes, noise=config.noise, rate=config.rate, rng=rng)
     for i in range(config.per_shard):
         buf = io.BytesIO()
         draw_image(int(true[i]), rng, num_classes=config.classes).save(buf, format="JPEG", quality=config.quality)
-        yield {"__key__": f"{config.prefix}{config.seed}_{shard:05d}_{i:05d}", "jpg": buf.getvalue(),
-               "cls": str(int(given[i])).encode(), "true_cls": str(int(true[i])).encode()}
+        yield {
+            "__key__": f"{config.prefix}{config.seed}_{shard:05d}_{i:05d}",
+            "jpg": buf.getvalue(),
+            "cls": str(int(given[i])).encode(),
+            "true_cls": str(int(true[i])).encode(),
+        }
 
 
 def write_shards(out_dir: str | os.PathLike, config: ShapesConfig, *, progress=None) -> dict:
@@ -306,6 +340,13 @@ def write_shards(out_dir: str | os.PathLike, config: ShapesConfig, *, progress=N
         if progress is not None:
             progress(config.per_shard)
     total = config.shards * config.per_shard
-    return {"out_dir": str(out), "shards": paths, "samples": total, "classes": config.classes,
-            "noisy": int(noisy), "noise_rate": noisy / total, "classes_file": str(out / "classes.json"),
-            "config": config.__dict__}
+    return {
+        "out_dir": str(out),
+        "shards": paths,
+        "samples": total,
+        "classes": config.classes,
+        "noisy": int(noisy),
+        "noise_rate": noisy / total,
+        "classes_file": str(out / "classes.json"),
+        "config": config.__dict__,
+    }

@@ -6,6 +6,7 @@
 Uses the CDP client of the tests (tests/browser.py). Fails when the page logs an error (a
 missing thumbnail, an exception), so a broken report never becomes a screenshot.
 """
+
 from __future__ import annotations
 
 import argparse

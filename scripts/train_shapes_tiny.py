@@ -9,6 +9,7 @@ batch counts as a positive (plain CLIP loss would push them apart). Deterministi
 and thread count. Writes the fp16 weights as open_clip_model.safetensors next to the config,
 and an evaluation (zero-shot on freshly drawn images) as TRAINING.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,10 @@ def multi_positive_loss(image_f, text_f, labels, scale):
     logits = scale * image_f @ text_f.T
     same = (labels[:, None] == labels[None, :]).float()
     target = same / same.sum(1, keepdim=True)
-    return 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
-                  + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean())
+    return 0.5 * (
+        torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+        + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean()
+    )
 
 
 def pair_kind(colour: str, shape: str, partner: tuple[str, str]) -> str:
@@ -91,8 +94,12 @@ def evaluate(model, tokenizer, mean, std, *, count: int, seed: int) -> dict:
     model.eval()
     text, mask = encode_prompts(class_set, model, tokenizer, device=torch.device("cpu"))
     with torch.inference_mode():
-        feats = torch.cat([model.encode_image(normalise(images[i:i + 512], mean, std), normalize=True)
-                           for i in range(0, count, 512)])
+        feats = torch.cat(
+            [
+                model.encode_image(normalise(images[i : i + 512], mean, std), normalize=True)
+                for i in range(0, count, 512)
+            ]
+        )
     sims = torch.einsum("nd,cpd->ncp", feats, torch.from_numpy(text).float()) / 0.07
     pred = torch.logsumexp(sims.masked_fill(~torch.from_numpy(mask)[None], -torch.inf), 2).argmax(1).numpy()
     labels = labels.numpy()
@@ -103,13 +110,21 @@ def evaluate(model, tokenizer, mean, std, *, count: int, seed: int) -> dict:
     by_pair = {}
     for kind in dict.fromkeys(kinds.tolist()):
         rows = kinds[labels] == kind
-        by_pair[kind] = {"accuracy": round(float(correct[rows].mean()), 4),
-                         "to_partner": round(float(to_partner[rows].mean()), 4),
-                         "other_errors": round(float((~correct & ~to_partner)[rows].mean()), 4)}
+        by_pair[kind] = {
+            "accuracy": round(float(correct[rows].mean()), 4),
+            "to_partner": round(float(to_partner[rows].mean()), 4),
+            "other_errors": round(float((~correct & ~to_partner)[rows].mean()), 4),
+        }
     per_class = np.bincount(labels, weights=correct, minlength=num_classes) / np.bincount(labels, minlength=num_classes)
-    return {"images": count, "seed": seed, "classes": num_classes, "accuracy": round(float(correct.mean()), 4),
-            "to_partner": round(float(to_partner.mean()), 4), "by_pair": by_pair,
-            "per_class": {f"{c} {s}": round(float(v), 4) for (c, s), v in zip(classes, per_class)}}
+    return {
+        "images": count,
+        "seed": seed,
+        "classes": num_classes,
+        "accuracy": round(float(correct.mean()), 4),
+        "to_partner": round(float(to_partner.mean()), 4),
+        "by_pair": by_pair,
+        "per_class": {f"{c} {s}": round(float(v), 4) for (c, s), v in zip(classes, per_class)},
+    }
 
 
 def train(args) -> dict:
@@ -128,11 +143,16 @@ def train(args) -> dict:
     print(f"drew {args.pool} images in {time.time() - start:.0f}s", file=sys.stderr)
     scale_params = [model.logit_scale]
     other = [p for n, p in model.named_parameters() if n != "logit_scale"]
-    opt = torch.optim.AdamW([{"params": other, "lr": args.lr, "weight_decay": 0.1},
-                             {"params": scale_params, "lr": args.lr * 20, "weight_decay": 0.0}])
+    opt = torch.optim.AdamW(
+        [
+            {"params": other, "lr": args.lr, "weight_decay": 0.1},
+            {"params": scale_params, "lr": args.lr * 20, "weight_decay": 0.0},
+        ]
+    )
     warmup = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / args.steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
+    )
     gen = torch.Generator().manual_seed(args.seed)
     model.train()
     for step in range(args.steps):
@@ -148,8 +168,11 @@ def train(args) -> dict:
         opt.step()
         sched.step()
         if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step} loss {loss.item():.3f} scale {model.logit_scale.exp().item():.1f} "
-                  f"{time.time() - start:.0f}s", file=sys.stderr)
+            print(
+                f"step {step} loss {loss.item():.3f} scale {model.logit_scale.exp().item():.1f} "
+                f"{time.time() - start:.0f}s",
+                file=sys.stderr,
+            )
     seconds = time.time() - start
     model.eval()
     return {"model": model, "tokenizer": tokenizer, "mean": mean, "std": std, "seconds": seconds}
@@ -178,12 +201,17 @@ def main() -> None:
     save_file(state, str(args.out / "open_clip_model.safetensors"))
     # evaluate the fp16 weights exactly as shipped
     model.load_state_dict({k: v.float() for k, v in state.items()})
-    report = evaluate(model, out["tokenizer"], out["mean"], out["std"], count=args.eval_images,
-                      seed=args.seed + 1000)
-    report.update({"train_seconds": round(out["seconds"], 1), "command": " ".join(sys.argv),
-                   "args": {k: str(v) for k, v in vars(args).items()},
-                   "parameters": sum(p.numel() for p in model.parameters()),
-                   "torch": torch.__version__, "open_clip": open_clip.__version__})
+    report = evaluate(model, out["tokenizer"], out["mean"], out["std"], count=args.eval_images, seed=args.seed + 1000)
+    report.update(
+        {
+            "train_seconds": round(out["seconds"], 1),
+            "command": " ".join(sys.argv),
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "torch": torch.__version__,
+            "open_clip": open_clip.__version__,
+        }
+    )
     (args.out / "TRAINING.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "per_class"}, indent=2))
 
@@ -197,8 +225,16 @@ def evaluate_saved(args) -> None:
     pp = json.loads((ASSET / "open_clip_config.json").read_text())["preprocess_cfg"]
     report_path = args.out / "TRAINING.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    report.update(evaluate(loaded.model, loaded.tokenizer, torch.tensor(pp["mean"]).view(1, 3, 1, 1),
-                           torch.tensor(pp["std"]).view(1, 3, 1, 1), count=args.eval_images, seed=args.seed + 1000))
+    report.update(
+        evaluate(
+            loaded.model,
+            loaded.tokenizer,
+            torch.tensor(pp["mean"]).view(1, 3, 1, 1),
+            torch.tensor(pp["std"]).view(1, 3, 1, 1),
+            count=args.eval_images,
+            seed=args.seed + 1000,
+        )
+    )
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "per_class"}, indent=2))
 

@@ -10,6 +10,7 @@ Every wait has a deadline (`timeout` seconds): a hang raises `BrowserError` inst
 blocking. `close()` (also on leaving the `with` block) kills Chromium's whole process group
 and removes the temporary profile.
 """
+
 from __future__ import annotations
 
 import base64
@@ -59,16 +60,29 @@ class Browser:
         self._profile = tempfile.mkdtemp(prefix="engine-cdp-")
         self._stderr: queue.Queue = queue.Queue()
         self._proc = subprocess.Popen(
-            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0",
-             f"--user-data-dir={self._profile}", "--no-first-run", "--no-default-browser-check",
-             "--disable-extensions", "--disable-background-networking", "--hide-scrollbars", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True)  # its own process group: close() kills every child with it
+            [
+                binary,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--remote-debugging-port=0",
+                f"--user-data-dir={self._profile}",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--disable-extensions",
+                "--disable-background-networking",
+                "--hide-scrollbars",
+                "about:blank",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )  # its own process group: close() kills every child with it
         threading.Thread(target=self._drain, daemon=True).start()
         try:
             endpoint = self._devtools_url()
-            self._ws = websocket.create_connection(self._page_target(endpoint), timeout=timeout,
-                                                   suppress_origin=True)
+            self._ws = websocket.create_connection(self._page_target(endpoint), timeout=timeout, suppress_origin=True)
             for domain in ("Runtime", "Log", "Page"):
                 self.call(f"{domain}.enable")
         except BaseException:
@@ -159,8 +173,7 @@ class Browser:
 
     def evaluate(self, expression: str):
         """The JSON value of a JavaScript expression in the page; its exception raises BrowserError."""
-        result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                                "awaitPromise": True})
+        result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
         if "exceptionDetails" in result:
             raise BrowserError(f"evaluate {expression!r}: {result['exceptionDetails'].get('text')}")
         return result["result"].get("value")
@@ -182,13 +195,17 @@ class Browser:
 
     def screenshot(self, path, *, width: int = 1200, height: int = 900, full_page: bool = False) -> bytes:
         """A PNG of the page at a `width` x `height` viewport (the whole page with `full_page`)."""
-        self.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": height,
-                                                         "deviceScaleFactor": 1, "mobile": False})
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
         params = {"format": "png"}
         if full_page:
             size = self.call("Page.getLayoutMetrics")["cssContentSize"]
-            params.update(captureBeyondViewport=True, clip={"x": 0, "y": 0, "width": width, "scale": 1,
-                                                            "height": max(height, int(size["height"]))})
+            params.update(
+                captureBeyondViewport=True,
+                clip={"x": 0, "y": 0, "width": width, "scale": 1, "height": max(height, int(size["height"]))},
+            )
         data = base64.b64decode(self.call("Page.captureScreenshot", params)["data"])
         with open(path, "wb") as handle:
             handle.write(data)
@@ -223,7 +240,7 @@ class Browser:
         except (ProcessLookupError, PermissionError):
             pass
 
-    def __enter__(self) -> "Browser":
+    def __enter__(self) -> Browser:
         return self
 
     def __exit__(self, *exc) -> None:

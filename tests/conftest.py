@@ -1,4 +1,5 @@
 """Shared offline fixtures: tiny shapes shards written by webdataset's TarWriter, in tmp dirs."""
+
 from __future__ import annotations
 
 import logging

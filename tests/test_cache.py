@@ -1,5 +1,6 @@
 """engine.cache (read view, result-group storage), engine.append (the append protocol) and
 engine.results (typed result groups), tested directly on small stores."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,9 +25,15 @@ def _new(path, shards=("a.tar", "b.tar", "c.tar")) -> tuple[CacheWriter, dict]:
 def _stage(writer: CacheWriter, index: dict, url: str, n: int, *, first_key: int = 0) -> np.ndarray:
     rng = np.random.default_rng(first_key)
     feats = rng.standard_normal((n, DIM)).astype(np.float16)
-    writer.stage_shard(index[url], features=feats, keys=[f"{url}-{first_key + i}" for i in range(n)],
-                       labels=np.arange(n) % 3, true_labels=np.full(n, -1), positions=np.arange(n),
-                       outcome={"url": url, "bad": [], "samples": n})
+    writer.stage_shard(
+        index[url],
+        features=feats,
+        keys=[f"{url}-{first_key + i}" for i in range(n)],
+        labels=np.arange(n) % 3,
+        true_labels=np.full(n, -1),
+        positions=np.arange(n),
+        outcome={"url": url, "bad": [], "samples": n},
+    )
     return feats
 
 
@@ -35,7 +42,7 @@ def test_rows_land_in_plan_order_whatever_order_shards_are_staged(tmp_path):
     c = _stage(writer, index, "c.tar", 4, first_key=20)
     a = _stage(writer, index, "a.tar", 3, first_key=0)
     plan = [index["a.tar"], index["b.tar"], index["c.tar"]]
-    assert [d["url"] for d in writer.consolidate(plan)] == ["a.tar"]        # b is missing: the prefix stops
+    assert [d["url"] for d in writer.consolidate(plan)] == ["a.tar"]  # b is missing: the prefix stops
     b = _stage(writer, index, "b.tar", 2, first_key=10)
     assert [d["url"] for d in writer.consolidate(plan)] == ["b.tar", "c.tar"]
     writer.trim()
@@ -61,7 +68,7 @@ def test_rows_beyond_the_manifest_and_uncommitted_staging_are_never_read(tmp_pat
     staging.attrs.put({"committed": False, "shard": index["b.tar"]})
     view = Cache(str(tmp_path / "c.zarr"))
     assert view.num_rows == 3 and view.load_features().shape == (3, DIM)
-    assert CacheWriter(str(tmp_path / "c.zarr")).consolidate() == []      # nothing committed to apply
+    assert CacheWriter(str(tmp_path / "c.zarr")).consolidate() == []  # nothing committed to apply
     writer.trim()
     assert Cache(str(tmp_path / "c.zarr")).root["images/features"].shape == (3, DIM)
 
@@ -77,13 +84,18 @@ def test_a_mistyped_path_is_an_error_not_a_new_directory(tmp_path):
 
 # ----------------------------------------------------------------------------- result groups
 
+
 def _selection(n: int, seed: int = 0) -> Selection:
     rng = np.random.default_rng(seed)
     score = rng.random(n).astype(np.float32)
-    return Selection(selected=score > 0.5, filled=np.zeros(n, bool), noise_score=1 - score,
-                     pairs={"zeroshot/consistency": PairResult(score, score > 0.5)},
-                     classifiers={"zeroshot": ClassifierResult(rng.integers(0, 3, n).astype(np.int32), score, score)},
-                     attrs={"counts": {"final": int((score > 0.5).sum())}})
+    return Selection(
+        selected=score > 0.5,
+        filled=np.zeros(n, bool),
+        noise_score=1 - score,
+        pairs={"zeroshot/consistency": PairResult(score, score > 0.5)},
+        classifiers={"zeroshot": ClassifierResult(rng.integers(0, 3, n).astype(np.int32), score, score)},
+        attrs={"counts": {"final": int((score > 0.5).sum())}},
+    )
 
 
 @pytest.fixture
@@ -101,9 +113,16 @@ def test_selection_round_trip_owns_its_names(rows):
     np.testing.assert_array_equal(back.selected, stored.selected)
     np.testing.assert_array_equal(back.pairs["zeroshot/consistency"].score, stored.pairs["zeroshot/consistency"].score)
     assert back.attrs["counts"] == stored.attrs["counts"] and back.attrs["complete"]
-    assert list(back.table_columns()) == ["selected", "filled", "noise_score", "zeroshot/consistency/score",
-                                          "zeroshot/consistency/pass", "zeroshot/prediction", "zeroshot/confidence",
-                                          "zeroshot/loss_score"]
+    assert list(back.table_columns()) == [
+        "selected",
+        "filled",
+        "noise_score",
+        "zeroshot/consistency/score",
+        "zeroshot/consistency/pass",
+        "zeroshot/prediction",
+        "zeroshot/confidence",
+        "zeroshot/loss_score",
+    ]
 
 
 def test_replacing_a_group_is_all_or_nothing(rows, monkeypatch):
@@ -128,7 +147,7 @@ def test_replacing_a_group_is_all_or_nothing(rows, monkeypatch):
     monkeypatch.setattr(cache_module, "STALE_GROUP_S", -1)
     _selection(6, seed=3).write(cache)
     names = [g for g in Cache(rows).root.group_keys() if g.startswith("selection")]
-    assert names == [Cache(rows).group_path("selection")]              # the old one and the debris are gone
+    assert names == [Cache(rows).group_path("selection")]  # the old one and the debris are gone
 
 
 def test_read_only_caches_and_reserved_names_refuse_writes(rows):
@@ -150,8 +169,12 @@ def test_a_group_covering_other_rows_names_the_command_that_refreshes_it(rows):
 def test_groups_written_before_the_pointers_still_read_and_an_old_selection_asks_for_a_rerun(rows):
     cache = Cache(rows, mode="a")
     legacy = cache.root.create_group("diagnostics")
-    for name, value in (("agreement", np.ones(6, np.float32)), ("majority", np.zeros(6, np.int64)),
-                        ("class_agreement", np.ones(3)), ("image_similarity", np.eye(3, dtype=np.float32))):
+    for name, value in (
+        ("agreement", np.ones(6, np.float32)),
+        ("majority", np.zeros(6, np.int64)),
+        ("class_agreement", np.ones(3)),
+        ("image_similarity", np.eye(3, dtype=np.float32)),
+    ):
         legacy.create_array(name, data=value)
     legacy.attrs.put({"k": 10, "complete": True})
     old_selection = cache.root.create_group("selection")
@@ -161,7 +184,7 @@ def test_groups_written_before_the_pointers_still_read_and_an_old_selection_asks
     assert RESULTS not in view.root and Diagnostics.read(view).attrs["k"] == 10
     with pytest.raises(EngineError, match="another engine version.*rerun `engine select"):
         Selection.read(view)
-    _selection(6).write(cache)                                          # replaces the legacy group
+    _selection(6).write(cache)  # replaces the legacy group
     assert Selection.read(Cache(rows)).selected.shape == (6,) and "selection" not in Cache(rows).root
 
 
@@ -170,8 +193,13 @@ def test_neighbors_are_current_only_for_the_rows_they_were_computed_on(rows):
 
     cache = Cache(rows, mode="a")
     ids = np.tile(np.arange(1, 4), (6, 1)) % 6
-    Neighbors(ids=ids, similarities=np.ones((6, 3), np.float32), k=3,
-              fingerprint=row_fingerprint(cache.load_features(), keys=cache.keys()), index="flat").write(cache)
+    Neighbors(
+        ids=ids,
+        similarities=np.ones((6, 3), np.float32),
+        k=3,
+        fingerprint=row_fingerprint(cache.load_features(), keys=cache.keys()),
+        index="flat",
+    ).write(cache)
     assert Neighbors.current(Cache(rows), k=3) is not None
     assert Neighbors.current(Cache(rows), k=2) is None and Neighbors.current(Cache(rows), k=2, at_least=True)
     assert Neighbors.current(Cache(rows), k=4, at_least=True) is None

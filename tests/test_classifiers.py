@@ -1,4 +1,5 @@
 """engine.classifiers: zero-shot against a slow reference, the linear classifier against scikit-learn."""
+
 from __future__ import annotations
 
 import warnings
@@ -7,8 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from engine.classifiers import (ABSENT_BIAS, fit_linear, fit_linear_folds, linear_log_probs, linear_oof_log_probs,
-                                stratified_folds, zeroshot_log_probs)
+from engine.classifiers import (
+    ABSENT_BIAS,
+    fit_linear,
+    fit_linear_folds,
+    linear_log_probs,
+    linear_oof_log_probs,
+    stratified_folds,
+    zeroshot_log_probs,
+)
 from engine.runtime import EngineError
 
 
@@ -33,10 +41,11 @@ def _sk_objective(weight, bias, x, y, c=1.0):
     z = x @ weight.T + bias
     z = z - z.max(1, keepdims=True)
     ce = np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]
-    return 0.5 * (weight ** 2).sum() + c * (w * ce).sum()
+    return 0.5 * (weight**2).sum() + c * (w * ce).sum()
 
 
 # ----------------------------------------------------------------------------- zero-shot
+
 
 def test_zeroshot_matches_slow_reference_with_padded_prompts():
     rng = np.random.default_rng(1)
@@ -65,6 +74,7 @@ def test_zeroshot_rejects_mismatched_shapes():
 
 # ----------------------------------------------------------------------------- linear vs scikit-learn
 
+
 @pytest.fixture(scope="module")
 def blobs():
     return _noisy_blobs()
@@ -79,14 +89,15 @@ def sklearn_fits(blobs):
     fits = {}
     for tol in (1e-4, 1e-8):
         fits[tol] = linear_model.LogisticRegression(class_weight="balanced", C=1.0, max_iter=10_000, tol=tol).fit(
-            x, labels)
+            x, labels
+        )
     return fits
 
 
 def test_linear_probabilities_match_sklearn(blobs, sklearn_fits):
     """Tolerance: max |P - P_sklearn| <= 1e-4 with both solved tightly (measured ~3e-6)."""
     feats, labels, _ = blobs
-    model = fit_linear(feats, labels, tol=2e-4, ftol=0, device="cpu")   # summed-gradient tol: 1e-7 x 2,000 rows
+    model = fit_linear(feats, labels, tol=2e-4, ftol=0, device="cpu")  # summed-gradient tol: 1e-7 x 2,000 rows
     assert model.converged and model.grad_max <= 2e-4
     probs = linear_log_probs(model, torch.from_numpy(feats)).exp().numpy()
     ref = sklearn_fits[1e-8].predict_proba(feats.astype(np.float64))
@@ -128,7 +139,7 @@ def test_linear_block_size_and_unlabelled_rows_do_not_change_the_fit(blobs):
 
 def test_linear_class_without_rows_gets_probability_zero_and_finite_logs():
     feats, labels, _ = _noisy_blobs(n=600, c=4, d=8, seed=3)
-    model = fit_linear(feats, labels, num_classes=6, device="cpu")   # classes 4 and 5 have no row
+    model = fit_linear(feats, labels, num_classes=6, device="cpu")  # classes 4 and 5 have no row
     assert model.present.tolist() == [True] * 4 + [False] * 2
     assert model.bias[4] == ABSENT_BIAS and float(model.weight[4:].abs().sum()) == 0
     logp = linear_log_probs(model, torch.from_numpy(feats))
@@ -153,6 +164,7 @@ def test_linear_bad_input():
 
 
 # ----------------------------------------------------------------------------- out-of-fold
+
 
 def test_stratified_folds_balance_every_class():
     rng = np.random.default_rng(0)
@@ -192,6 +204,7 @@ def test_linear_on_gpu_matches_cpu():
 
 # ----------------------------------------------------------------------------- many classes
 
+
 def _clip_like(n, c, d, seed=0):
     from benchmarks.features import clip_features
 
@@ -228,17 +241,17 @@ def test_linear_does_not_stop_at_its_start_with_1000_classes():
     w = (len(labels) / (len(classes) * counts))[np.searchsorted(classes, labels)]
     resid = np.full((len(labels), 1000), 1 / 1000) * w[:, None]
     resid[np.arange(len(labels)), labels] -= w
-    start_grad = np.abs(resid.T @ x).max() / w.sum()                  # max |grad F| at W = 0, b = 0 (bias grad is 0)
+    start_grad = np.abs(resid.T @ x).max() / w.sum()  # max |grad F| at W = 0, b = 0 (bias grad is 0)
     assert start_grad < 1e-4
-    model = fit_linear(feats, labels, num_classes=1000, max_iter=12, device="cpu")   # capped to keep the test short
+    model = fit_linear(feats, labels, num_classes=1000, max_iter=12, device="cpu")  # capped to keep the test short
     assert model.n_iter == 12 and model.stop == "max_iter"
     pred = linear_log_probs(model, torch.from_numpy(feats)).argmax(1).numpy()
-    assert (pred == truth).mean() > 0.5                               # chance is 0.001
+    assert (pred == truth).mean() > 0.5  # chance is 0.001
 
 
 def test_ftol_stop_needs_two_flat_iterations_and_gtol_is_on_the_summed_scale(blobs):
     feats, labels, _ = blobs
-    model = fit_linear(feats, labels, ftol=0.0, tol=1e-3, device="cpu")   # gtol only
+    model = fit_linear(feats, labels, ftol=0.0, tol=1e-3, device="cpu")  # gtol only
     assert model.stop == "gtol" and model.grad_max <= 1e-3
     capped = fit_linear(feats, labels, max_iter=2, device="cpu")
     assert capped.stop == "max_iter" and not capped.converged and capped.n_iter == 2

@@ -23,13 +23,42 @@ def test_every_command_answers_help():
 def test_make_shards_then_embed_json(tmp_path):
     runner = CliRunner()
     out = tmp_path / "shards"
-    r = runner.invoke(cli, ["make-shards", "--out", str(out), "--num-classes", "6", "--per-shard", "12", "--shards", "2",
-                            "--noise", "sym", "--rate", "0.5", "--json"])
+    r = runner.invoke(
+        cli,
+        [
+            "make-shards",
+            "--out",
+            str(out),
+            "--num-classes",
+            "6",
+            "--per-shard",
+            "12",
+            "--shards",
+            "2",
+            "--noise",
+            "sym",
+            "--rate",
+            "0.5",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     made = json.loads(r.stdout)
     assert made["samples"] == 24 and len(made["shards"]) == 2
-    r = runner.invoke(cli, ["embed", f"{out}/shapes-{{000000..000001}}.tar", "--cache", str(tmp_path / "c.zarr"),
-                            "--classes", str(out / "classes.json"), "--workers", "0", "--json"])
+    r = runner.invoke(
+        cli,
+        [
+            "embed",
+            f"{out}/shapes-{{000000..000001}}.tar",
+            "--cache",
+            str(tmp_path / "c.zarr"),
+            "--classes",
+            str(out / "classes.json"),
+            "--workers",
+            "0",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)  # stdout holds one JSON object and nothing else
     assert summary["rows"] == 24 and summary["shards"]["done"] == 2
@@ -44,8 +73,13 @@ def test_bad_input_is_one_line_with_nonzero_exit(tmp_path):
 
 
 def test_usage_errors_are_one_line_with_exit_status_2():
-    for args in (["select", "--no-such-option"], ["select", "--theta-cons", "high"], ["nonsense"],
-                 ["make-shards"], ["report", "--cache", "x.zarr"]):
+    for args in (
+        ["select", "--no-such-option"],
+        ["select", "--theta-cons", "high"],
+        ["nonsense"],
+        ["make-shards"],
+        ["report", "--cache", "x.zarr"],
+    ):
         r = CliRunner().invoke(cli, args)
         assert r.exit_code == 2, (args, r.output)
         assert r.stderr.startswith("engine: error: ") and r.stderr.strip().count("\n") == 0, (args, r.stderr)

@@ -1,5 +1,6 @@
 """`engine embed` under torchrun: 2 gloo ranks on this CPU, into a local cache and into a real
 S3-compatible server (moto's server mode on loopback), against a 1-process reference run."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,8 @@ import numpy as np
 import pytest
 
 from engine.cache import Cache
-from engine.results import Selection
 from engine.embed import EmbedConfig, embed_shards
+from engine.results import Selection
 from engine.synthetic import ShapesConfig, write_shards
 
 
@@ -29,8 +30,13 @@ def shards(tmp_path_factory):
 def reference(shards, tmp_path_factory):
     """The 1-process run every distributed run must equal."""
     path = str(tmp_path_factory.mktemp("dist-ref") / "ref.zarr")
-    embed_shards(shards["shards"], path, EmbedConfig(classes=shards["classes_file"], true_label_key="true_cls",
-                                                     workers=1), rank=0, world_size=1)
+    embed_shards(
+        shards["shards"],
+        path,
+        EmbedConfig(classes=shards["classes_file"], true_label_key="true_cls", workers=1),
+        rank=0,
+        world_size=1,
+    )
     return _contents(path)
 
 
@@ -38,11 +44,16 @@ def _contents(path: str) -> dict:
     cache = Cache(path)
     shard_urls = [s["url"] for s in cache.manifest["shards"]]
     shard, position = cache.provenance()
-    return {"keys": np.asarray(cache.keys(), dtype=object), "features": cache.load_features(),
-            "labels": cache.labels(), "true": cache.true_labels(),
-            "source": np.asarray([f"{shard_urls[s]}#{p}" for s, p in zip(shard, position)], dtype=object),
-            "status": sorted((s["url"], s["status"]) for s in cache.manifest["shards"]),
-            "rows": cache.num_rows, "staging": _staging(cache)}
+    return {
+        "keys": np.asarray(cache.keys(), dtype=object),
+        "features": cache.load_features(),
+        "labels": cache.labels(),
+        "true": cache.true_labels(),
+        "source": np.asarray([f"{shard_urls[s]}#{p}" for s, p in zip(shard, position)], dtype=object),
+        "status": sorted((s["url"], s["status"]) for s in cache.manifest["shards"]),
+        "rows": cache.num_rows,
+        "staging": _staging(cache),
+    }
 
 
 def _staging(cache: Cache) -> list:
@@ -62,15 +73,42 @@ def _assert_same_set(got: dict, ref: dict) -> None:
     assert got["status"] == ref["status"] and got["staging"] == []
 
 
-def _torchrun(shards: dict, cache: str, *, ranks: int = 2, env: dict | None = None, wait: bool = True,
-              extra: tuple = (), expect: int = 0):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           "-m", "engine", "embed", *shards["shards"], "--cache", cache, "--classes", shards["classes_file"],
-           "--true-label-key", "true_cls", "--workers", "1", "--json", *extra]
+def _torchrun(
+    shards: dict,
+    cache: str,
+    *,
+    ranks: int = 2,
+    env: dict | None = None,
+    wait: bool = True,
+    extra: tuple = (),
+    expect: int = 0,
+):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        "-m",
+        "engine",
+        "embed",
+        *shards["shards"],
+        "--cache",
+        cache,
+        "--classes",
+        shards["classes_file"],
+        "--true-label-key",
+        "true_cls",
+        "--workers",
+        "1",
+        "--json",
+        *extra,
+    ]
     full_env = {**os.environ, "ENGINE_THREADS": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     if not wait:
-        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
     done = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=240)
     assert (done.returncode == 0) == (expect == 0), done.stderr[-3000:]
     return done
@@ -153,8 +191,13 @@ def test_uneven_shards_are_split_by_bytes_and_still_equal_one_process(tmp_path):
     small = write_shards(out, ShapesConfig(classes=10, per_shard=10, shards=3, seed=22, prefix="b"))
     made = {"shards": big["shards"] + small["shards"], "classes_file": big["classes_file"]}
     reference = str(tmp_path / "ref.zarr")
-    embed_shards(made["shards"], reference, EmbedConfig(classes=made["classes_file"], true_label_key="true_cls",
-                                                        workers=1), rank=0, world_size=1)
+    embed_shards(
+        made["shards"],
+        reference,
+        EmbedConfig(classes=made["classes_file"], true_label_key="true_cls", workers=1),
+        rank=0,
+        world_size=1,
+    )
     path = str(tmp_path / "two.zarr")
     done = _torchrun(made, path)
     summary = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
@@ -172,11 +215,16 @@ def test_a_killed_rank_leaves_its_shards_undone_and_a_rerun_finishes_them(shards
     assert 0 < partial.num_rows < reference["rows"] and statuses.count("done") < 6
     assert len(set(partial.keys())) == partial.num_rows
     staging = partial.root["staging"]
-    left = sum(dict(staging[g].attrs).get("rows", 0) for g in staging.group_keys()
-               if dict(staging[g].attrs).get("committed"))
-    summary = embed_shards(shards["shards"], path, EmbedConfig(classes=shards["classes_file"],
-                                                               true_label_key="true_cls", workers=1),
-                           rank=0, world_size=1)  # any number of ranks may finish the job
+    left = sum(
+        dict(staging[g].attrs).get("rows", 0) for g in staging.group_keys() if dict(staging[g].attrs).get("committed")
+    )
+    summary = embed_shards(
+        shards["shards"],
+        path,
+        EmbedConfig(classes=shards["classes_file"], true_label_key="true_cls", workers=1),
+        rank=0,
+        world_size=1,
+    )  # any number of ranks may finish the job
     assert summary["shards"]["skipped"] >= 1 and summary["rows"] == reference["rows"]
     # committed leftovers of the dead rank were appended, not embedded again
     assert summary["new_rows"] == reference["rows"] - partial.num_rows - left
@@ -200,8 +248,9 @@ def test_later_stages_read_an_s3_cache(shards, s3, tmp_path):
     from engine.stages import select_from_cache
 
     url = "s3://engine-test/stages/feats.zarr"
-    embed_shards(shards["shards"][:2], url, EmbedConfig(classes=shards["classes_file"], workers=0),
-                 rank=0, world_size=1)
+    embed_shards(
+        shards["shards"][:2], url, EmbedConfig(classes=shards["classes_file"], workers=0), rank=0, world_size=1
+    )
     summary = select_from_cache(url, SelectConfig(classifiers=("zeroshot",)))
     assert summary["rows"] == Cache(url).num_rows == 40
     assert Cache(url).has_group("selection")
@@ -229,8 +278,13 @@ def test_shards_on_s3_are_read_through_fsspec(shards, reference, s3, tmp_path):
         fs.put(path, url)
         remote.append(url)
     cache = str(tmp_path / "from-s3.zarr")
-    summary = embed_shards(remote, cache, EmbedConfig(classes=shards["classes_file"], true_label_key="true_cls",
-                                                      workers=0), rank=0, world_size=1)
+    summary = embed_shards(
+        remote,
+        cache,
+        EmbedConfig(classes=shards["classes_file"], true_label_key="true_cls", workers=0),
+        rank=0,
+        world_size=1,
+    )
     assert summary["shards"]["done"] == 2 and summary["bad_samples"] == 0
     got = Cache(cache)
     ref_rows = np.isin(reference["keys"], got.keys())
@@ -238,7 +292,7 @@ def test_shards_on_s3_are_read_through_fsspec(shards, reference, s3, tmp_path):
     np.testing.assert_array_equal(got.load_features(), reference["features"][ref_rows])
     from engine.reader import read_samples
 
-    (position, sample), = list(read_samples(remote[1], [3]))
+    ((position, sample),) = list(read_samples(remote[1], [3]))
     with open(shards["shards"][1], "rb") as handle:
         assert sample["jpg"] in handle.read()  # the same bytes as the local shard's
 
@@ -308,15 +362,24 @@ def test_a_strict_stop_on_rank_1_reaches_rank_0_mid_run(shards, tmp_path):
     bad_key = _spoil_image(copy["shards"][1], 0)  # rank 1's first shard
     path = str(tmp_path / "c.zarr")
     # rank 0: 3 shards x 5 batches x 0.4 s = 6 s of work if nobody stops it
-    done = _torchrun(copy, path, extra=("--strict", "--batch-size", "4"), expect=2,
-                     env={"ENGINE_TEST_SLOW_BATCH": "0.4", "ENGINE_TEST_SLOW_WRITE_RANK": "0"})
+    done = _torchrun(
+        copy,
+        path,
+        extra=("--strict", "--batch-size", "4"),
+        expect=2,
+        env={"ENGINE_TEST_SLOW_BATCH": "0.4", "ENGINE_TEST_SLOW_WRITE_RANK": "0"},
+    )
     last = next(line for line in done.stderr.splitlines() if "rank(s) failed" in line or "--strict" in line)
     assert bad_key in last and "--strict" in last and "stopped because" not in last
     status = [s["status"] for s in Cache(path).manifest["shards"]]
     assert status[1] != "done" and status[4] != "done", status  # rank 0 never reached its last shard
     assert all(s in ("done", "pending") for s in status)
-    _torchrun(_copy_shards(shards, tmp_path / "good"), str(tmp_path / "d.zarr"),
-              extra=("--batch-size", "4"), env={"ENGINE_TEST_SLOW_BATCH": "0.05"})  # the aid alone stops nothing
+    _torchrun(
+        _copy_shards(shards, tmp_path / "good"),
+        str(tmp_path / "d.zarr"),
+        extra=("--batch-size", "4"),
+        env={"ENGINE_TEST_SLOW_BATCH": "0.05"},
+    )  # the aid alone stops nothing
 
 
 def test_an_s3_shard_cut_between_members_fails_instead_of_losing_its_tail(shards, s3, tmp_path):
@@ -334,8 +397,9 @@ def test_an_s3_shard_cut_between_members_fails_instead_of_losing_its_tail(shards
     fs = fsspec.filesystem("s3")
     url = "s3://engine-test/cut/shard-000000.tar"
     fs.pipe(url, data)
-    summary = embed_shards([url], str(tmp_path / "c.zarr"), EmbedConfig(classes=shards["classes_file"], workers=0),
-                           rank=0, world_size=1)
+    summary = embed_shards(
+        [url], str(tmp_path / "c.zarr"), EmbedConfig(classes=shards["classes_file"], workers=0), rank=0, world_size=1
+    )
     assert summary["shards"]["failed"] == 1 and "end-of-archive" in summary["failed"][0]["error"]
     with pytest.raises(EngineError, match="no longer there"):
         list(read_samples("s3://engine-test/cut/gone.tar", [0]))
@@ -373,13 +437,20 @@ def test_report_and_export_run_on_an_s3_cache_of_s3_shards(shards, s3, tmp_path)
         urls.append(f"s3://engine-test/e2e/{Path(path).name}")
         fs.put(path, urls[-1])
     cache = "s3://engine-test/e2e/feats.zarr"
-    embed_shards(urls, cache, EmbedConfig(classes=shards["classes_file"], true_label_key="true_cls", workers=0),
-                 rank=0, world_size=1)
+    embed_shards(
+        urls,
+        cache,
+        EmbedConfig(classes=shards["classes_file"], true_label_key="true_cls", workers=0),
+        rank=0,
+        world_size=1,
+    )
     select_from_cache(cache, SelectConfig())
     report = write_report(cache, str(tmp_path / "report"), ReportConfig(neighbors=2))
     assert report["thumbnails"] > 0 and report["placeholders"] == 0  # images read back from S3 shards
     exported = export_cache(cache, shards=str(tmp_path / "clean" / "{000000..}.tar"), config=ShardExportConfig())
     selected = Selection.read(Cache(cache)).selected
-    keys = [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in (tmp_path / "clean").glob("*.tar")),
-                                                  shardshuffle=False)]
+    keys = [
+        s["__key__"]
+        for s in wds.WebDataset(sorted(str(p) for p in (tmp_path / "clean").glob("*.tar")), shardshuffle=False)
+    ]
     assert keys == list(Cache(cache).keys()[selected]) and exported["shards"]["rows_written"] == selected.sum()

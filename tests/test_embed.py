@@ -168,14 +168,22 @@ def test_a_duplicate_appended_by_another_job_meanwhile_is_still_caught(tmp_path,
 
     def stage(cache, url, keys):
         n = len(keys)
-        cache.stage_shard(index[url], features=np.ones((n, dim), np.float16), keys=keys,
-                          labels=np.zeros(n, np.int32), true_labels=np.zeros(n, np.int32),
-                          positions=np.arange(n, dtype=np.int32), outcome={"url": url, "bad": []})
+        cache.stage_shard(
+            index[url],
+            features=np.ones((n, dim), np.float16),
+            keys=keys,
+            labels=np.zeros(n, np.int32),
+            true_labels=np.zeros(n, np.int32),
+            positions=np.arange(n, dtype=np.int32),
+            outcome={"url": url, "bad": []},
+        )
 
     stage(second, "x/b.tar", ["job2-only-0", "job2-only-1"])
     second.consolidate()
     stage(first, "x/a.tar", ["fresh", "job2-only-1"])
-    with pytest.raises(EngineError, match=r"duplicate key 'job2-only-1' in shard x/a\.tar is already in shard x/b\.tar"):
+    with pytest.raises(
+        EngineError, match=r"duplicate key 'job2-only-1' in shard x/a\.tar is already in shard x/b\.tar"
+    ):
         first.consolidate()
     cache = Cache(path)
     assert cache.num_rows == 42 and sorted(cache.keys().tolist()).count("job2-only-1") == 1
@@ -207,8 +215,23 @@ def test_prompts_leave_image_features_untouched(tmp_path, shard_paths):
 
 def test_killed_run_resumes_to_the_same_cache(tmp_path, clean_cache, shard_paths):
     path = tmp_path / "killed.zarr"
-    cmd = [sys.executable, "-m", "engine", "embed", *shard_paths, "--cache", str(path), "--classes", "shapes:20",
-           "--true-label-key", "true_cls", "--batch-size", "8", "--workers", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine",
+        "embed",
+        *shard_paths,
+        "--cache",
+        str(path),
+        "--classes",
+        "shapes:20",
+        "--true-label-key",
+        "true_cls",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+    ]
     env = {**os.environ, "ENGINE_TEST_SLOW_WRITE": "0.3"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -250,8 +273,20 @@ def test_strict_stops_with_one_line_and_commits_nothing_of_that_shard(tmp_path, 
     rows[2]["jpg"] = b"broken"
     shard = tmp_path / "bad.tar"
     _write_shard(shard, rows)
-    r = CliRunner().invoke(cli, ["embed", str(shard), "--cache", str(tmp_path / "c.zarr"), "--strict",
-                                 "--workers", "1", "--classes", "shapes:20"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "embed",
+            str(shard),
+            "--cache",
+            str(tmp_path / "c.zarr"),
+            "--strict",
+            "--workers",
+            "1",
+            "--classes",
+            "shapes:20",
+        ],
+    )
     assert r.exit_code == 2, r.output
     assert r.stderr.strip().count("\n") == 0 and "--strict" in r.stderr and rows[2]["__key__"] in r.stderr
     assert Cache(tmp_path / "c.zarr").num_rows == 0
@@ -286,8 +321,9 @@ def test_staging_debris_of_killed_writers_is_removed_once_its_shard_is_done(tmp_
     half.create_array("features", shape=(3, 4), dtype="float16")
     os.remove(path / "staging" / f"{sid}-halfdeleted" / "zarr.json")  # killed inside a delete
     other = staging.create_group("0123456789abcdef-pending")  # a shard not done: kept
-    assert sorted(os.listdir(path / "staging")) == sorted([f"{sid}-uncommitted", f"{sid}-halfdeleted",
-                                                         "0123456789abcdef-pending", "zarr.json"])
+    assert sorted(os.listdir(path / "staging")) == sorted(
+        [f"{sid}-uncommitted", f"{sid}-halfdeleted", "0123456789abcdef-pending", "zarr.json"]
+    )
     summary = _embed(shard_paths[:1], path)
     assert summary["shards"]["skipped"] == 1
     assert sorted(os.listdir(path / "staging")) == ["0123456789abcdef-pending", "zarr.json"]

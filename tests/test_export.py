@@ -13,9 +13,9 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from engine.cache import Cache
-from engine.results import Selection, Training
 from engine.embed import EmbedConfig, embed_shards
 from engine.export import ShardExportConfig, ShardPattern, export_cache, export_shards, export_table
+from engine.results import Selection, Training
 from engine.runtime import EngineError
 from engine.select import SelectConfig
 from engine.stages import select_from_cache, train_from_cache
@@ -28,19 +28,25 @@ def caches(tmp_path_factory):
     """Own shards (tests move them away and back), one cache embedded with shapes-tiny and selected;
     `untrained` is a copy taken before `trained` got a short MixFix run (which relabels some rows)."""
     root = tmp_path_factory.mktemp("export")
-    made = write_shards(root / "shards", ShapesConfig(classes=20, per_shard=40, shards=3, noise="mix", rate=0.4,
-                                                      seed=11))
+    made = write_shards(
+        root / "shards", ShapesConfig(classes=20, per_shard=40, shards=3, noise="mix", rate=0.4, seed=11)
+    )
     trained = str(root / "trained.zarr")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        embed_shards(made["shards"], trained, EmbedConfig(classes=made["classes_file"], true_label_key="true_cls",
-                                                           batch_size=64, workers=0), show_progress=False)
+        embed_shards(
+            made["shards"],
+            trained,
+            EmbedConfig(classes=made["classes_file"], true_label_key="true_cls", batch_size=64, workers=0),
+            show_progress=False,
+        )
         select_from_cache(trained, SelectConfig(device="cpu"), show_progress=False)
         untrained = str(root / "untrained.zarr")
         shutil.copytree(trained, untrained)
-        train_from_cache(trained, TrainConfig(epochs=10, lr=0.1, theta_r=0.5, theta_r2=0.5, device="cpu"),
-                         out=str(root / "head.pt"))
+        train_from_cache(
+            trained, TrainConfig(epochs=10, lr=0.1, theta_r=0.5, theta_r2=0.5, device="cpu"), out=str(root / "head.pt")
+        )
     finally:
         torch.set_num_threads(before)
     return {"trained": trained, "untrained": untrained, "shards": made["shards"], "root": root}
@@ -49,9 +55,16 @@ def caches(tmp_path_factory):
 def _arrays(path):
     cache = Cache(path)
     shard, position = cache.provenance()
-    out = {"keys": cache.keys().tolist(), "labels": cache.labels(), "selected": Selection.read(cache).selected,
-           "true": cache.true_labels(), "shard": shard, "position": position,
-           "urls": [s["url"] for s in cache.manifest["shards"]], "names": cache.class_names}
+    out = {
+        "keys": cache.keys().tolist(),
+        "labels": cache.labels(),
+        "selected": Selection.read(cache).selected,
+        "true": cache.true_labels(),
+        "shard": shard,
+        "position": position,
+        "urls": [s["url"] for s in cache.manifest["shards"]],
+        "names": cache.class_names,
+    }
     if Training.exists(cache):
         trained = Training.read(cache)
         out["mixfix"] = trained.labels
@@ -83,8 +96,10 @@ def _sha(path):
 
 def test_selected_shards_round_trip_through_webdataset(caches, tmp_path):
     out = tmp_path / "clean"
-    r = CliRunner().invoke(cli, ["export", "--cache", caches["trained"], "--shards", f"{out}/{{000000..}}.tar",
-                                 "--per-shard", "20", "--json"])
+    r = CliRunner().invoke(
+        cli,
+        ["export", "--cache", caches["trained"], "--shards", f"{out}/{{000000..}}.tar", "--per-shard", "20", "--json"],
+    )
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)["shards"]  # stdout holds one JSON object
     a = _arrays(caches["trained"])
@@ -124,8 +139,9 @@ def test_keep_selected_writes_the_train_groups_labels(caches, tmp_path):
 
 
 def test_keep_selected_without_train_writes_given_labels(caches, tmp_path):
-    summary = export_shards(caches["untrained"], str(tmp_path / "c-%04d.tar"), ShardExportConfig(per_shard=1000),
-                            show_progress=False)
+    summary = export_shards(
+        caches["untrained"], str(tmp_path / "c-%04d.tar"), ShardExportConfig(per_shard=1000), show_progress=False
+    )
     a = _arrays(caches["untrained"])
     rows = np.flatnonzero(a["selected"])
     got = _read_export(tmp_path)
@@ -135,8 +151,12 @@ def test_keep_selected_without_train_writes_given_labels(caches, tmp_path):
 
 
 def test_keep_all_writes_corrected_labels_and_selected_flag(caches, tmp_path):
-    summary = export_shards(caches["trained"], str(tmp_path / "all" / "{0000..}.tar"),
-                            ShardExportConfig(keep="all", per_shard=50), show_progress=False)
+    summary = export_shards(
+        caches["trained"],
+        str(tmp_path / "all" / "{0000..}.tar"),
+        ShardExportConfig(keep="all", per_shard=50),
+        show_progress=False,
+    )
     a = _arrays(caches["trained"])
     got = _read_export(tmp_path / "all")
     assert summary["relabelled"] == int((a["mixfix"] != a["labels"]).sum()) > 0
@@ -164,8 +184,9 @@ def test_resume_rewrites_only_missing_or_partial_shards(caches, tmp_path):
     # a source shard needed only by the finished shards must not even be opened
     a = _arrays(caches["trained"])
     rows = np.flatnonzero(a["selected"])
-    needed = {a["urls"][a["shard"][i]] for i in rows[(first["shards"] - 1) * 10:]} | \
-             {a["urls"][a["shard"][i]] for i in rows[:10]}
+    needed = {a["urls"][a["shard"][i]] for i in rows[(first["shards"] - 1) * 10 :]} | {
+        a["urls"][a["shard"][i]] for i in rows[:10]
+    }
     idle = sorted(set(a["urls"]) - needed)
     assert idle, "the plan should leave a source shard unneeded by the shards to rewrite"
     with _moved_away(idle[0]):
@@ -180,9 +201,10 @@ def test_resume_rewrites_only_missing_or_partial_shards(caches, tmp_path):
     assert {n: e["sha256"] for n, e in recorded.items()} == digests
     with pytest.raises(EngineError, match="different plan"):
         export_shards(caches["trained"], pattern, ShardExportConfig(per_shard=40), show_progress=False)
-    bigger = export_shards(caches["trained"], pattern, ShardExportConfig(per_shard=40, overwrite=True),
-                           show_progress=False)
-    assert sorted(p.name for p in out.glob("*.tar")) == names[:bigger["shards"]]
+    bigger = export_shards(
+        caches["trained"], pattern, ShardExportConfig(per_shard=40, overwrite=True), show_progress=False
+    )
+    assert sorted(p.name for p in out.glob("*.tar")) == names[: bigger["shards"]]
     assert bigger["written"] == bigger["shards"]
 
 
@@ -195,8 +217,20 @@ def test_changed_source_shard_is_an_error_and_finished_shards_survive(caches, tm
             for i, s in enumerate(samples):
                 sink.write({"__key__": s["__key__"] + ("x" if i == 5 else ""), "jpg": s["jpg"], "cls": s["cls"]})
         out = tmp_path / "clean"
-        r = CliRunner().invoke(cli, ["export", "--cache", caches["trained"], "--shards", f"{out}/{{00..}}.tar",
-                                     "--keep", "all", "--per-shard", "40"])
+        r = CliRunner().invoke(
+            cli,
+            [
+                "export",
+                "--cache",
+                caches["trained"],
+                "--shards",
+                f"{out}/{{00..}}.tar",
+                "--keep",
+                "all",
+                "--per-shard",
+                "40",
+            ],
+        )
         os.unlink(url)
     assert r.exit_code == 2 and r.stderr.count("\n") == 1
     assert "changed since it was embedded" in r.stderr and url in r.stderr
@@ -273,8 +307,9 @@ def test_cli_errors_are_one_line_and_name_the_problem(caches, tmp_path):
     assert "nothing to do" in _one_line_error(["--cache", caches["trained"]])
     source = caches["shards"][0]
     before = _sha(source)
-    err = _one_line_error(["--cache", caches["trained"], "--shards", source.replace("000000", "{000000..}"),
-                           "--overwrite"])
+    err = _one_line_error(
+        ["--cache", caches["trained"], "--shards", source.replace("000000", "{000000..}"), "--overwrite"]
+    )
     assert "source shards" in err and _sha(source) == before
     assert "one numbered field" in _one_line_error(["--cache", caches["trained"], "--shards", str(out / "x.tar")])
 
@@ -304,8 +339,7 @@ def test_overwrite_checks_sources_before_removing_the_old_export(caches, tmp_pat
     assert "export.json" in before and len(before) > 3
     missing = caches["shards"][1]
     with _moved_away(missing):
-        err = _one_line_error(["--cache", caches["trained"], "--shards", pattern, "--per-shard", "40",
-                               "--overwrite"])
+        err = _one_line_error(["--cache", caches["trained"], "--shards", pattern, "--per-shard", "40", "--overwrite"])
     assert missing in err and "no longer there" in err
     assert _snapshot(out) == before  # the old export's shards and export.json, byte for byte
 
@@ -321,15 +355,19 @@ def test_overwrite_replaces_an_unreadable_export_json(caches, tmp_path, caplog):
     err = _one_line_error(["--cache", caches["trained"], "--shards", pattern, "--per-shard", "40"])
     assert str(manifest) in err and "unreadable" in err and "--overwrite" in err
     with caplog.at_level("WARNING", logger="engine.outputs"):
-        again = export_shards(caches["trained"], pattern, ShardExportConfig(per_shard=40, overwrite=True),
-                              show_progress=False)
-    assert any("unreadable" in r.getMessage() and "--overwrite: starting again" in r.getMessage() for r in caplog.records)
+        again = export_shards(
+            caches["trained"], pattern, ShardExportConfig(per_shard=40, overwrite=True), show_progress=False
+        )
+    assert any(
+        "unreadable" in r.getMessage() and "--overwrite: starting again" in r.getMessage() for r in caplog.records
+    )
     assert again["shards"] < first["shards"] and again["written"] == again["shards"]
     names = [f"{j:06d}.tar" for j in range(again["shards"])]
     assert sorted(p.name for p in out.iterdir()) == sorted(names + ["export.json", "notes.txt", "other.tar"])
     recorded = json.loads(manifest.read_text())
-    assert recorded["complete"] and {n: e["sha256"] for n, e in recorded["shards"].items()} == \
-        {n: _sha(out / n) for n in names}
+    assert recorded["complete"] and {n: e["sha256"] for n, e in recorded["shards"].items()} == {
+        n: _sha(out / n) for n in names
+    }
 
 
 def test_misshapen_export_json_is_a_one_line_error(caches, tmp_path):
@@ -337,8 +375,11 @@ def test_misshapen_export_json_is_a_one_line_error(caches, tmp_path):
     out.mkdir()
     manifest = out / "export.json"
     args = ["--cache", caches["trained"], "--shards", f"{out}/{{000000..}}.tar"]
-    for text in ("[]", json.dumps({"format": "engine-export", "fingerprint": "x", "shards": {"000000.tar": 5}}),
-                 json.dumps({"format": "engine-export", "plan": [], "shards": {}})):
+    for text in (
+        "[]",
+        json.dumps({"format": "engine-export", "fingerprint": "x", "shards": {"000000.tar": 5}}),
+        json.dumps({"format": "engine-export", "plan": [], "shards": {}}),
+    ):
         manifest.write_text(text)
         err = _one_line_error(args)
         assert str(manifest) in err and "expected" in err, text
@@ -356,8 +397,9 @@ def test_verify_rewrites_a_same_size_corrupted_shard(caches, tmp_path):
     victim.write_bytes(bytes(bad))
     fast = export_shards(caches["trained"], pattern, config, show_progress=False)
     assert (fast["written"], fast["skipped"]) == (0, first["shards"])  # the size check alone passes it
-    checked = export_shards(caches["trained"], pattern, ShardExportConfig(per_shard=10, verify=True),
-                            show_progress=False)
+    checked = export_shards(
+        caches["trained"], pattern, ShardExportConfig(per_shard=10, verify=True), show_progress=False
+    )
     assert (checked["written"], checked["skipped"]) == (1, first["shards"] - 1)
     assert victim.read_bytes() == good
     recorded = json.loads((out / "export.json").read_text())

@@ -1,4 +1,5 @@
 """engine.index against slow, obvious references on small seeded data."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -69,6 +70,7 @@ def brute_knn_values(x, k, exclude_self=True):
 # ---------------------------------------------------------------------------------------------
 # search
 
+
 def test_exact_matches_brute_force_with_ties(dup_features):
     x = dup_features
     index = build_index(x, IndexConfig(kind="flat"), device="cpu")
@@ -90,7 +92,7 @@ def test_exclude_self_with_duplicates(dup_features):
     x = dup_features
     index = build_index(x, IndexConfig(kind="flat"), device="cpu")
     sims, ids = knn_all(index, x, k=2)
-    for row in (80, 81, 82, 83):   # four copies: both neighbors are other copies
+    for row in (80, 81, 82, 83):  # four copies: both neighbors are other copies
         assert row not in ids[row] and set(ids[row]) <= {80, 81, 82, 83}
         np.testing.assert_allclose(sims[row], 1.0, atol=1e-5)
     s_in, i_in = knn_all(index, x, k=3, exclude_self=False)
@@ -102,7 +104,7 @@ def test_exclude_self_with_duplicates(dup_features):
 def test_drop_self_by_id_and_when_absent():
     sims = np.array([[1.0, 1.0, 0.5], [1.0, 1.0, 1.0]], np.float32)
     ids = np.array([[7, 3, 9], [5, 6, 8]])
-    s, i = _drop_self(sims, ids, np.array([3, 4]))   # row 3 second; row 4 absent -> drop last
+    s, i = _drop_self(sims, ids, np.array([3, 4]))  # row 3 second; row 4 absent -> drop last
     assert i.tolist() == [[7, 9], [5, 6]] and s.shape == (2, 2)
 
 
@@ -165,7 +167,7 @@ def test_auto_rule():
     kind, params = choose_index(1_000_000, 512)
     assert kind == "ivf" and params["nlist"] == 2048 and params["factory"] == "IVF2048,SQfp16"
     assert choose_index(200_000, 512)[1]["nlist"] == 1024
-    assert choose_index(5000, 8, IndexConfig(kind="ivf"))[1]["nlist"] == 64   # capped at N / 40
+    assert choose_index(5000, 8, IndexConfig(kind="ivf"))[1]["nlist"] == 64  # capped at N / 40
 
 
 def test_bad_input_is_reported():
@@ -197,6 +199,7 @@ def test_bad_input_is_reported():
 # ---------------------------------------------------------------------------------------------
 # class similarity
 
+
 def test_text_class_similarity_matches_reference():
     rng = np.random.default_rng(7)
     text = unit(rng.standard_normal((5 * 4, 12))).reshape(5, 4, 12)
@@ -218,7 +221,7 @@ def test_image_class_similarity_matches_reference():
     x, y = clustered(700, 16, 4, 1.0, seed=8)
     labels = y.copy()
     labels[::7] = -1
-    got = image_class_similarity(x, labels, 5, block_rows=64)   # class 4 has no sample
+    got = image_class_similarity(x, labels, 5, block_rows=64)  # class 4 has no sample
     cents = []
     for c in range(4):
         s = sum(x[i].astype(np.float64) for i in range(700) if labels[i] == c)
@@ -234,6 +237,7 @@ def test_image_class_similarity_matches_reference():
 
 # ---------------------------------------------------------------------------------------------
 # agreement, confusion, swaps
+
 
 @pytest.fixture(scope="module")
 def small_neighbors():
@@ -280,8 +284,7 @@ def test_agreement_and_confusion_match_loops(small_neighbors):
 
 
 def test_swap_table_recovers_planted_hard_noise():
-    x, labels, true, _, partner = clip_like_features(5000, 10, 64, noise="hard", rate=0.25, seed=10,
-                                                     dtype=np.float16)
+    x, labels, true, _, partner = clip_like_features(5000, 10, 64, noise="hard", rate=0.25, seed=10, dtype=np.float16)
     index = build_index(x, device="cpu")
     _, ids = knn_all(index, x, k=10)
     diag = knn_diagnostics(ids, labels, 10, top=10)
@@ -293,6 +296,7 @@ def test_swap_table_recovers_planted_hard_noise():
 
 # ---------------------------------------------------------------------------------------------
 # kNN classifier and graph
+
 
 def test_knn_log_probs_match_reference(small_neighbors):
     sims, ids, labels, c = small_neighbors
@@ -321,7 +325,7 @@ def test_knn_graph_format(tmp_path, dup_features):
     assert (np.diff(data, axis=1) >= 0).all()
     assert not (g.indices.reshape(400, 4) == np.arange(400)[:, None]).any()
     np.testing.assert_allclose(data, np.sqrt(np.maximum(0, 2 - 2 * sims)), atol=1e-6)
-    assert data[0, 0] == 0.0 and g.indices[0] == 40   # the duplicate, an explicit zero
+    assert data[0, 0] == 0.0 and g.indices[0] == 40  # the duplicate, an explicit zero
     path = save_knn_graph(g, tmp_path / "knn.npz")
     back = sp.load_npz(path)
     assert back.nnz == g.nnz and (back != g).nnz == 0

@@ -1,5 +1,6 @@
 """The S3 lease (`engine.lease`) against a real S3 API (moto's server on loopback), and two
 independent `engine embed` jobs sharing one S3 cache at once."""
+
 from __future__ import annotations
 
 import json
@@ -82,8 +83,7 @@ def test_a_dead_holders_lease_is_taken_over_after_the_ttl(s3, caplog):
 
     url = _url()
     # a holder that was SIGKILLed: its lock object stays and is never renewed
-    fsspec.filesystem("s3").pipe_file(f"{url[5:]}/{LOCK_NAME}",
-                                      json.dumps({"host": "gone", "pid": 4242}).encode())
+    fsspec.filesystem("s3").pipe_file(f"{url[5:]}/{LOCK_NAME}", json.dumps({"host": "gone", "pid": 4242}).encode())
     start = time.monotonic()
     with S3Lease(url, ttl=1.0, timeout=30) as lease:
         assert lease.etag
@@ -134,8 +134,22 @@ def many_shards(tmp_path_factory):
 
 
 def _job(shards: list, url: str, s3: dict, classes: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "engine", "embed", *shards, "--cache", url, "--classes", classes,
-           "--true-label-key", "true_cls", "--workers", "0", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine",
+        "embed",
+        *shards,
+        "--cache",
+        url,
+        "--classes",
+        classes,
+        "--true-label-key",
+        "true_cls",
+        "--workers",
+        "0",
+        "--json",
+    ]
     env = {**os.environ, **s3, "ENGINE_THREADS": "1", "ENGINE_CONSOLIDATE_EVERY_S": "0"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -153,19 +167,21 @@ def test_two_jobs_embed_into_one_s3_cache_at_once(many_shards, s3, tmp_path):
             if job.poll() is None:
                 job.kill()
                 job.wait()
-    for job, (out, err) in zip(jobs, outs):
+    for job, (_out, err) in zip(jobs, outs):
         assert job.returncode == 0, err[-2000:]
     reference = str(tmp_path / "ref.zarr")
-    embed_shards(shards, reference, EmbedConfig(classes=classes, true_label_key="true_cls", workers=0),
-                 rank=0, world_size=1)
+    embed_shards(
+        shards, reference, EmbedConfig(classes=classes, true_label_key="true_cls", workers=0), rank=0, world_size=1
+    )
     got, ref = Cache(url), Cache(reference)
     keys, ref_keys = np.asarray(got.keys(), dtype=object), np.asarray(ref.keys(), dtype=object)
     assert got.num_rows == ref.num_rows == len(set(keys))
     order, ref_order = np.argsort(keys), np.argsort(ref_keys)
     assert (keys[order] == ref_keys[ref_order]).all()
     # the jobs run with one torch thread, the reference with the test's: bf16 rounding may differ by an ulp
-    np.testing.assert_allclose(got.load_features()[order].astype(np.float32),
-                               ref.load_features()[ref_order].astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(
+        got.load_features()[order].astype(np.float32), ref.load_features()[ref_order].astype(np.float32), atol=2e-3
+    )
     np.testing.assert_array_equal(got.labels()[order], ref.labels()[ref_order])
     urls = [s["url"] for s in got.manifest["shards"]]
     shard, position = got.provenance()
@@ -187,8 +203,9 @@ def test_a_retried_take_that_had_landed_is_recognised_as_ours(s3):
 
     url = _url()
     lease = S3Lease(url, ttl=30, timeout=2.0)
-    fsspec.filesystem("s3").pipe_file(f"{url[5:]}/{LOCK_NAME}", json.dumps(
-        {"host": "here", "pid": os.getpid(), "nonce": lease.nonce}).encode())
+    fsspec.filesystem("s3").pipe_file(
+        f"{url[5:]}/{LOCK_NAME}", json.dumps({"host": "here", "pid": os.getpid(), "nonce": lease.nonce}).encode()
+    )
     start = time.monotonic()
     lease.acquire()
     assert time.monotonic() - start < 2.0 and lease.etag
@@ -203,7 +220,7 @@ def test_a_holder_that_cannot_renew_fences_itself_before_anyone_may_take_over(s3
     lease.check()  # fresh: fine
     lease._stop.set()  # renewals stop (a stalled process, a partitioned network)
     waiting_since = time.monotonic()
-    time.sleep(2.2)    # more than ttl/2 since the last write, less than the ttl a waiter needs
+    time.sleep(2.2)  # more than ttl/2 since the last write, less than the ttl a waiter needs
     with pytest.raises(EngineError, match="lost the lock .*not renewed"):
         lease.check()
     if time.monotonic() - waiting_since < 3.5:  # (a stalled test machine proves nothing here)
@@ -214,8 +231,10 @@ def test_a_holder_that_cannot_renew_fences_itself_before_anyone_may_take_over(s3
     assert _lock_exists(url)
 
 
-@pytest.mark.parametrize("dropped, named", [(("IfNoneMatch", "IfMatch"), "If-None-Match on PUT"),
-                                            (("IfMatch",), "If-Match on PUT, If-Match on DELETE")])
+@pytest.mark.parametrize(
+    "dropped, named",
+    [(("IfNoneMatch", "IfMatch"), "If-None-Match on PUT"), (("IfMatch",), "If-Match on PUT, If-Match on DELETE")],
+)
 def test_a_store_that_ignores_conditional_writes_is_refused(s3, monkeypatch, dropped, named):
     import fsspec
 
@@ -246,14 +265,17 @@ def test_a_botocore_without_conditional_writes_is_refused(monkeypatch):
     def old_model(self, name, *args, **kwargs):
         model = real(self, name, *args, **kwargs)
         put = model.operation_model("PutObject").input_shape.members
-        monkeypatch.setattr(type(model.operation_model("PutObject").input_shape), "members",
-                            property(lambda shape: {k: v for k, v in put.items() if k not in ("IfNoneMatch", "IfMatch")}))
+        monkeypatch.setattr(
+            type(model.operation_model("PutObject").input_shape),
+            "members",
+            property(lambda shape: {k: v for k, v in put.items() if k not in ("IfNoneMatch", "IfMatch")}),
+        )
         return model
 
     from engine.lease import _check_client_supports_conditions as check
 
     monkeypatch.setattr(botocore.session.Session, "get_service_model", old_model)
-    check.cache_clear()   # checked once per process: forget the earlier tests' answer
+    check.cache_clear()  # checked once per process: forget the earlier tests' answer
     try:
         with pytest.raises(EngineError, match="cannot send conditional writes"):
             S3Lease("s3://engine-test/x/feats.zarr")
@@ -267,7 +289,8 @@ def test_a_waiter_honours_the_holders_longer_ttl(s3):
     import fsspec
 
     url = _url()
-    fsspec.filesystem("s3").pipe_file(f"{url[5:]}/{LOCK_NAME}",
-                                      json.dumps({"host": "slow", "pid": 7, "ttl_s": 600}).encode())
+    fsspec.filesystem("s3").pipe_file(
+        f"{url[5:]}/{LOCK_NAME}", json.dumps({"host": "slow", "pid": 7, "ttl_s": 600}).encode()
+    )
     with pytest.raises(EngineError, match="locked by pid 7 on slow"):
         S3Lease(url, ttl=1.0, timeout=3.0).acquire()

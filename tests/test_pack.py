@@ -109,8 +109,9 @@ def _webvision(tmp_path):
 def test_list_and_true_list(tmp_path):
     root, info, rows = _webvision(tmp_path)
     out = tmp_path / "out"
-    config = PackConfig(list_file=str(info / "train_filelist_google.txt"), true_list=str(info / "true.txt"),
-                        per_shard=4, workers=1)
+    config = PackConfig(
+        list_file=str(info / "train_filelist_google.txt"), true_list=str(info / "true.txt"), per_shard=4, workers=1
+    )
     summary = pack_dataset(root, out, config, show_progress=False)
     samples = _samples(out)
     assert [s["__key__"] for s in samples] == [make_key(p) for p, _ in rows]  # list order kept
@@ -127,8 +128,12 @@ def test_shuffle_is_a_seeded_permutation(tmp_path):
     root, info, rows = _webvision(tmp_path)
     keys = {}
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        pack_dataset(root, tmp_path / name, PackConfig(list_file=str(info / "train_filelist_google.txt"), shuffle=seed,
-                                                       workers=1), show_progress=False)
+        pack_dataset(
+            root,
+            tmp_path / name,
+            PackConfig(list_file=str(info / "train_filelist_google.txt"), shuffle=seed, workers=1),
+            show_progress=False,
+        )
         keys[name] = [s["__key__"] for s in _samples(tmp_path / name)]
     in_order = [make_key(p) for p, _ in rows]
     assert keys["a"] == keys["b"] and sorted(keys["a"]) == sorted(in_order)
@@ -139,28 +144,38 @@ def test_label_from_name_and_subset(tmp_path):
     root = tmp_path / "animal10n" / "training"
     for n, name in enumerate(["0_00001.jpg", "3_00002.png", "12_00003.jpg", "cat.jpg"]):
         _save(root / name, n, "PNG" if name.endswith(".png") else "JPEG")
-    summary = pack_dataset(root, tmp_path / "out", PackConfig(label_from_name=r"(\d+)_\d+\.\w+", workers=1),
-                           show_progress=False)
+    summary = pack_dataset(
+        root, tmp_path / "out", PackConfig(label_from_name=r"(\d+)_\d+\.\w+", workers=1), show_progress=False
+    )
     assert {s["__key__"]: int(s["cls"]) for s in _samples(tmp_path / "out")} == {
-        "0_00001": 0, "3_00002": 3, "12_00003": 12}
+        "0_00001": 0,
+        "3_00002": 3,
+        "12_00003": 12,
+    }
     assert summary["bad"] == 1 and summary["bad_examples"][0]["path"] == "cat.jpg"
     # Clothing1M style: all labels in one list, the split in a key list, clean labels as the true list
     (tmp_path / "noisy_label_kv.txt").write_text("0_00001.jpg 1\n3_00002.png 2\n12_00003.jpg 0\n")
     (tmp_path / "keys.txt").write_text("12_00003.jpg\n0_00001.jpg\nnot_listed.jpg\n")
-    summary = pack_dataset(root, tmp_path / "sub", PackConfig(list_file=str(tmp_path / "noisy_label_kv.txt"),
-                                                              subset=str(tmp_path / "keys.txt"), workers=1),
-                           show_progress=False)
+    summary = pack_dataset(
+        root,
+        tmp_path / "sub",
+        PackConfig(list_file=str(tmp_path / "noisy_label_kv.txt"), subset=str(tmp_path / "keys.txt"), workers=1),
+        show_progress=False,
+    )
     assert [(s["__key__"], int(s["cls"])) for s in _samples(tmp_path / "sub")] == [("12_00003", 0), ("0_00001", 1)]
     assert summary["bad"] == 1 and summary["bad_examples"][0]["path"] == "not_listed.jpg"
 
 
-@pytest.mark.parametrize("content,message", [
-    ("a.jpg 1\nb.jpg\n", r"list\.txt:2: expected 'PATH LABEL'"),
-    ("# header\n\na.jpg 1\nb.jpg cat\n", r"list\.txt:4: label 'cat' is not an integer"),
-    ("a.jpg -1\n", r"list\.txt:1: label -1 is negative"),
-    ("a.jpg 1\n./a.jpg 2\n", r"list\.txt:2: 'a\.jpg' is listed again \(first on line 1\)"),
-    ("../outside.jpg 1\n", r"list\.txt:1: path '\.\./outside\.jpg' must be relative to ROOT"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("a.jpg 1\nb.jpg\n", r"list\.txt:2: expected 'PATH LABEL'"),
+        ("# header\n\na.jpg 1\nb.jpg cat\n", r"list\.txt:4: label 'cat' is not an integer"),
+        ("a.jpg -1\n", r"list\.txt:1: label -1 is negative"),
+        ("a.jpg 1\n./a.jpg 2\n", r"list\.txt:2: 'a\.jpg' is listed again \(first on line 1\)"),
+        ("../outside.jpg 1\n", r"list\.txt:1: path '\.\./outside\.jpg' must be relative to ROOT"),
+    ],
+)
 def test_malformed_list_names_file_and_line(tmp_path, content, message):
     (tmp_path / "list.txt").write_text(content)
     with pytest.raises(EngineError, match=message):
@@ -244,8 +259,9 @@ def test_killed_run_leaves_no_half_shard(tmp_path):
     resumed = pack_dataset(root, out, PackConfig(per_shard=2, workers=2), show_progress=False)
     clean = pack_dataset(root, tmp_path / "clean", PackConfig(per_shard=2, workers=2), show_progress=False)
     assert resumed["samples"] == clean["samples"] == 40 and resumed["shards"]["written"] == 20 - recorded
-    assert [p.read_bytes() for p in sorted(out.glob("*.tar"))] == \
-        [p.read_bytes() for p in sorted((tmp_path / "clean").glob("*.tar"))]
+    assert [p.read_bytes() for p in sorted(out.glob("*.tar"))] == [
+        p.read_bytes() for p in sorted((tmp_path / "clean").glob("*.tar"))
+    ]
 
 
 def test_encode_image_formats():
@@ -282,8 +298,12 @@ def test_packed_shards_embed_with_the_same_keys(tmp_path):
     packed = pack_dataset(root, out, PackConfig(per_shard=8, workers=1), show_progress=False)
     assert packed["samples"] == 30 and packed["bad"] == 0
     pack_labels = {s["__key__"]: int(s["cls"]) for s in _samples(out)}
-    summary = embed_shards([str(out / "*.tar")], str(tmp_path / "feats.zarr"),
-                           EmbedConfig(classes=packed["classes_file"], batch_size=8, workers=0), show_progress=False)
+    summary = embed_shards(
+        [str(out / "*.tar")],
+        str(tmp_path / "feats.zarr"),
+        EmbedConfig(classes=packed["classes_file"], batch_size=8, workers=0),
+        show_progress=False,
+    )
     assert summary["rows"] == 30 and not summary["failed"] and summary["bad_samples"] == 0
     cache = Cache(tmp_path / "feats.zarr")
     assert dict(zip(cache.keys().tolist(), cache.labels().tolist())) == pack_labels
@@ -293,16 +313,19 @@ def test_packed_shards_embed_with_the_same_keys(tmp_path):
 def test_cli_json_and_one_line_errors(folder, tmp_path):
     root, _ = folder
     runner = CliRunner()
-    r = runner.invoke(cli, ["pack", str(root), "--out", str(tmp_path / "out"), "--per-shard", "4", "--workers", "1",
-                            "--json"])
+    r = runner.invoke(
+        cli, ["pack", str(root), "--out", str(tmp_path / "out"), "--per-shard", "4", "--workers", "1", "--json"]
+    )
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)  # one JSON object, nothing else on stdout
     assert summary["samples"] == 11 and summary["shards"]["total"] == 4 and summary["bad"] == 2
     r = runner.invoke(cli, ["pack", str(root), "--out", str(tmp_path / "out"), "--per-shard", "4", "--workers", "1"])
     assert r.exit_code == 0 and "0 written, 4 skipped" in r.stdout and "next: engine embed" in r.stdout
-    for args, needle in ((["--per-shard", "0"], "per-shard: got 0"),
-                         (["--list", str(tmp_path / "nope.txt")], "nope.txt"),
-                         (["--per-shard", "5"], "different plan")):
+    for args, needle in (
+        (["--per-shard", "0"], "per-shard: got 0"),
+        (["--list", str(tmp_path / "nope.txt")], "nope.txt"),
+        (["--per-shard", "5"], "different plan"),
+    ):
         r = runner.invoke(cli, ["pack", str(root), "--out", str(tmp_path / "out"), *args])
         assert r.exit_code == 2 and needle in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
         assert r.stdout == ""
@@ -314,10 +337,14 @@ def test_subset_paths_may_hold_spaces(tmp_path):
         _save(root / rel, n, "JPEG")
     # a bare path with spaces, a `PATH LABEL` line (the label is dropped, as in a kv list), trailing blanks
     (tmp_path / "keys.txt").write_text("my class/a 1.jpg\nother/b.jpg 1\nmy class/a 2.jpg  \n")
-    summary = pack_dataset(root, tmp_path / "out", PackConfig(subset=str(tmp_path / "keys.txt"), workers=1),
-                           show_progress=False)
+    summary = pack_dataset(
+        root, tmp_path / "out", PackConfig(subset=str(tmp_path / "keys.txt"), workers=1), show_progress=False
+    )
     assert [(s["__key__"], int(s["cls"])) for s in _samples(tmp_path / "out")] == [
-        ("my_class_a_1", 0), ("other_b", 1), ("my_class_a_2", 0)]
+        ("my_class_a_1", 0),
+        ("other_b", 1),
+        ("my_class_a_2", 0),
+    ]
     assert summary["bad"] == 0 and summary["files"] == 3
 
 
@@ -348,10 +375,11 @@ def test_malformed_manifest_is_a_one_line_error(folder, tmp_path, caplog):
     assert runner.invoke(cli, command).exit_code == 0
     good = json.loads((out / "pack.json").read_text())
     for change, extra, needle in (
-            (lambda m: {**m, "plan": 3}, ["--per-shard", "4"], "'plan' is a number, expected an object"),
-            (lambda m: [m], [], "the top level is an array, expected an object"),
-            (lambda m: {**m, "shards": [1] + m["shards"][1:]}, [], "shards[0] is a number, expected an object"),
-            (lambda m: {**m, "bad": [None]}, [], "bad[0] is null, expected an object")):
+        (lambda m: {**m, "plan": 3}, ["--per-shard", "4"], "'plan' is a number, expected an object"),
+        (lambda m: [m], [], "the top level is an array, expected an object"),
+        (lambda m: {**m, "shards": [1] + m["shards"][1:]}, [], "shards[0] is a number, expected an object"),
+        (lambda m: {**m, "bad": [None]}, [], "bad[0] is null, expected an object"),
+    ):
         (out / "pack.json").write_text(json.dumps(change(good)))
         r = runner.invoke(cli, command + extra)
         assert r.exit_code == 2 and r.stdout == "", (r.output, r.exception)
@@ -386,8 +414,11 @@ def test_changed_images_change_the_plan(folder, tmp_path):
     assert pack_dataset(root, out, config, show_progress=False)["shards"]["written"] == 0  # unchanged: nothing to do
     stamp = (root / "alpha/a1.jpg").stat()
     os.utime(root / "alpha/a1.jpg", ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 5_000_000_000))  # touched
-    with pytest.raises(EngineError, match=r"different plan \(the files, their labels, or their sizes or "
-                                          r"modification times changed\).*--overwrite"):
+    with pytest.raises(
+        EngineError,
+        match=r"different plan \(the files, their labels, or their sizes or "
+        r"modification times changed\).*--overwrite",
+    ):
         pack_dataset(root, out, config, show_progress=False)
     touched = pack_dataset(root, out, PackConfig(per_shard=3, workers=1, overwrite=True), show_progress=False)
     assert touched["fingerprint"] != first["fingerprint"] and touched["samples"] == first["samples"]
@@ -458,8 +489,9 @@ def test_stopped_pool_leaves_no_half_shard(slow_folder, tmp_path, signum):
     gives the same bytes as a clean run."""
     root, clean = slow_folder
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", _STOP_SCRIPT, str(root), str(out)], start_new_session=True,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STOP_SCRIPT, str(root), str(out)], start_new_session=True, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 60
     while not list(out.glob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)

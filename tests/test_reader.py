@@ -5,8 +5,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from engine.reader import (ReaderConfig, ShardReader, check_end_of_archive, expand_shards, parse_label,
-                           split_for_rank)
+from engine.reader import ReaderConfig, ShardReader, check_end_of_archive, expand_shards, parse_label, split_for_rank
 from engine.runtime import EngineError
 
 
@@ -29,9 +28,9 @@ def test_split_by_bytes_only_when_round_robin_is_uneven_and_never_worse():
     urls = [f"s{i}" for i in range(6)]
     even = [100, 104, 98, 101, 99, 100]
     assert [split_for_rank(urls, r, 2, even) for r in range(2)] == [urls[0::2], urls[1::2]]
-    uneven = [10, 1, 10, 1, 10, 1]   # round robin: 30 vs 3 bytes
+    uneven = [10, 1, 10, 1, 10, 1]  # round robin: 30 vs 3 bytes
     parts = [split_for_rank(urls, r, 2, uneven) for r in range(2)]
-    assert parts == [["s0", "s4"], ["s1", "s2", "s3", "s5"]]   # 20 vs 13, each in plan order
+    assert parts == [["s0", "s4"], ["s1", "s2", "s3", "s5"]]  # 20 vs 13, each in plan order
     assert split_for_rank(urls, 0, 2, [10, None, 10, 1, 10, 1]) == urls[0::2]  # a size unknown
     assert split_for_rank(urls, 0, 1, uneven) == urls
 
@@ -42,7 +41,7 @@ def test_split_by_bytes_against_brute_force():
     import itertools
 
     rng = np.random.default_rng(0)
-    for trial in range(200):
+    for _trial in range(200):
         n, world = int(rng.integers(1, 8)), int(rng.integers(2, 4))
         sizes = [int(x) for x in rng.integers(1, 100, size=n) ** rng.integers(1, 3)]
         urls = [f"u{i}" for i in range(n)]
@@ -51,8 +50,10 @@ def test_split_by_bytes_against_brute_force():
         assert parts == [split_for_rank(urls, r, world, sizes) for r in range(world)]
         load = max(sum(sizes[urls.index(u)] for u in p) for p in parts)
         robin = max(sum(sizes[r::world]) for r in range(world))
-        best = min(max(sum(s for s, o in zip(sizes, owners) if o == r) for r in range(world))
-                   for owners in itertools.product(range(world), repeat=n))
+        best = min(
+            max(sum(s for s, o in zip(sizes, owners) if o == r) for r in range(world))
+            for owners in itertools.product(range(world), repeat=n)
+        )
         assert load <= robin and load <= 4 / 3 * best + 1e-9, (sizes, world, parts)
 
 
@@ -80,16 +81,16 @@ def test_workers_take_whole_shards_and_batches_never_span_shards(shard_paths):
 
 
 def test_pipe_urls_and_img2dataset_layout(tmp_path):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (255, 0, 0)).save(buf, format="PNG")
     path = tmp_path / "i2d.tar"
     with wds.TarWriter(str(path)) as sink:
         for i in range(3):
-            sink.write({"__key__": f"{i:09d}", "png": buf.getvalue(), "txt": "a red square",
-                        "json": {"label": i}})
+            sink.write({"__key__": f"{i:09d}", "png": buf.getvalue(), "txt": "a red square", "json": {"label": i}})
     reader = ShardReader([(0, f"pipe:cat {path}")], lambda img: torch.zeros(3), ReaderConfig(label_key="json:label"))
     batches = list(reader)
     assert batches[-1].outcome.error is None

@@ -1,4 +1,5 @@
 """engine.report: real shards, real embed (shapes-tiny), real select; pages checked in headless Chromium."""
+
 import base64
 import io
 import json
@@ -9,18 +10,18 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import webdataset as wds
+from browser import Browser, find_chromium
 from click.testing import CliRunner
 from PIL import Image
 
-from browser import Browser, find_chromium
 from cli.main import cli
 from engine.cache import Cache
-from engine.results import Selection
 from engine.embed import EmbedConfig, embed_shards
 from engine.report import ReportConfig, summary_lines, write_report
 from engine.report.config import MARKER
 from engine.report.rows import class_stats, rank_rejected
 from engine.report.thumbnails import THUMB_FORMAT, _shard_thumbnails
+from engine.results import Selection
 from engine.runtime import EngineError
 from engine.select import SelectConfig
 from engine.stages import diagnose_from_cache, select_from_cache
@@ -37,11 +38,14 @@ LOADED_IMAGES = "Array.from(document.images).filter(i => i.complete && i.natural
 def cache(tmp_path_factory):
     """120 rows of 6 classes (3 shards, 40% noise), embedded and selected; no knn/ group."""
     root = tmp_path_factory.mktemp("report-cache")
-    made = write_shards(root / "shards", ShapesConfig(classes=6, per_shard=40, shards=3, noise="mix", rate=0.4,
-                                                      seed=3))
+    made = write_shards(root / "shards", ShapesConfig(classes=6, per_shard=40, shards=3, noise="mix", rate=0.4, seed=3))
     path = str(root / "feats.zarr")
-    embed_shards(made["shards"], path, EmbedConfig(classes=made["classes_file"], true_label_key="true_cls",
-                                                   batch_size=64, workers=0), show_progress=False)
+    embed_shards(
+        made["shards"],
+        path,
+        EmbedConfig(classes=made["classes_file"], true_label_key="true_cls", batch_size=64, workers=0),
+        show_progress=False,
+    )
     select_from_cache(path, SelectConfig(device="cpu"), show_progress=False)
     return path
 
@@ -86,8 +90,12 @@ def odd(tmp_path_factory):
                 Image.open(io.BytesIO(sample["jpg"])).convert("RGB").resize((64, 32)).save(wide, format="JPEG")
                 sink.write({**sample, "__key__": ODD_KEY.format(shard=shard, i=i), "jpg": wide.getvalue()})
     path = str(root / "feats.zarr")
-    embed_shards(shards, path, EmbedConfig(classes=str(root / "classes.json"), true_label_key="true_cls",
-                                           batch_size=64, workers=0), show_progress=False)
+    embed_shards(
+        shards,
+        path,
+        EmbedConfig(classes=str(root / "classes.json"), true_label_key="true_cls", batch_size=64, workers=0),
+        show_progress=False,
+    )
     select_from_cache(path, SelectConfig(device="cpu"), show_progress=False)
     return write_report(path, str(root / "report"), CONFIG, device="cpu", show_progress=False)
 
@@ -95,8 +103,10 @@ def odd(tmp_path_factory):
 def _rows(path: str):
     c = Cache(path)
     stored = Selection.read(c)
-    arrays = {"selected": stored.selected, **{f"{name}/loss_score": r.loss_score
-                                              for name, r in stored.classifiers.items()}}
+    arrays = {
+        "selected": stored.selected,
+        **{f"{name}/loss_score": r.loss_score for name, r in stored.classifiers.items()},
+    }
     return c, arrays, stored.attrs
 
 
@@ -110,7 +120,9 @@ def _gallery(page: str) -> list[tuple[int, list[tuple[int, float]]]]:
     out = []
     for block in re.split(r'<figure class="sample"', html)[1:]:
         row = int(re.match(r' data-row="(\d+)"', block).group(1))
-        nbs = [(int(r), float(s)) for r, s in re.findall(r'<li class="nb" data-row="(\d+)" data-sim="([-\d.]+)"', block)]
+        nbs = [
+            (int(r), float(s)) for r, s in re.findall(r'<li class="nb" data-row="(\d+)" data-sim="([-\d.]+)"', block)
+        ]
         out.append((row, nbs))
     return out
 
@@ -140,8 +152,8 @@ def test_index_page_renders_charts_without_errors(report, browser, tmp_path):
         tableRows: document.querySelectorAll('table.classes tr[data-class]').length,
         next: !!document.querySelector('a[href="index-2.html"]'),
     })""")
-    assert counts["bars"] == counts["kept"] == 4 and counts["tableRows"] == 4     # classes_per_page
-    assert counts["cells"] == 16 and counts["rowLabels"] == counts["colLabels"] == 4   # heatmap_classes
+    assert counts["bars"] == counts["kept"] == 4 and counts["tableRows"] == 4  # classes_per_page
+    assert counts["cells"] == 16 and counts["rowLabels"] == counts["colLabels"] == 4  # heatmap_classes
     names = Cache(report["cache"]).class_names
     assert len([t for t in counts["barLabels"] if t in names]) == 4 and counts["next"]
     shot = browser.screenshot(tmp_path / "index.png", width=1200, height=900)
@@ -168,8 +180,9 @@ def test_class_page_loads_every_thumbnail(report, browser, tmp_path):
 
 def test_a_missing_image_file_is_reported_as_a_console_error(report, browser, tmp_path):
     page = tmp_path / "broken.html"
-    page.write_text('<!DOCTYPE html><html><head><link rel="icon" href="data:,"></head>'
-                    '<body><img src="nowhere.jpg"></body></html>')
+    page.write_text(
+        '<!DOCTYPE html><html><head><link rel="icon" href="data:,"></head><body><img src="nowhere.jpg"></body></html>'
+    )
     browser.navigate(f"file://{page}")
     assert any("nowhere.jpg" in e or "ERR_FILE_NOT_FOUND" in e for e in browser.errors())
 
@@ -196,8 +209,9 @@ def test_missing_shard_gives_counted_placeholders(cache, browser, tmp_path):
     assert summary["placeholder_reasons"] == {"shard missing": expected}
     assert summary["thumbnails"] == len(shown) - expected
     index = open(f"{tmp_path}/r/index.html").read()
-    assert re.search(r'data-stat="placeholders"><th>placeholders</th><td class="v">(\d+)<', index).group(1) == \
-        str(expected)
+    assert re.search(r'data-stat="placeholders"><th>placeholders</th><td class="v">(\d+)<', index).group(1) == str(
+        expected
+    )
     for k in range(6):
         page = f"{tmp_path}/r/classes/{k:04d}.html"
         if f"shard missing: {name}" not in open(page).read():
@@ -221,23 +235,25 @@ def test_non_square_thumbnails_keep_their_aspect(odd, browser, tmp_path):
         w: i.naturalWidth, h: i.naturalHeight, fit: getComputedStyle(i).objectFit,
         nb: !!i.closest('li.nb'), box: [i.clientWidth, i.clientHeight]}))""")
     assert images and any(i["nb"] for i in images) and any(not i["nb"] for i in images)
-    assert all(i["w"] == 2 * i["h"] > 0 for i in images)        # the thumbnails are 2:1 files
-    assert all(i["fit"] == "contain" for i in images)           # drawn 2:1 inside the square box
+    assert all(i["w"] == 2 * i["h"] > 0 for i in images)  # the thumbnails are 2:1 files
+    assert all(i["fit"] == "contain" for i in images)  # drawn 2:1 inside the square box
     # the rendered pixels: the main image's square box shows the 2:1 picture as a band in the
     # middle, the neutral background above and below it (a stretched picture fills the box)
     browser.screenshot(tmp_path / "page.png", width=1200, height=900)
-    rect = browser.evaluate("(r => [r.x, r.y, r.width, r.height])("
-                            "document.querySelector('.main img').getBoundingClientRect())")
+    rect = browser.evaluate(
+        "(r => [r.x, r.y, r.width, r.height])(document.querySelector('.main img').getBoundingClientRect())"
+    )
     assert rect[2] == rect[3] == CONFIG.thumb
-    shot = browser.call("Page.captureScreenshot", {"format": "png", "clip": dict(zip(("x", "y", "width", "height"),
-                                                                                    rect), scale=1)})
+    shot = browser.call(
+        "Page.captureScreenshot", {"format": "png", "clip": dict(zip(("x", "y", "width", "height"), rect), scale=1)}
+    )
     pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(shot["data"]))).convert("RGB"), dtype=np.int16)
     assert pixels.shape[:2] == (CONFIG.thumb, CONFIG.thumb)
-    band = CONFIG.thumb // 4                                     # 16 rows above and below the picture
-    background = np.array([0xe9, 0xeb, 0xef])
-    margins = np.concatenate([pixels[:band - 2, 4:-4], pixels[-(band - 2):, 4:-4]])   # not the rounded corners
+    band = CONFIG.thumb // 4  # 16 rows above and below the picture
+    background = np.array([0xE9, 0xEB, 0xEF])
+    margins = np.concatenate([pixels[: band - 2, 4:-4], pixels[-(band - 2) :, 4:-4]])  # not the rounded corners
     assert np.abs(margins - background).max() <= 4
-    assert np.abs(pixels[band + 2:-(band + 2)] - background).max() > 20
+    assert np.abs(pixels[band + 2 : -(band + 2)] - background).max() > 20
 
 
 def test_html_in_class_names_and_keys_renders_literally(odd, browser):
@@ -281,8 +297,10 @@ def test_html_in_class_names_and_keys_renders_literally(odd, browser):
 def test_summary_numbers_equal_the_selection_group(report):
     c, arrays, attrs = _rows(report["cache"])
     index = open(report["index"]).read()
-    stat = lambda key: re.search(rf'data-stat="{re.escape(key)}"><th>[^<]*</th><td class="v">([^<]*)<',  # noqa: E731
-                                 index).group(1)
+    stat = lambda key: re.search(
+        rf'data-stat="{re.escape(key)}"><th>[^<]*</th><td class="v">([^<]*)<',  # noqa: E731
+        index,
+    ).group(1)
     for key, value in attrs["counts"].items():
         assert int(stat(f"counts.{key}")) == value
     for key in ("precision", "recall", "f1"):
@@ -310,7 +328,7 @@ def test_galleries_hold_only_rejected_rows_of_their_class_most_suspicious_first(
     for k in range(6):
         rows = [row for row, _ in _gallery(_class_page(report, k))]
         candidates = np.flatnonzero((labels == k) & ~selected)
-        expected = candidates[np.argsort(suspicion[candidates], kind="stable")][:CONFIG.per_class]
+        expected = candidates[np.argsort(suspicion[candidates], kind="stable")][: CONFIG.per_class]
         assert rows == expected.tolist()
         total += len(rows)
     assert total == report["shown"] > 0
@@ -323,7 +341,7 @@ def test_neighbors_equal_brute_force_knn(report):
         for row, nbs in _gallery(_class_page(report, k))[:2]:
             sims = features @ features[row]
             sims[row] = -np.inf
-            top = np.argsort(-sims, kind="stable")[:CONFIG.neighbors]
+            top = np.argsort(-sims, kind="stable")[: CONFIG.neighbors]
             assert [r for r, _ in nbs] == top.tolist()
             assert np.allclose([s for _, s in nbs], sims[top], atol=1e-3)
             checked += 1
@@ -362,8 +380,9 @@ def test_thumbnail_problems_become_reasons(tmp_path):
     assert got[2][2] == ("key mismatch", "s.tar: found other, expected c")
     assert got[3][2] == ("sample missing from shard", "s.tar")
     assert sum(ticks) == 4
-    gone = _shard_thumbnails(str(tmp_path / "gone.tar"), np.arange(2), np.arange(2), keys, tmp_path, "00001", 32,
-                             ticks.append)
+    gone = _shard_thumbnails(
+        str(tmp_path / "gone.tar"), np.arange(2), np.arange(2), keys, tmp_path, "00001", 32, ticks.append
+    )
     assert [p for _, _, p in gone] == [("shard missing", "gone.tar")] * 2
 
 
@@ -381,7 +400,7 @@ def test_a_current_knn_group_is_checked_without_loading_every_feature(cache, rep
     for k in range(6):
         ours = _gallery(f"{tmp_path}/a/classes/{k:04d}.html")
         assert [[r for r, _ in n] for _, n in ours] == [[r for r, _ in n] for _, n in _gallery(_class_page(report, k))]
-    Cache(copy, mode="a").open_group("knn").attrs.update({"fingerprint": "stale"})   # a stale one does load them
+    Cache(copy, mode="a").open_group("knn").attrs.update({"fingerprint": "stale"})  # a stale one does load them
     with pytest.raises(AssertionError, match="load_features"):
         write_report(copy, str(tmp_path / "b"), CONFIG, device="cpu", show_progress=False)
 
@@ -404,10 +423,9 @@ def test_placeholders_are_grouped_by_kind_not_per_key(cache, report, tmp_path, m
     assert s["placeholders"] == 2 and s["placeholder_reasons"] == {"cannot decode": 2}
     assert json.load(open(tmp_path / "r" / "report.json"))["placeholder_reasons"] == {"cannot decode": 2}
     index = open(tmp_path / "r" / "index.html").read()
-    assert re.search(r'data-stat="placeholders">.*?<td class="l muted">([^<]*)<', index).group(1) == \
-        "cannot decode: 2"
+    assert re.search(r'data-stat="placeholders">.*?<td class="l muted">([^<]*)<', index).group(1) == "cannot decode: 2"
     page = open(_class_page({"out": str(tmp_path / "r")}, 0)).read()
-    for key in broken:   # the detail names the key and the error
+    for key in broken:  # the detail names the key and the error
         assert f'data-reason="cannot decode: {key} (' in page and "truncated" in page
 
 
@@ -416,7 +434,7 @@ def test_rank_rejected_and_class_stats_match_loops():
     rng = np.random.default_rng(0)
     labels = rng.integers(-1, 5, 300)
     selected = rng.random(300) < 0.5
-    suspicion = rng.random(300).round(1)    # ties broken by row
+    suspicion = rng.random(300).round(1)  # ties broken by row
     got = rank_rejected(labels, selected, suspicion, per_class=7)
     expected = []
     for k in range(5):
@@ -434,14 +452,29 @@ def test_rank_rejected_and_class_stats_match_loops():
 # ---------------------------------------------------------------- command line, folders, demo
 def test_cli_json_and_one_line_errors(cache, tmp_path):
     runner = CliRunner()
-    r = runner.invoke(cli, ["report", "--cache", cache, "--out", str(tmp_path / "r"), "--per-class", "2",
-                            "-k", "1", "--device", "cpu", "--json"])
+    r = runner.invoke(
+        cli,
+        [
+            "report",
+            "--cache",
+            cache,
+            "--out",
+            str(tmp_path / "r"),
+            "--per-class",
+            "2",
+            "-k",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["index"] == str(tmp_path / "r" / "index.html") and summary["class_pages"] == 6
     assert (tmp_path / "r" / MARKER).is_file()
     r = runner.invoke(cli, ["report", "--cache", cache, "--out", str(tmp_path / "r"), "--per-class", "2"])
-    assert r.exit_code == 0 and r.stdout.splitlines()[0].startswith("report: ")   # a rerun replaces it
+    assert r.exit_code == 0 and r.stdout.splitlines()[0].startswith("report: ")  # a rerun replaces it
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     r = runner.invoke(cli, ["report", "--cache", cache, "--out", str(tmp_path / "mine")])
@@ -466,12 +499,12 @@ def test_a_run_killed_mid_swap_or_mid_build_is_undone_by_the_next(cache, tmp_pat
     (out / "notes.txt").write_text("mine")
     old = tmp_path / ".r.engine-report-old-otherhost-4242-aaaaaaaaaaaa"
     new = tmp_path / ".r.engine-report-new-otherhost-4242-bbbbbbbbbbbb"
-    os.rename(out, old)                             # the swap's first rename...
-    shutil.copytree(old, new)                       # ...a finished new report beside it,
-    (old / "notes.txt").unlink()                    # and the user's file already moved into it
+    os.rename(out, old)  # the swap's first rename...
+    shutil.copytree(old, new)  # ...a finished new report beside it,
+    (old / "notes.txt").unlink()  # and the user's file already moved into it
     live = tmp_path / ".r.engine-report-new-otherhost-4243-cccccccccccc"
     live.mkdir()
-    holder = lock_folder(live, wait=False)             # a report still running, on any host
+    holder = lock_folder(live, wait=False)  # a report still running, on any host
     try:
         write_report(cache, str(out), CONFIG, device="cpu", show_progress=False)
         assert (out / "notes.txt").read_text() == "mine" and (out / "index.html").is_file()
@@ -494,7 +527,7 @@ def test_recovery_never_deletes_a_file_of_the_users(cache, tmp_path):
     write_report(cache, str(out), CONFIG, device="cpu", show_progress=False)
     assert (out / "notes.txt").read_text() == "new notes"
     assert (out / "notes.txt.recovered-1").read_text() == "old notes" and not debris.exists()
-    stray = tmp_path / "elsewhere"   # OUT is gone and nothing to restore: the folder is kept
+    stray = tmp_path / "elsewhere"  # OUT is gone and nothing to restore: the folder is kept
     stray_debris = tmp_path / ".elsewhere.engine-report-new-h-1-eeeeeeeeeeee"
     stray_debris.mkdir()
     (stray_debris / "mine.txt").write_text("x")
@@ -523,7 +556,7 @@ def test_a_rerun_reuses_thumbnails_and_rereads_only_a_changed_shard(cache, tmp_p
     victim = urls[1]
     original = open(victim, "rb").read()
     samples = [sample for _, sample in read_samples(victim)]
-    try:   # the same keys, other images: its thumbnails must be made anew, the others reused
+    try:  # the same keys, other images: its thumbnails must be made anew, the others reused
         with wds.TarWriter(victim, encoder=False) as sink:
             for sample in samples:
                 buf = io.BytesIO()
@@ -536,8 +569,11 @@ def test_a_rerun_reuses_thumbnails_and_rereads_only_a_changed_shard(cache, tmp_p
     changed = {k for k, v in thumbs().items() if before.get(k) != v}
     assert changed and all(k.startswith("thumbs/00001/") for k in changed)
     assert third["thumbnails_reused"] == third["thumbnails"] - len(changed)
-    for broken in ('{"size": 64, "format": "%s", "shards": []}' % THUMB_FORMAT,
-                   '{"size": 64, "format": "%s", "shards": {"00000": {"keys": 3}}}' % THUMB_FORMAT, "{"):
+    for broken in (
+        f'{{"size": 64, "format": "{THUMB_FORMAT}", "shards": []}}',
+        f'{{"size": 64, "format": "{THUMB_FORMAT}", "shards": {{"00000": {{"keys": 3}}}}}}',
+        "{",
+    ):
         (out / "thumbs" / "index.json").write_text(broken)  # misshapen: ignored, nothing reused
         assert write_report(cache, str(out), CONFIG, device="cpu", show_progress=False)["thumbnails_reused"] == 0
 
@@ -559,7 +595,7 @@ def test_a_failed_rerun_leaves_the_earlier_report(cache, tmp_path, monkeypatch):
         assert snapshot() == before
     calls = []
 
-    def crash(sample):   # after a few thumbnails are written: not a decode problem, a crash
+    def crash(sample):  # after a few thumbnails are written: not a decode problem, a crash
         calls.append(1)
         if len(calls) > 3:
             raise RuntimeError("disk on fire")
@@ -568,10 +604,11 @@ def test_a_failed_rerun_leaves_the_earlier_report(cache, tmp_path, monkeypatch):
     decode = reader.decode_image
     monkeypatch.setattr(reader, "decode_image", crash)
     with pytest.raises(RuntimeError, match="disk on fire"):  # another size: thumbnails are made anew
-        write_report(cache, str(out), ReportConfig(**{**asdict(CONFIG), "thumb": 48}), device="cpu",
-                     show_progress=False)
+        write_report(
+            cache, str(out), ReportConfig(**{**asdict(CONFIG), "thumb": 48}), device="cpu", show_progress=False
+        )
     assert snapshot() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]       # no staging folder left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # no staging folder left behind
     monkeypatch.setattr(reader, "decode_image", decode)
     s = write_report(cache, str(out), ReportConfig(per_class=2, neighbors=1), device="cpu", show_progress=False)
     after = snapshot()
@@ -585,8 +622,9 @@ def test_missing_selection_names_engine_select(tmp_path):
 
     rng = np.random.default_rng(0)
     feats = rng.standard_normal((20, 8)).astype(np.float32)
-    np.savez(tmp_path / "f.npz", features=feats / np.linalg.norm(feats, axis=1, keepdims=True),
-             labels=rng.integers(0, 2, 20))
+    np.savez(
+        tmp_path / "f.npz", features=feats / np.linalg.norm(feats, axis=1, keepdims=True), labels=rng.integers(0, 2, 20)
+    )
     import_npz(str(tmp_path / "f.npz"), str(tmp_path / "c.zarr"))
     r = CliRunner().invoke(cli, ["report", "--cache", str(tmp_path / "c.zarr"), "--out", str(tmp_path / "r")])
     assert r.exit_code == 2 and r.stderr.strip().count("\n") == 0 and "engine select" in r.stderr
@@ -606,7 +644,8 @@ def test_imported_cache_without_text_or_images(tmp_path):
     import_npz(str(tmp_path / "f.npz"), str(tmp_path / "c.zarr"))
     selected = rng.random(60) < 0.7
     Selection(selected=selected, filled=np.zeros(60, bool), noise_score=np.zeros(60, np.float32)).write(
-        Cache(str(tmp_path / "c.zarr"), mode="a"))
+        Cache(str(tmp_path / "c.zarr"), mode="a")
+    )
     s = write_report(str(tmp_path / "c.zarr"), str(tmp_path / "r"), CONFIG, device="cpu", show_progress=False)
     assert s["heatmap"] == {"classes": 3, "source": "image: class centroids of the features"}
     shown = set()
@@ -623,8 +662,11 @@ def test_demo_ends_with_the_report(tmp_path):
     from engine.demo import DemoConfig, run_demo
     from engine.demo import summary_lines as demo_lines
 
-    summary = run_demo(tmp_path / "demo", DemoConfig(classes=6, train_shards=2, per_shard=60, test_images=60,
-                                                     epochs=2), show_progress=False)
+    summary = run_demo(
+        tmp_path / "demo",
+        DemoConfig(classes=6, train_shards=2, per_shard=60, test_images=60, epochs=2),
+        show_progress=False,
+    )
     index = tmp_path / "demo" / "report" / "index.html"
     assert index.is_file() and summary["report"]["index"] == str(index)
     assert summary["report"]["class_pages"] == 6 and summary["report"]["placeholders"] == 0

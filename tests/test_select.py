@@ -1,4 +1,5 @@
 """engine.select: scores, batched mixtures against scikit-learn, every METHOD.md §4 rule by hand."""
+
 from __future__ import annotations
 
 import warnings
@@ -8,9 +9,19 @@ import pytest
 import torch
 
 from engine.runtime import EngineError
-from engine.select import (ClassGroups, SelectConfig, classifier_accuracy, fill_empty_classes, fit_mixtures,
-                           noise_scores, normalise_loss, score_block, select_samples, selection_metrics,
-                           two_means_init)
+from engine.select import (
+    ClassGroups,
+    SelectConfig,
+    classifier_accuracy,
+    fill_empty_classes,
+    fit_mixtures,
+    noise_scores,
+    normalise_loss,
+    score_block,
+    select_samples,
+    selection_metrics,
+    two_means_init,
+)
 
 
 def _fixed(log_probs: np.ndarray):
@@ -47,6 +58,7 @@ def _realistic_scores(seed=0, groups=40):
 
 # ----------------------------------------------------------------------------- scores
 
+
 def test_score_block_by_hand():
     logp = torch.from_numpy(_log([[0.5, 0.4, 0.1], [0.2, 0.2, 0.6], [0.3, 0.3, 0.4]])).float()
     out = score_block(logp, torch.tensor([1, 2, -1]))
@@ -76,6 +88,7 @@ def test_noise_score_is_zero_exactly_when_every_pair_passes():
 
 # ----------------------------------------------------------------------------- mixtures
 
+
 def test_two_means_init_is_the_exact_optimum():
     values, group = _realistic_scores(seed=1, groups=12)
     order = np.lexsort((values, group))
@@ -83,8 +96,7 @@ def test_two_means_init_is_the_exact_optimum():
     split = two_means_init(x, g, 12)
     for k in range(12):
         xs, got = x[g == k], split[g == k]
-        sse = [((xs[:j] - xs[:j].mean()) ** 2).sum() + ((xs[j:] - xs[j:].mean()) ** 2).sum()
-               for j in range(1, len(xs))]
+        sse = [((xs[:j] - xs[:j].mean()) ** 2).sum() + ((xs[j:] - xs[j:].mean()) ** 2).sum() for j in range(1, len(xs))]
         ours = sum(((xs[got == c] - xs[got == c].mean()) ** 2).sum() for c in (0, 1))
         assert ours == pytest.approx(min(sse), rel=1e-9, abs=1e-12)
         assert (np.diff(got) >= 0).all()  # a contiguous split: the lower cluster first
@@ -103,8 +115,9 @@ def test_mixtures_follow_sklearn_em_exactly_from_the_same_start():
         var = np.array([((x[init == c] - means[c]) ** 2).sum() for c in (0, 1)]) / nk + 1e-6
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sk = mixture.GaussianMixture(2, weights_init=nk / len(x), means_init=means[:, None],
-                                         precisions_init=(1 / var)[:, None, None]).fit(x[:, None])
+            sk = mixture.GaussianMixture(
+                2, weights_init=nk / len(x), means_init=means[:, None], precisions_init=(1 / var)[:, None, None]
+            ).fit(x[:, None])
         raw = values[group == k]
         post = sk.predict_proba(raw[:, None])[:, np.argmax(sk.means_[:, 0])]
         assert sk.n_iter_ == fit.n_iter[k]
@@ -130,39 +143,67 @@ def test_mixtures_agree_with_sklearn_default_fits():
 
 # ----------------------------------------------------------------------------- fill-in
 
+
 def test_fill_in_takes_the_highest_scores_and_the_right_m():
     labels = np.array([0, 0, 0, 1, 1, 1, 1, 1, 2, 2, -1, 2])
-    selected = np.array([1, 1, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0], bool)       # class 2 empty; counts 2, 3
+    selected = np.array([1, 1, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0], bool)  # class 2 empty; counts 2, 3
     ranking = np.array([0, 0, 0, 0, 0, 0, 0, 0, 0.2, 0.9, 5.0, 0.9])
     groups = ClassGroups.build(labels, 3)
     rows, m = fill_empty_classes(selected, labels, ranking, groups, num_classes=3)
-    assert m == 2                                                        # max(min non-zero 2, 11 // 9 = 1)
-    assert rows.tolist() == [9, 11]                                      # the two 0.9s (tie: lower row first)
+    assert m == 2  # max(min non-zero 2, 11 // 9 = 1)
+    assert rows.tolist() == [9, 11]  # the two 0.9s (tie: lower row first)
     rows, m = fill_empty_classes(selected | (labels == 2), labels, ranking, groups, num_classes=3)
     assert len(rows) == 0 and m == 0
 
 
 def test_fill_in_m_from_rows_over_classes_squared_and_small_classes():
     labels = np.r_[np.zeros(30, np.int64), np.ones(6, np.int64), 2 * np.ones(3, np.int64)]
-    selected = labels == 0                                                # classes 1 and 2 empty
+    selected = labels == 0  # classes 1 and 2 empty
     ranking = np.arange(len(labels), dtype=float)
     rows, m = fill_empty_classes(selected, labels, ranking, ClassGroups.build(labels, 3), num_classes=3)
-    assert m == 30                                                        # max(30, 39 // 9 = 4)
-    assert sorted(rows.tolist()) == list(range(30, 39))                   # all of each smaller class
+    assert m == 30  # max(30, 39 // 9 = 4)
+    assert sorted(rows.tolist()) == list(range(30, 39))  # all of each smaller class
 
 
 # ----------------------------------------------------------------------------- the whole selection
+
 
 @pytest.fixture()
 def hand_made():
     """12 rows, 3 classes, 2 classifiers given as fixed log-probabilities; row 11 unlabelled."""
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, -1])
-    a = _log([[.9, .05, .05], [.85, .1, .05], [.8, .1, .1], [.1, .8, .1],
-              [.1, .85, .05], [.05, .9, .05], [.1, .8, .1], [.45, .5, .05],
-              [.6, .3, .1], [.5, .1, .4], [.7, .2, .1], [.3, .3, .4]])
-    b = _log([[.9, .05, .05], [.8, .1, .1], [.85, .1, .05], [.2, .7, .1],
-              [.1, .8, .1], [.05, .9, .05], [.3, .6, .1], [.1, .85, .05],
-              [.5, .2, .3], [.7, .1, .2], [.6, .1, .3], [.3, .3, .4]])
+    a = _log(
+        [
+            [0.9, 0.05, 0.05],
+            [0.85, 0.1, 0.05],
+            [0.8, 0.1, 0.1],
+            [0.1, 0.8, 0.1],
+            [0.1, 0.85, 0.05],
+            [0.05, 0.9, 0.05],
+            [0.1, 0.8, 0.1],
+            [0.45, 0.5, 0.05],
+            [0.6, 0.3, 0.1],
+            [0.5, 0.1, 0.4],
+            [0.7, 0.2, 0.1],
+            [0.3, 0.3, 0.4],
+        ]
+    )
+    b = _log(
+        [
+            [0.9, 0.05, 0.05],
+            [0.8, 0.1, 0.1],
+            [0.85, 0.1, 0.05],
+            [0.2, 0.7, 0.1],
+            [0.1, 0.8, 0.1],
+            [0.05, 0.9, 0.05],
+            [0.3, 0.6, 0.1],
+            [0.1, 0.85, 0.05],
+            [0.5, 0.2, 0.3],
+            [0.7, 0.1, 0.2],
+            [0.6, 0.1, 0.3],
+            [0.3, 0.3, 0.4],
+        ]
+    )
     features = np.zeros((12, 4), np.float16)
     features[:, 0] = 1
     config = SelectConfig(classifiers=("zeroshot", "knn"), criteria=("consistency",))
@@ -190,37 +231,61 @@ def test_empty_class_is_filled_by_highest_zeroshot_loss_score(hand_made):
     res = select_samples(features, labels, config=config, extra_classifiers=extra)
     # class 2 fails consistency everywhere; m = max(min(3 selected in class 0, 4 in class 1), 11 // 9) = 3
     assert res.filled.tolist() == [0] * 8 + [1, 1, 1, 0]
-    assert res.per_class == {**res.per_class, "empty_before_fill": 1, "filled_classes": 1, "fill_m": 3,
-                             "min": 3, "max": 4}
-    off = select_samples(features, labels, config=SelectConfig(**{**config.to_dict(), "fill_empty": False}),
-                         extra_classifiers=extra)
+    assert res.per_class == {
+        **res.per_class,
+        "empty_before_fill": 1,
+        "filled_classes": 1,
+        "fill_m": 3,
+        "min": 3,
+        "max": 4,
+    }
+    off = select_samples(
+        features, labels, config=SelectConfig(**{**config.to_dict(), "fill_empty": False}), extra_classifiers=extra
+    )
     assert not off.selected[8:11].any()
 
 
 def test_fill_in_ranks_by_zeroshot_even_when_listed_second():
-    labels = np.array([0, 0, 1, 1, 1, 1])                  # knn empties class 1; m = max(2, 6 // 4) = 2
-    knn = _log([[.9, .1], [.9, .1], [.6, .4], [.7, .3], [.65, .35], [.9, .1]])    # knn ranks rows 2, 4
-    zeroshot = _log([[.9, .1], [.9, .1], [.5, .5], [.3, .7], [.45, .55], [.2, .8]])  # zero-shot: 5, 3
+    labels = np.array([0, 0, 1, 1, 1, 1])  # knn empties class 1; m = max(2, 6 // 4) = 2
+    knn = _log([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.65, 0.35], [0.9, 0.1]])  # knn ranks rows 2, 4
+    zeroshot = _log([[0.9, 0.1], [0.9, 0.1], [0.5, 0.5], [0.3, 0.7], [0.45, 0.55], [0.2, 0.8]])  # zero-shot: 5, 3
     feats = np.ones((6, 2), np.float16)
     config = SelectConfig(classifiers=("knn", "zeroshot"), criteria=("consistency",))
-    both = select_samples(feats, labels, config=config,
-                          extra_classifiers={"knn": _fixed(knn), "zeroshot": _fixed(zeroshot)})
+    both = select_samples(
+        feats, labels, config=config, extra_classifiers={"knn": _fixed(knn), "zeroshot": _fixed(zeroshot)}
+    )
     assert np.flatnonzero(both.filled).tolist() == [3, 5]
     assert both.per_class["fill_ranked_by"] == "zeroshot/loss_score" and both.per_class["fill_m"] == 2
-    alone = select_samples(feats, labels, config=SelectConfig(classifiers=("knn",), criteria=("consistency",)),
-                           extra_classifiers={"knn": _fixed(knn)})
+    alone = select_samples(
+        feats,
+        labels,
+        config=SelectConfig(classifiers=("knn",), criteria=("consistency",)),
+        extra_classifiers={"knn": _fixed(knn)},
+    )
     assert np.flatnonzero(alone.filled).tolist() == [2, 4]
     assert alone.per_class["fill_ranked_by"] == "knn/loss_score"
 
 
 def test_degenerate_classes_pass_the_loss_criterion():
     labels = np.array([0, 0, 0, 0, 0, 0, 1, 2, 2])
-    logp = _log([[.9, .05, .05], [.8, .1, .1], [.2, .7, .1], [.85, .1, .05], [.1, .8, .1], [.9, .05, .05],
-                 [.8, .1, .1], [.2, .2, .6], [.2, .2, .6]])
+    logp = _log(
+        [
+            [0.9, 0.05, 0.05],
+            [0.8, 0.1, 0.1],
+            [0.2, 0.7, 0.1],
+            [0.85, 0.1, 0.05],
+            [0.1, 0.8, 0.1],
+            [0.9, 0.05, 0.05],
+            [0.8, 0.1, 0.1],
+            [0.2, 0.2, 0.6],
+            [0.2, 0.2, 0.6],
+        ]
+    )
     config = SelectConfig(classifiers=("zeroshot",))
-    res = select_samples(np.ones((9, 2), np.float16), labels, config=config,
-                         extra_classifiers={"zeroshot": _fixed(logp)})
-    assert res.classifier_info["zeroshot"]["degenerate_classes"] == 2      # one row; all equal
+    res = select_samples(
+        np.ones((9, 2), np.float16), labels, config=config, extra_classifiers={"zeroshot": _fixed(logp)}
+    )
+    assert res.classifier_info["zeroshot"]["degenerate_classes"] == 2  # one row; all equal
     assert res.masks["zeroshot/loss"][6:].all()
     assert res.masks["zeroshot/consistency"][6:].tolist() == [False, True, True]
     assert res.selected[7:].all() and np.isfinite(res.noise_score).all()
@@ -234,8 +299,14 @@ def test_end_to_end_with_builtin_classifiers_streams_and_exports(tmp_path):
     labels[:10] = -1
     config = SelectConfig(device="cpu")
     res = select_samples(feats, labels, text_features=text, true_labels=truth, config=config, probs_dir=tmp_path)
-    small = select_samples(feats, labels, text_features=text[:, 0], true_labels=truth, probs_dir=None,
-                           config=SelectConfig(device="cpu", block_rows=97))
+    small = select_samples(
+        feats,
+        labels,
+        text_features=text[:, 0],
+        true_labels=truth,
+        probs_dir=None,
+        config=SelectConfig(device="cpu", block_rows=97),
+    )
     assert (small.selected == res.selected).all()
     assert res.unlabelled == 10 and not res.selected[:10].any()
     assert res.metrics["precision"] > 0.9 and 0 < res.metrics["recall"] <= 1
@@ -251,8 +322,9 @@ def test_out_of_fold_linear_in_the_pipeline():
     from benchmarks.common import clip_like_features
 
     feats, labels, truth, text, _ = clip_like_features(900, 6, 16, noise="sym", rate=0.3, seed=6)
-    res = select_samples(feats, labels, text_features=text, true_labels=truth,
-                         config=SelectConfig(device="cpu", linear_folds=3))
+    res = select_samples(
+        feats, labels, text_features=text, true_labels=truth, config=SelectConfig(device="cpu", linear_folds=3)
+    )
     assert len(res.classifier_info["linear"]["fit"]) == 3 and len(res.linear_models) == 3
     assert res.metrics["precision"] > 0.9
 
@@ -269,6 +341,7 @@ def test_selection_metrics_and_accuracy_by_hand():
 
 
 # ----------------------------------------------------------------------------- bad input
+
 
 def test_config_validation_lists_choices():
     with pytest.raises(EngineError, match="expected some of consistency, loss"):
@@ -310,11 +383,13 @@ def test_bad_input_is_refused_at_the_boundary():
         select_samples(feats, labels, text_features=text, extra_classifiers={"knn": _fixed(np.zeros((6, 4)))})
     bad = SelectConfig(classifiers=("knn",))
     with pytest.raises(EngineError, match=r"classifier knn: rows 0:6 gave shape \(6, 3\)"):
-        select_samples(feats, labels, text_features=text, config=bad,
-                       extra_classifiers={"knn": _fixed(np.zeros((6, 3)))})
+        select_samples(
+            feats, labels, text_features=text, config=bad, extra_classifiers={"knn": _fixed(np.zeros((6, 3)))}
+        )
     with pytest.raises(EngineError, match="NaN"):
-        select_samples(feats, labels, text_features=text, config=bad,
-                       extra_classifiers={"knn": _fixed(np.full((6, 4), np.nan))})
+        select_samples(
+            feats, labels, text_features=text, config=bad, extra_classifiers={"knn": _fixed(np.full((6, 4), np.nan))}
+        )
 
 
 def test_knn_classifier_from_neighbor_lists_and_as_an_extra_classifier():
@@ -329,11 +404,20 @@ def test_knn_classifier_from_neighbor_lists_and_as_an_extra_classifier():
     neighbors = (np.take_along_axis(sims, ids, 1), ids)
     config = SelectConfig(classifiers=("zeroshot", "linear", "knn"), device="cpu")
     res = select_samples(feats, labels, text_features=text, true_labels=truth, config=config, neighbors=neighbors)
-    assert len(res.masks) == 6 and res.classifier_info["knn"] == {**res.classifier_info["knn"], "source": "built-in",
-                                                                   "k": 10}
+    assert len(res.masks) == 6 and res.classifier_info["knn"] == {
+        **res.classifier_info["knn"],
+        "source": "built-in",
+        "k": 10,
+    }
     assert res.metrics["precision"] > 0.9
-    extra = select_samples(feats, labels, text_features=text, true_labels=truth, config=config,
-                           extra_classifiers={"knn": knn_classifier(*neighbors, labels, 5)})
+    extra = select_samples(
+        feats,
+        labels,
+        text_features=text,
+        true_labels=truth,
+        config=config,
+        extra_classifiers={"knn": knn_classifier(*neighbors, labels, 5)},
+    )
     assert extra.classifier_info["knn"]["source"] == "extra_classifiers"
     np.testing.assert_array_equal(extra.selected, res.selected)
 
@@ -349,6 +433,7 @@ def test_selection_on_gpu_matches_cpu():
 
 
 # ----------------------------------------------------------------------------- many small classes
+
 
 def _small_class_scores(seed=0, groups=200):
     """Normalised-loss-like values of classes with 20-60 rows, as at 1,000 classes: bimodal
@@ -381,8 +466,9 @@ def test_small_class_mixtures_follow_sklearn_from_the_same_start_and_agree_with_
         var = np.array([((x[init == c] - means[c]) ** 2).sum() for c in (0, 1)]) / nk + 1e-6
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            same = mixture.GaussianMixture(2, weights_init=nk / len(x), means_init=means[:, None],
-                                           precisions_init=(1 / var)[:, None, None]).fit(x[:, None])
+            same = mixture.GaussianMixture(
+                2, weights_init=nk / len(x), means_init=means[:, None], precisions_init=(1 / var)[:, None, None]
+            ).fit(x[:, None])
             default = mixture.GaussianMixture(n_components=2, random_state=0).fit(raw[:, None])
         post = same.predict_proba(raw[:, None])[:, np.argmax(same.means_[:, 0])]
         np.testing.assert_allclose(fit.posterior[group == k], post, atol=1e-9)
@@ -393,6 +479,7 @@ def test_small_class_mixtures_follow_sklearn_from_the_same_start_and_agree_with_
 
 
 # ----------------------------------------------------------------------------- how classifiers did
+
 
 def test_label_agreement_and_kappa_by_hand():
     from engine.select import label_agreement
@@ -412,9 +499,10 @@ def test_summary_warns_about_a_capped_fit_and_chance_agreement():
     assert ok.warnings == []
     assert ok.classifier_info["linear"]["fit"][0]["converged"]
     assert ok.classifier_info["zeroshot"]["labels"]["kappa"] > 0.1
-    shuffled = np.random.default_rng(0).permutation(10)   # prompts of other classes than the labels
-    bad = select_samples(feats, labels, text_features=text[shuffled],
-                         config=SelectConfig(device="cpu", linear_max_iter=3))
+    shuffled = np.random.default_rng(0).permutation(10)  # prompts of other classes than the labels
+    bad = select_samples(
+        feats, labels, text_features=text[shuffled], config=SelectConfig(device="cpu", linear_max_iter=3)
+    )
     assert any(w.startswith("linear: hit its iteration cap (3)") for w in bad.warnings)
     assert any(w.startswith("zeroshot: agrees with the given labels") for w in bad.warnings)
     assert bad.summary()["warnings"] == bad.warnings

@@ -8,8 +8,8 @@ import torch
 from benchmarks.common import clip_like_features
 from engine.cache import Cache
 from engine.importer import import_npz
-from engine.runtime import EngineError
 from engine.results import IndexGroup, Neighbors, Selection, Training
+from engine.runtime import EngineError
 from engine.stages import predict_from_cache, train_from_cache, write_table
 from engine.train import TrainConfig, load_head
 
@@ -27,8 +27,14 @@ def _cache(tmp_path, name, n, seed, noise="sym", rate=0.4):
     rng = np.random.default_rng(seed)
     pick = rng.permutation(n)
     path = tmp_path / f"{name}.npz"
-    np.savez(path, features=feats[pick], labels=labels[pick], true_labels=true[pick], text_features=text,
-             keys=np.array([f"{name}{i}" for i in range(n)]))
+    np.savez(
+        path,
+        features=feats[pick],
+        labels=labels[pick],
+        true_labels=true[pick],
+        text_features=text,
+        keys=np.array([f"{name}{i}" for i in range(n)]),
+    )
     import_npz(str(path), str(tmp_path / f"{name}.zarr"), model_name="synthetic-backbone")
     return str(tmp_path / f"{name}.zarr")
 
@@ -36,8 +42,9 @@ def _cache(tmp_path, name, n, seed, noise="sym", rate=0.4):
 def _store_selection(cache, selected):
     """A selection group holding just `selected` (N,) bool, as if `engine select` had chosen it."""
     n = len(selected)
-    Selection(selected=selected, filled=np.zeros(n, bool), noise_score=np.zeros(n, np.float32),
-              attrs={"config": {}}).write(cache)
+    Selection(
+        selected=selected, filled=np.zeros(n, bool), noise_score=np.zeros(n, np.float32), attrs={"config": {}}
+    ).write(cache)
 
 
 def test_train_needs_a_selection(tmp_path):
@@ -77,8 +84,9 @@ def test_eval_cache_from_another_model_is_refused(tmp_path):
     cache = Cache(train, mode="a")
     _store_selection(cache, np.ones(300, bool))
     with pytest.raises(EngineError, match="same model"):
-        train_from_cache(train, TrainConfig(epochs=1, device="cpu"), eval_cache=str(tmp_path / "o.zarr"),
-                         out=str(tmp_path / "h.pt"))
+        train_from_cache(
+            train, TrainConfig(epochs=1, device="cpu"), eval_cache=str(tmp_path / "o.zarr"), out=str(tmp_path / "h.pt")
+        )
 
 
 def test_write_table_csv_and_bad_suffix(tmp_path):
@@ -95,11 +103,16 @@ def hard_noise_cache(tmp_path_factory):
     from engine.synthetic import ShapesConfig, write_shards
 
     root = tmp_path_factory.mktemp("hard")
-    made = write_shards(root / "shards", ShapesConfig(classes=10, per_shard=150, shards=2, noise="hard",
-                                                      rate=0.4, seed=3))
+    made = write_shards(
+        root / "shards", ShapesConfig(classes=10, per_shard=150, shards=2, noise="hard", rate=0.4, seed=3)
+    )
     cache = str(root / "c.zarr")
-    embed_shards(made["shards"], cache, EmbedConfig(classes="shapes:10", true_label_key="true_cls", workers=0),
-                 show_progress=False)
+    embed_shards(
+        made["shards"],
+        cache,
+        EmbedConfig(classes="shapes:10", true_label_key="true_cls", workers=0),
+        show_progress=False,
+    )
     return cache
 
 
@@ -143,14 +156,17 @@ def test_select_on_a_real_shapes_cache_then_cli_table(hard_noise_cache, tmp_path
     from cli.main import cli
 
     out = tmp_path / "selection.csv"
-    r = CliRunner().invoke(cli, ["select", "--cache", hard_noise_cache, "--out", str(out), "--json",
-                                "--export-probs", str(tmp_path / "probs")])
+    r = CliRunner().invoke(
+        cli,
+        ["select", "--cache", hard_noise_cache, "--out", str(out), "--json", "--export-probs", str(tmp_path / "probs")],
+    )
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     m = summary["metrics"]
     assert m["precision"] > 0.8 and m["recall"] > 0.5, m
-    assert summary["counts"]["final"] <= min(v for k, v in summary["counts"].items() if "/" in k) + \
-        summary["counts"].get("filled", 0)
+    assert summary["counts"]["final"] <= min(v for k, v in summary["counts"].items() if "/" in k) + summary[
+        "counts"
+    ].get("filled", 0)
     rows = list(csv.DictReader(open(out)))
     cache = Cache(hard_noise_cache)
     assert [row["key"] for row in rows] == cache.keys().tolist()
@@ -166,8 +182,9 @@ def test_select_with_knn_and_bad_options(hard_noise_cache):
 
     from cli.main import cli
 
-    r = CliRunner().invoke(cli, ["select", "--cache", hard_noise_cache, "--classifiers", "zeroshot,linear,knn",
-                                 "--json"])
+    r = CliRunner().invoke(
+        cli, ["select", "--cache", hard_noise_cache, "--classifiers", "zeroshot,linear,knn", "--json"]
+    )
     assert r.exit_code == 0, r.output
     assert "knn/consistency" in json.loads(r.stdout)["counts"]
     r = CliRunner().invoke(cli, ["select", "--cache", hard_noise_cache, "--classifiers", "zeroshot,forest"])
@@ -177,8 +194,7 @@ def test_select_with_knn_and_bad_options(hard_noise_cache):
 
 
 def test_select_without_text_names_engine_prompts(tmp_path):
-    np.savez(tmp_path / "f.npz", features=np.random.default_rng(0).standard_normal((40, 8)),
-             labels=np.arange(40) % 4)
+    np.savez(tmp_path / "f.npz", features=np.random.default_rng(0).standard_normal((40, 8)), labels=np.arange(40) % 4)
     import_npz(str(tmp_path / "f.npz"), str(tmp_path / "c.zarr"))
     from engine.select import SelectConfig
     from engine.stages import select_from_cache

@@ -61,8 +61,9 @@ def test_noise_rates_come_out_as_asked(noise):
 
 def test_no_noise_and_bad_options():
     true = np.arange(20)
-    assert (synthetic.noisy_labels(true, num_classes=20, noise="none", rate=0.9,
-                                   rng=np.random.default_rng(0)) == true).all()
+    assert (
+        synthetic.noisy_labels(true, num_classes=20, noise="none", rate=0.9, rng=np.random.default_rng(0)) == true
+    ).all()
     with pytest.raises(EngineError, match="noise"):
         synthetic.ShapesConfig(noise="flip")
     with pytest.raises(EngineError, match="rate"):

@@ -39,10 +39,17 @@ def cpu(**kwargs):
 
 # ----------------------------------------------------------------------------- config
 
+
 def test_config_defaults_follow_the_method():
     cfg = TrainConfig()
-    assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.gamma, cfg.beta) == (128, 0.02, 0.9, 5e-4,
-                                                                                             0.1, 1.0)
+    assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.gamma, cfg.beta) == (
+        128,
+        0.02,
+        0.9,
+        5e-4,
+        0.1,
+        1.0,
+    )
     assert (cfg.theta_r, cfg.theta_r2, cfg.mixfix, cfg.val_fraction, cfg.head) == (0.8, 0.8, True, 0.0, "linear")
     assert TrainConfig(epochs=30).resolved_milestones() == (15, 22)
     assert TrainConfig(epochs=1).resolved_milestones() == (1,)
@@ -52,23 +59,27 @@ def test_config_defaults_follow_the_method():
         cfg.lr = 1.0
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"head": "resnet"}, r"head: got 'resnet', expected one of linear, mlp"),
-    ({"theta_r": 1.2}, r"theta_r: got 1.2, expected a threshold in \[0, 1\]"),
-    ({"theta_r2": -0.1}, r"theta_r2: got -0.1"),
-    ({"milestones": (5, 3)}, r"milestones: got \[5, 3\], expected strictly increasing"),
-    ({"epochs": 10, "milestones": (5, 11)}, r"in \[1, 10\]"),
-    ({"batch_size": 0}, r"batch_size: got 0"),
-    ({"val_fraction": 1.0}, r"val_fraction: got 1.0"),
-    ({"beta": 0}, r"beta: got 0"),
-    ({"device": "tpu"}, r"device: got 'tpu'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"head": "resnet"}, r"head: got 'resnet', expected one of linear, mlp"),
+        ({"theta_r": 1.2}, r"theta_r: got 1.2, expected a threshold in \[0, 1\]"),
+        ({"theta_r2": -0.1}, r"theta_r2: got -0.1"),
+        ({"milestones": (5, 3)}, r"milestones: got \[5, 3\], expected strictly increasing"),
+        ({"epochs": 10, "milestones": (5, 11)}, r"in \[1, 10\]"),
+        ({"batch_size": 0}, r"batch_size: got 0"),
+        ({"val_fraction": 1.0}, r"val_fraction: got 1.0"),
+        ({"beta": 0}, r"beta: got 0"),
+        ({"device": "tpu"}, r"device: got 'tpu'"),
+    ],
+)
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(EngineError, match=match):
         TrainConfig(**kwargs)
 
 
 # ----------------------------------------------------------------------------- sampler and mixup
+
 
 def test_balanced_indices_draw_every_class_up_to_the_largest_count():
     labels = torch.tensor([0] * 5 + [1] * 2 + [3] * 7)  # class 2 is empty
@@ -86,8 +97,9 @@ def test_balanced_indices_draw_every_class_up_to_the_largest_count():
 def test_sample_batches_cycle_a_balanced_stream():
     rows = torch.arange(100, 130)  # row ids into a larger table
     labels = torch.tensor([0] * 20 + [1] * 6 + [2] * 4)
-    batches = train.sample_batches(rows, labels, num_classes=3, iterations=15, batch_size=8,
-                                   generator=make_generator(1))
+    batches = train.sample_batches(
+        rows, labels, num_classes=3, iterations=15, batch_size=8, generator=make_generator(1)
+    )
     assert batches.shape == (15, 8)
     assert set(batches.unique().tolist()) <= set(rows.tolist())
     counts = torch.bincount(labels[batches.reshape(-1) - 100], minlength=3)
@@ -127,6 +139,7 @@ def test_mixup_targets_sum_to_one_and_lambda_at_least_half():
 
 # ----------------------------------------------------------------------------- MixFix
 
+
 def test_mixfix_update_hand_made_and_not_cumulative():
     noisy = torch.tensor([0, 1, 2, 1, -1, 0])
     seed = torch.tensor([True, False, False, True, False, False])
@@ -143,8 +156,7 @@ def test_mixfix_update_hand_made_and_not_cumulative():
     assert labels2.tolist() == [0, 1, 2, 1, -1, 0]
     assert mask2.tolist() == [True, False, False, True, False, True]
     everyone = torch.ones(6, dtype=torch.bool)
-    labels3, mask3, _, rel3 = train.mixfix_update(noisy, pred, conf, seed, theta_r=0.8, theta_r2=0.9,
-                                                  eligible=everyone)
+    labels3, mask3, _, rel3 = train.mixfix_update(noisy, pred, conf, seed, theta_r=0.8, theta_r2=0.9, eligible=everyone)
     assert rel3[4] and labels3[4] == 1 and mask3[4]
 
 
@@ -154,8 +166,13 @@ def test_final_labels_are_one_update_from_the_given_labels():
     result = train.train_head(feats, labels, sel, config=cfg, true_labels=true)
     pred, conf, _ = train.predict(result, feats, block_rows=100, device="cpu")
     expect, mask, absorbed, relabelled = train.mixfix_update(
-        torch.from_numpy(labels).long(), torch.from_numpy(pred).long(), torch.from_numpy(conf),
-        torch.from_numpy(sel), theta_r=0.6, theta_r2=0.7)
+        torch.from_numpy(labels).long(),
+        torch.from_numpy(pred).long(),
+        torch.from_numpy(conf),
+        torch.from_numpy(sel),
+        theta_r=0.6,
+        theta_r2=0.7,
+    )
     assert relabelled.any() and absorbed.any()
     assert np.array_equal(result.labels, expect.numpy()) and np.array_equal(result.selection, mask.numpy())
     last = result.log[-1]
@@ -170,11 +187,14 @@ def test_unlabelled_rows_are_never_trained_on_nor_relabelled():
     labels[:50] = -1
     sel = sel.copy()
     sel[:50] = True
-    result = train.train_head(feats, labels, sel, config=cpu(epochs=2, lr=0.5, batch_size=32, theta_r=0.5, theta_r2=0.5))
+    result = train.train_head(
+        feats, labels, sel, config=cpu(epochs=2, lr=0.5, batch_size=32, theta_r=0.5, theta_r2=0.5)
+    )
     assert result.dropped_unlabelled == 50 and result.initial_rows == int(sel[50:].sum())
     assert (result.labels[:50] == -1).all() and not result.selection[:50].any()
-    opted = train.train_head(feats, labels, sel, config=cpu(epochs=2, lr=0.5, batch_size=32, theta_r2=0.5,
-                                                                    relabel_unlabelled=True))
+    opted = train.train_head(
+        feats, labels, sel, config=cpu(epochs=2, lr=0.5, batch_size=32, theta_r2=0.5, relabel_unlabelled=True)
+    )
     assert (opted.labels[:50] >= 0).any()
 
 
@@ -182,8 +202,15 @@ def test_validation_rows_are_held_out_and_pick_the_best_checkpoint():
     feats, labels, _, sel = blobs(n=600)
     eval_feats, _, eval_true, _ = blobs(n=200, seed=1)
     records = []
-    result = train.train_head(feats, labels, sel, config=cpu(epochs=3, val_fraction=0.2, lr=0.5, theta_r=0.5),
-                              eval_features=eval_feats, eval_labels=eval_true, on_epoch=records.append)
+    result = train.train_head(
+        feats,
+        labels,
+        sel,
+        config=cpu(epochs=3, val_fraction=0.2, lr=0.5, theta_r=0.5),
+        eval_features=eval_feats,
+        eval_labels=eval_true,
+        on_epoch=records.append,
+    )
     val = result.val_mask
     assert val.sum() == round(0.2 * sel.sum()) and not (val & ~sel).any()
     assert not (val & result.selection).any() and np.array_equal(result.labels[val], labels[val])
@@ -197,6 +224,7 @@ def test_validation_rows_are_held_out_and_pick_the_best_checkpoint():
 
 
 # ----------------------------------------------------------------------------- resume and files
+
 
 def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path):
     feats, labels, true, sel = blobs(n=700)
@@ -263,13 +291,19 @@ def test_save_load_predict_round_trip_and_mismatches(tmp_path):
         train.save_head(tmp_path / "x.pt", result, class_names="abcd", feature_identity=identity, which="best")
 
 
-@pytest.mark.parametrize("change, match", [
-    (lambda f, y, s: (f[:, 0], y, s), r"features: got shape \(300,\)"),
-    (lambda f, y, s: (f, y[:-1], s), r"labels: got 299 rows, expected 300"),
-    (lambda f, y, s: (f, y, s.astype(np.int8)), r"selection: got shape \(300,\) dtype torch.int8, expected \(300,\) bool"),
-    (lambda f, y, s: (f, np.where(s, 9, y), s), r"labels: got values in \[0, 9\], expected \[-1, 3\]"),
-    (lambda f, y, s: (f, y, np.zeros_like(s)), r"selection: got 0 selected rows"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda f, y, s: (f[:, 0], y, s), r"features: got shape \(300,\)"),
+        (lambda f, y, s: (f, y[:-1], s), r"labels: got 299 rows, expected 300"),
+        (
+            lambda f, y, s: (f, y, s.astype(np.int8)),
+            r"selection: got shape \(300,\) dtype torch.int8, expected \(300,\) bool",
+        ),
+        (lambda f, y, s: (f, np.where(s, 9, y), s), r"labels: got values in \[0, 9\], expected \[-1, 3\]"),
+        (lambda f, y, s: (f, y, np.zeros_like(s)), r"selection: got 0 selected rows"),
+    ],
+)
 def test_bad_inputs_fail_at_the_boundary(change, match):
     feats, labels, _, sel = blobs(n=300)
     feats, labels, sel = change(feats, labels, sel)
@@ -285,6 +319,7 @@ def test_eval_set_of_another_dimension_is_refused():
 
 # ----------------------------------------------------------------------------- does it help
 
+
 def clip_task(seed):
     """N=6000 train + 2000 clean eval, C=10, D=64, 40% symmetric noise, nearest-centroid selection."""
     feats, labels, true, _, _ = clip_like_features(8000, 10, 64, rate=0.4, spread=2.5, seed=seed)
@@ -295,8 +330,9 @@ def clip_task(seed):
 def test_mixfix_beats_all_noisy_labels_on_a_clean_eval_set():
     feats, labels, true, sel, eval_feats, eval_true = clip_task(seed=0)
     cfg = cpu(epochs=6, head="mlp", hidden=256, lr=0.1)
-    out = train.train_with_baselines(feats, labels, sel, config=cfg, eval_features=eval_feats, eval_labels=eval_true,
-                                     true_labels=true)
+    out = train.train_with_baselines(
+        feats, labels, sel, config=cfg, eval_features=eval_feats, eval_labels=eval_true, true_labels=true
+    )
     acc = {row["run"]: row["eval_acc"] for row in out.table}
     # observed (seeds 0-3): noisy 0.853-0.888, mixfix 0.891-0.906, margin 1.6-3.8 points
     assert acc["mixfix"] >= acc["noisy"] + 0.01, acc
@@ -308,8 +344,9 @@ def test_mixfix_beats_all_noisy_labels_on_a_clean_eval_set():
 
 def test_default_schedule_relabels_correctly_and_beats_noisy_labels():
     feats, labels, true, sel, eval_feats, eval_true = clip_task(seed=1)
-    out = train.train_with_baselines(feats, labels, sel, config=cpu(epochs=6), eval_features=eval_feats,
-                                     eval_labels=eval_true, true_labels=true)
+    out = train.train_with_baselines(
+        feats, labels, sel, config=cpu(epochs=6), eval_features=eval_feats, eval_labels=eval_true, true_labels=true
+    )
     acc = {row["run"]: row["eval_acc"] for row in out.table}
     # observed (seeds 0-2, standardised features): noisy 0.858-0.891, selection 0.893-0.908,
     # mixfix 0.892-0.910; ~1150 relabels per run, 98-99% of them correct
@@ -325,8 +362,9 @@ def test_standardize_layer_is_fitted_and_saved(tmp_path):
     x = torch.as_tensor(feats[labels >= 0]).float()
     assert torch.allclose(layer.mean, x.mean(0), atol=1e-4)
     assert torch.allclose(layer.scale, 1 / x.std(0, unbiased=False), rtol=1e-3)
-    path = train.save_head(tmp_path / "h.pt", result, class_names=[str(k) for k in range(result.num_classes)],
-                           feature_identity={})
+    path = train.save_head(
+        tmp_path / "h.pt", result, class_names=[str(k) for k in range(result.num_classes)], feature_identity={}
+    )
     assert torch.equal(train.load_head(path).head[0].mean, layer.mean)
     raw = train.train_head(feats, labels, sel, config=cpu(epochs=1, standardize=False))
     assert torch.equal(raw.head[0].scale, torch.ones_like(raw.head[0].scale))
@@ -335,8 +373,7 @@ def test_standardize_layer_is_fitted_and_saved(tmp_path):
 @pytest.mark.gpu_test
 def test_trains_and_predicts_on_gpu():
     feats, labels, true, sel = blobs(n=2000)
-    result = train.train_head(feats, labels, sel, config=TrainConfig(epochs=2, device="cuda", lr=0.5),
-                              true_labels=true)
+    result = train.train_head(feats, labels, sel, config=TrainConfig(epochs=2, device="cuda", lr=0.5), true_labels=true)
     pred, conf, _ = train.predict(result, feats, device="cuda")
     assert pred.shape == (2000,) and (pred == true).mean() > 0.7
     cpu_pred, _, _ = train.predict(result, feats, device="cpu")

@@ -5,23 +5,32 @@ needs (text features, neighbor lists) and how it is built into a row-block funct
 `fn(start, stop) -> log P (stop - start, C)`. The array-level pieces live in `zeroshot`,
 `linear` and `knn`; the method is described in docs/method.md.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import numpy as np
 import torch
 
 from engine.classifiers.common import BLOCK_ELEMENTS, as_features, as_labels, auto_block_rows
 from engine.classifiers.knn import KNN_SMOOTHING, KNN_TAU, knn_classifier, knn_log_probs
-from engine.classifiers.linear import (ABSENT_BIAS, FTOL, LinearModel, fit_linear, fit_linear_folds,
-                                       linear_block_rows, linear_log_probs, linear_oof_log_probs,
-                                       stratified_folds)
+from engine.classifiers.linear import (
+    ABSENT_BIAS,
+    FTOL,
+    LinearModel,
+    fit_linear,
+    fit_linear_folds,
+    linear_block_rows,
+    linear_log_probs,
+    linear_oof_log_probs,
+    stratified_folds,
+)
 from engine.classifiers.zeroshot import zeroshot_log_probs
 from engine.runtime import EngineError
 
-LogProbsFn = Callable[[int, int], torch.Tensor]   # (start, stop) -> log P (stop - start, C)
+LogProbsFn = Callable[[int, int], torch.Tensor]  # (start, stop) -> log P (stop - start, C)
 
 
 @dataclass
@@ -57,13 +66,20 @@ def _build_zeroshot(inputs: ClassifierInputs, config, timer, info: dict) -> LogP
 
 
 def _build_linear(inputs: ClassifierInputs, config, timer, info: dict) -> LogProbsFn:
-    options = dict(num_classes=inputs.num_classes, c=config.linear_c, max_iter=config.linear_max_iter,
-                   tol=config.linear_tol, whiten=config.linear_whiten, device=inputs.device,
-                   block_rows=config.block_rows)
+    options = dict(
+        num_classes=inputs.num_classes,
+        c=config.linear_c,
+        max_iter=config.linear_max_iter,
+        tol=config.linear_tol,
+        whiten=config.linear_whiten,
+        device=inputs.device,
+        block_rows=config.block_rows,
+    )
     with timer("linear_fit"):
         if config.linear_folds:
-            models, fold = fit_linear_folds(inputs.features, inputs.labels, folds=config.linear_folds,
-                                            seed=config.seed, **options)
+            models, fold = fit_linear_folds(
+                inputs.features, inputs.labels, folds=config.linear_folds, seed=config.seed, **options
+            )
         else:
             models, fold = [fit_linear(inputs.features, inputs.labels, **options)], None
     info["fit"] = [m.summary() for m in models]
@@ -83,14 +99,29 @@ def _build_knn(inputs: ClassifierInputs, config, timer, info: dict) -> LogProbsF
     return lambda start, stop: torch.from_numpy(np.asarray(fn(start, stop)))
 
 
-CLASSIFIERS = {spec.name: spec for spec in (
-    ClassifierSpec("zeroshot", "CLIP zero-shot with the class prompts (text features from `engine prompts`)",
-                   ("text",), _build_zeroshot),
-    ClassifierSpec("linear", "balanced multinomial logistic regression fitted on the features and given labels",
-                   (), _build_linear),
-    ClassifierSpec("knn", "similarity-weighted votes of each row's nearest other rows (FAISS neighbors)",
-                   ("neighbors",), _build_knn),
-)}
+CLASSIFIERS = {
+    spec.name: spec
+    for spec in (
+        ClassifierSpec(
+            "zeroshot",
+            "CLIP zero-shot with the class prompts (text features from `engine prompts`)",
+            ("text",),
+            _build_zeroshot,
+        ),
+        ClassifierSpec(
+            "linear",
+            "balanced multinomial logistic regression fitted on the features and given labels",
+            (),
+            _build_linear,
+        ),
+        ClassifierSpec(
+            "knn",
+            "similarity-weighted votes of each row's nearest other rows (FAISS neighbors)",
+            ("neighbors",),
+            _build_knn,
+        ),
+    )
+}
 
 NEEDS_HINT = {
     "text": "run `engine prompts --cache ... --classes ...` first, or drop {name} from --classifiers",
@@ -105,8 +136,29 @@ def get_classifier(name: str) -> ClassifierSpec:
     return CLASSIFIERS[name]
 
 
-__all__ = ["ABSENT_BIAS", "BLOCK_ELEMENTS", "CLASSIFIERS", "ClassifierInputs", "ClassifierSpec", "FTOL",
-           "KNN_SMOOTHING", "KNN_TAU", "LinearModel", "LogProbsFn", "NEEDS_HINT", "as_features", "as_labels",
-           "auto_block_rows", "fit_linear", "fit_linear_folds", "get_classifier", "knn_classifier",
-           "knn_log_probs", "linear_block_rows", "linear_log_probs", "linear_oof_log_probs", "stratified_folds",
-           "zeroshot_log_probs"]
+__all__ = [
+    "ABSENT_BIAS",
+    "BLOCK_ELEMENTS",
+    "CLASSIFIERS",
+    "ClassifierInputs",
+    "ClassifierSpec",
+    "FTOL",
+    "KNN_SMOOTHING",
+    "KNN_TAU",
+    "LinearModel",
+    "LogProbsFn",
+    "NEEDS_HINT",
+    "as_features",
+    "as_labels",
+    "auto_block_rows",
+    "fit_linear",
+    "fit_linear_folds",
+    "get_classifier",
+    "knn_classifier",
+    "knn_log_probs",
+    "linear_block_rows",
+    "linear_log_probs",
+    "linear_oof_log_probs",
+    "stratified_folds",
+    "zeroshot_log_probs",
+]

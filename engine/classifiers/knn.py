@@ -1,21 +1,22 @@
 """The kNN classifier: similarity-weighted votes of a row's nearest other rows (neighbor lists from
 `engine.index`), one block of rows at a time. See docs/method.md."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from engine.index import check_ids, check_labels, check_neighbors, check_positive, neighbor_labels
 from engine.runtime import EngineError
 
-KNN_TAU = 0.07                  # vote temperature (InstDisc / DINO kNN classifier)
-KNN_SMOOTHING = 0.01            # mixed with the uniform distribution, so log-probs are finite
+KNN_TAU = 0.07  # vote temperature (InstDisc / DINO kNN classifier)
+KNN_SMOOTHING = 0.01  # mixed with the uniform distribution, so log-probs are finite
 
 
-
-def knn_log_probs(similarities, ids, labels, num_classes: int, *, tau: float = KNN_TAU,
-                  smoothing: float = KNN_SMOOTHING) -> np.ndarray:
+def knn_log_probs(
+    similarities, ids, labels, num_classes: int, *, tau: float = KNN_TAU, smoothing: float = KNN_SMOOTHING
+) -> np.ndarray:
     """Class log-probabilities from similarity-weighted neighbor votes, for a block of rows.
 
     `similarities (B, k)`, `ids (B, k)` (self excluded), `labels (N,)` of all rows. A labelled
@@ -35,8 +36,9 @@ def _check_vote_options(tau: float, smoothing: float) -> None:
         raise EngineError(f"tau/smoothing: got {tau!r}/{smoothing!r}, expected tau > 0 and 0 < smoothing <= 1")
 
 
-def _knn_votes(sims: np.ndarray, ids: np.ndarray, labels: np.ndarray, num_classes: int, *, tau: float,
-               smoothing: float) -> np.ndarray:
+def _knn_votes(
+    sims: np.ndarray, ids: np.ndarray, labels: np.ndarray, num_classes: int, *, tau: float, smoothing: float
+) -> np.ndarray:
     """`knn_log_probs` on inputs already validated (the per-block hot path)."""
     neighbor = neighbor_labels(ids, labels)
     valid = (neighbor >= 0) & np.isfinite(sims)
@@ -52,8 +54,9 @@ def _knn_votes(sims: np.ndarray, ids: np.ndarray, labels: np.ndarray, num_classe
     return np.log((1.0 - smoothing) * share + smoothing / num_classes).astype(np.float32)
 
 
-def knn_classifier(similarities, ids, labels, num_classes: int, *, tau: float = KNN_TAU,
-                   smoothing: float = KNN_SMOOTHING) -> Callable[[int, int], np.ndarray]:
+def knn_classifier(
+    similarities, ids, labels, num_classes: int, *, tau: float = KNN_TAU, smoothing: float = KNN_SMOOTHING
+) -> Callable[[int, int], np.ndarray]:
     """A row-block classifier over precomputed neighbors: `fn(start, stop) -> (B, C) float32`
     log-probabilities of rows start..stop (see `knn_log_probs`)."""
     sims, ids = check_neighbors(similarities, ids)
@@ -68,5 +71,3 @@ def knn_classifier(similarities, ids, labels, num_classes: int, *, tau: float = 
         return _knn_votes(sims[start:stop], ids[start:stop], labels, num_classes, tau=tau, smoothing=smoothing)
 
     return log_probs
-
-

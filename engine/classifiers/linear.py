@@ -3,6 +3,7 @@ multinomial objective, solved by L-BFGS in torch over row blocks, stopped as sci
 (the authors' pin) stops. Out-of-fold variants for `--linear-folds`. The objective, the stopping
 rule and the conditioning are in docs/method.md.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,7 +18,7 @@ from engine.runtime import EngineError
 
 _logger = logging.getLogger(__name__)
 
-ABSENT_BIAS = -1.0e4          # bias of classes without training rows: probability exp(-1e4) = 0
+ABSENT_BIAS = -1.0e4  # bias of classes without training rows: probability exp(-1e4) = 0
 LINEAR_BLOCK_ELEMENTS = 1 << 22
 
 
@@ -51,8 +52,14 @@ class LinearModel:
     stop: str = "gtol"
 
     def summary(self) -> dict:
-        return {"n_iter": self.n_iter, "n_evals": self.n_evals, "converged": self.converged, "stop": self.stop,
-                "objective": self.objective, "grad_max": self.grad_max}
+        return {
+            "n_iter": self.n_iter,
+            "n_evals": self.n_evals,
+            "converged": self.converged,
+            "stop": self.stop,
+            "objective": self.objective,
+            "grad_max": self.grad_max,
+        }
 
 
 def linear_log_probs(model: LinearModel, features: torch.Tensor) -> torch.Tensor:
@@ -91,15 +98,18 @@ class _Objective:
         if self.buffers is None:
             rows = min(self.block_rows, len(self.rows))
             kw = {"dtype": torch.float32, "device": self.features.device}
-            self.buffers = (torch.empty(rows, self.dim, **kw), torch.empty(rows, self.k, **kw),
-                            torch.empty(self.k, self.dim, **kw))
+            self.buffers = (
+                torch.empty(rows, self.dim, **kw),
+                torch.empty(rows, self.k, **kw),
+                torch.empty(self.k, self.dim, **kw),
+            )
         return self.buffers
 
     def block(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Training rows start:stop cast into `out` (B, D) float32; a slice when rows are contiguous."""
         if self.contiguous:
             first = int(self.rows[0])
-            return out.copy_(self.features[first + start:first + stop])
+            return out.copy_(self.features[first + start : first + stop])
         return out.copy_(self.features[self.rows[start:stop]])
 
     def to_model(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,15 +131,15 @@ class _Objective:
         x_buf, z_buf, g_buf = self._buffers()
         for start in range(0, len(self.rows), self.block_rows):
             stop = min(start + self.block_rows, len(self.rows))
-            x = self.block(start, stop, x_buf[:stop - start])
-            z = torch.addmm(bias32, x, weight32.T, out=z_buf[:stop - start])
+            x = self.block(start, stop, x_buf[: stop - start])
+            z = torch.addmm(bias32, x, weight32.T, out=z_buf[: stop - start])
             y, sw = self.targets[start:stop, None], self.sw[start:stop]
             z_y = z.gather(1, y).squeeze(1)
             top = z.max(dim=1).values
             z.sub_(top[:, None]).exp_()
             total = z.sum(dim=1)
             loss += (sw.double() * (top + total.log() - z_y).double()).sum()
-            z.mul_((sw / total)[:, None])                        # z is now w_i P (B, K)
+            z.mul_((sw / total)[:, None])  # z is now w_i P (B, K)
             z.scatter_add_(1, y, -sw[:, None])
             grad_w += torch.mm(z.T, x, out=g_buf)
             grad_b += z.sum(0)
@@ -160,7 +170,7 @@ def _whitening(features, rows, *, block_rows: int, ridge: float):
     total = torch.zeros(dim, dtype=torch.float64, device=device)
     second = torch.zeros(dim, dim, dtype=torch.float64, device=device)
     for start in range(0, len(rows), block_rows):
-        x = features[rows[start:start + block_rows]].float() - shift.float()
+        x = features[rows[start : start + block_rows]].float() - shift.float()
         total += x.sum(0).double()
         second += (x.T @ x).double()
     mean = total / len(rows)
@@ -213,8 +223,9 @@ def _first_step(grad: torch.Tensor) -> float:
     return 1.0 / max(float(grad.norm()), 1e-12)
 
 
-def _lbfgs(fun, theta, *, max_iter: int, tol: float, ftol: float, history_size: int, value_scale: float = 1.0,
-           on_iter=None):
+def _lbfgs(
+    fun, theta, *, max_iter: int, tol: float, ftol: float, history_size: int, value_scale: float = 1.0, on_iter=None
+):
     """Minimise `fun` (theta -> (value, grad, stopping measure)) from `theta` until the measure is
     <= tol, or two iterations in a row lower the value by at most `ftol` relative (scipy's L-BFGS-B
     test, (f_k - f_k+1) / max(|f_k|, |f_k+1|, 1) <= ftol on the value times `value_scale`, which
@@ -229,19 +240,19 @@ def _lbfgs(fun, theta, *, max_iter: int, tol: float, ftol: float, history_size: 
     while gmax > tol and n_iter < max_iter:
         d = _two_loop(grad, history)
         gtd = float(grad.dot(d))
-        if gtd >= 0:                                          # not a descent direction: restart
+        if gtd >= 0:  # not a descent direction: restart
             history.clear()
             d, gtd = -grad, -float(grad.dot(grad))
         t = 1.0 if history else _first_step(grad)
         step = _line_search(fun, theta, value, gtd, d, t)
         if step is None:
-            _logger.warning("linear: line search failed at iteration %d (max |grad| %.3g > tol %.3g); "
-                            "stopping", n_iter, gmax, tol)
+            _logger.warning(
+                "linear: line search failed at iteration %d (max |grad| %.3g > tol %.3g); stopping", n_iter, gmax, tol
+            )
             stop = "line_search"
             break
         t, value_new, grad_new, gmax = step
-        reduction = (value - value_new) * value_scale / max(abs(value) * value_scale,
-                                                            abs(value_new) * value_scale, 1.0)
+        reduction = (value - value_new) * value_scale / max(abs(value) * value_scale, abs(value_new) * value_scale, 1.0)
         s, y = t * d, grad_new - grad
         ys = float(y.dot(s))
         if ys > 1e-10 * float(y.dot(y)) ** 0.5 * float(s.dot(s)) ** 0.5:
@@ -255,7 +266,7 @@ def _lbfgs(fun, theta, *, max_iter: int, tol: float, ftol: float, history_size: 
         flat = flat + 1 if ftol > 0 and reduction <= ftol else 0
         if gmax <= tol:
             stop = "gtol"
-        elif flat >= 2:   # twice in a row: one flat step can be float32 rounding in the value
+        elif flat >= 2:  # twice in a row: one flat step can be float32 rounding in the value
             stop = "ftol"
             break
     return theta, value, gmax, n_iter, stop
@@ -273,24 +284,40 @@ def _balanced_targets(labels, rows, num_classes):
     return present, targets, class_weight[targets].float()
 
 
-def _fit_rows(features, labels, rows, *, num_classes, c, max_iter, tol, ftol, whiten, history_size,
-              block_rows) -> LinearModel:
+def _fit_rows(
+    features, labels, rows, *, num_classes, c, max_iter, tol, ftol, whiten, history_size, block_rows
+) -> LinearModel:
     """Fit on `rows` (M,) int64 (labelled) of features (N, D) float16 on the device; labels (N,) CPU."""
     device, dim = features.device, features.shape[1]
     present, targets, sample_weight = _balanced_targets(labels, rows, num_classes)
     k = int(present.sum())
     l2 = 1.0 / (c * float(sample_weight.double().sum()))
     whitening = None if not whiten else _whitening(features, rows.to(device), block_rows=block_rows, ridge=whiten)
-    fun = _Objective(features, rows.to(device), targets.to(device), sample_weight.to(device), num_classes=k,
-                     l2=l2, block_rows=block_rows, whitening=whitening)
+    fun = _Objective(
+        features,
+        rows.to(device),
+        targets.to(device),
+        sample_weight.to(device),
+        num_classes=k,
+        l2=l2,
+        block_rows=block_rows,
+        whitening=whitening,
+    )
 
     def on_iter(it, value, gmax):
         if it % 25 == 0:
             _logger.debug("linear: iteration %d, F %.10g, max|grad| %.3g", it, value, gmax)
 
     theta, value, gmax, n_iter, stop = _lbfgs(
-        fun, torch.zeros(k * dim + k, dtype=torch.float64, device=device), max_iter=max_iter, tol=tol,
-        ftol=ftol, history_size=history_size, value_scale=fun.sw_sum, on_iter=on_iter)
+        fun,
+        torch.zeros(k * dim + k, dtype=torch.float64, device=device),
+        max_iter=max_iter,
+        tol=tol,
+        ftol=ftol,
+        history_size=history_size,
+        value_scale=fun.sw_sum,
+        on_iter=on_iter,
+    )
     converged = stop in ("gtol", "ftol")
     weight, bias = fun.to_model(theta)
     full_w = torch.zeros(num_classes, dim, dtype=torch.float32)
@@ -298,10 +325,18 @@ def _fit_rows(features, labels, rows, *, num_classes, c, max_iter, tol, ftol, wh
     full_w[present] = weight.float().cpu()
     full_b[present] = bias.float().cpu()
     if not converged:
-        _logger.warning("linear: not converged after %d iterations (max |grad| %.3g > tol %.3g)",
-                        n_iter, gmax, tol)
-    return LinearModel(weight=full_w, bias=full_b, present=present, n_iter=n_iter, n_evals=fun.evals,
-                       converged=bool(converged), objective=value * c * fun.sw_sum, grad_max=gmax, stop=stop)
+        _logger.warning("linear: not converged after %d iterations (max |grad| %.3g > tol %.3g)", n_iter, gmax, tol)
+    return LinearModel(
+        weight=full_w,
+        bias=full_b,
+        present=present,
+        n_iter=n_iter,
+        n_evals=fun.evals,
+        converged=bool(converged),
+        objective=value * c * fun.sw_sum,
+        grad_max=gmax,
+        stop=stop,
+    )
 
 
 def _check_fit_options(c, max_iter, tol, ftol, whiten, history_size, block_rows) -> None:
@@ -317,17 +352,27 @@ def _check_fit_options(c, max_iter, tol, ftol, whiten, history_size, block_rows)
         raise EngineError(f"whiten: got {whiten!r}, expected a ridge >= 0 (0 = no whitening)")
     if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1:
         raise EngineError(f"history_size: got {history_size!r}, expected a positive integer")
-    if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int)
-                                   or block_rows < 1):
+    if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
         raise EngineError(f"block_rows: got {block_rows!r}, expected a positive integer or None (auto)")
 
 
-FTOL = 2.220446049250313e-09   # scipy's L-BFGS-B default (factr 1e7), as scikit-learn 1.2.2 ran it
+FTOL = 2.220446049250313e-09  # scipy's L-BFGS-B default (factr 1e7), as scikit-learn 1.2.2 ran it
 
 
-def fit_linear(features, labels, *, num_classes: int | None = None, c: float = 1.0, max_iter: int = 10_000,
-               tol: float = 1e-4, ftol: float = FTOL, whiten: float = 0.1, history_size: int = 10, device="auto",
-               block_rows: int | None = None) -> LinearModel:
+def fit_linear(
+    features,
+    labels,
+    *,
+    num_classes: int | None = None,
+    c: float = 1.0,
+    max_iter: int = 10_000,
+    tol: float = 1e-4,
+    ftol: float = FTOL,
+    whiten: float = 0.1,
+    history_size: int = 10,
+    device="auto",
+    block_rows: int | None = None,
+) -> LinearModel:
     """Fit scikit-learn's balanced multinomial logistic regression on the labelled rows.
 
     features (N, D) float16 (other float dtypes are cast: a float16 copy), unit rows;
@@ -347,8 +392,19 @@ def fit_linear(features, labels, *, num_classes: int | None = None, c: float = 1
     if len(rows) == 0:
         raise EngineError("labels: got no labelled row (all -1), expected at least one to fit on")
     block_rows = block_rows or linear_block_rows(feats.shape[1], num_classes, device)
-    return _fit_rows(feats, labs, rows, num_classes=num_classes, c=c, max_iter=max_iter, tol=tol, ftol=ftol,
-                     whiten=whiten, history_size=history_size, block_rows=block_rows)
+    return _fit_rows(
+        feats,
+        labs,
+        rows,
+        num_classes=num_classes,
+        c=c,
+        max_iter=max_iter,
+        tol=tol,
+        ftol=ftol,
+        whiten=whiten,
+        history_size=history_size,
+        block_rows=block_rows,
+    )
 
 
 def stratified_folds(labels, folds: int, *, seed: int = 0) -> np.ndarray:
@@ -371,11 +427,22 @@ def stratified_folds(labels, folds: int, *, seed: int = 0) -> np.ndarray:
     return fold
 
 
-def fit_linear_folds(features, labels, *, folds: int, num_classes: int | None = None, c: float = 1.0,
-                     max_iter: int = 10_000, tol: float = 1e-4, ftol: float = FTOL, whiten: float = 0.1,
-                     history_size: int = 10,
-                     device="auto", block_rows: int | None = None,
-                     seed: int = 0) -> tuple[list[LinearModel], np.ndarray]:
+def fit_linear_folds(
+    features,
+    labels,
+    *,
+    folds: int,
+    num_classes: int | None = None,
+    c: float = 1.0,
+    max_iter: int = 10_000,
+    tol: float = 1e-4,
+    ftol: float = FTOL,
+    whiten: float = 0.1,
+    history_size: int = 10,
+    device="auto",
+    block_rows: int | None = None,
+    seed: int = 0,
+) -> tuple[list[LinearModel], np.ndarray]:
     """K = `folds` models, model k fitted on the labelled rows outside fold k (`stratified_folds`).
 
     Returns (models, fold (N,) int64); row i is scored by models[fold[i]], which never saw it.
@@ -388,8 +455,10 @@ def fit_linear_folds(features, labels, *, folds: int, num_classes: int | None = 
     labs, num_classes = as_labels(labels, len(feats), num_classes)
     labelled = labs >= 0
     if int(labelled.sum()) < folds:
-        raise EngineError(f"folds: got {folds} folds but only {int(labelled.sum())} labelled rows, "
-                          f"expected at least one labelled row per fold")
+        raise EngineError(
+            f"folds: got {folds} folds but only {int(labelled.sum())} labelled rows, "
+            f"expected at least one labelled row per fold"
+        )
     fold = stratified_folds(labs.numpy(), folds, seed=seed)
     block_rows = block_rows or linear_block_rows(feats.shape[1], num_classes, device)
     fold_t = torch.from_numpy(fold)
@@ -397,8 +466,21 @@ def fit_linear_folds(features, labels, *, folds: int, num_classes: int | None = 
     for k in range(folds):
         rows = torch.nonzero(labelled & (fold_t != k)).squeeze(1)
         _logger.info("linear: fold %d/%d, %d training rows", k + 1, folds, len(rows))
-        models.append(_fit_rows(feats, labs, rows, num_classes=num_classes, c=c, max_iter=max_iter, tol=tol,
-                                ftol=ftol, whiten=whiten, history_size=history_size, block_rows=block_rows))
+        models.append(
+            _fit_rows(
+                feats,
+                labs,
+                rows,
+                num_classes=num_classes,
+                c=c,
+                max_iter=max_iter,
+                tol=tol,
+                ftol=ftol,
+                whiten=whiten,
+                history_size=history_size,
+                block_rows=block_rows,
+            )
+        )
     return models, fold
 
 
@@ -411,4 +493,3 @@ def linear_oof_log_probs(models: list[LinearModel], fold: torch.Tensor, features
         if len(rows):
             out[rows] = linear_log_probs(model, features[rows])
     return out
-

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+
 from engine.runtime import EngineError
 
 _logger = logging.getLogger(__name__)
@@ -32,8 +33,14 @@ class ReportConfig:
     workers: int | None = None
 
     def __post_init__(self):
-        limits = {"per_class": (1, 10_000), "thumb": (16, 512), "neighbors": (0, 50),
-                  "heatmap_classes": (2, MAX_HEATMAP_CLASSES), "classes_per_page": (1, 10_000), "workers": (1, 64)}
+        limits = {
+            "per_class": (1, 10_000),
+            "thumb": (16, 512),
+            "neighbors": (0, 50),
+            "heatmap_classes": (2, MAX_HEATMAP_CLASSES),
+            "classes_per_page": (1, 10_000),
+            "workers": (1, 64),
+        }
         for name, (low, high) in limits.items():
             value = getattr(self, name)
             if value is None and name == "workers":
@@ -41,5 +48,3 @@ class ReportConfig:
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not low <= value <= high:
                 raise EngineError(f"{name.replace('_', '-')}: got {value!r}, expected an integer in [{low}, {high}]")
             object.__setattr__(self, name, int(value))  # numpy integers would not serialise to JSON
-
-

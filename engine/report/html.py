@@ -6,6 +6,7 @@ import html
 import logging
 
 import numpy as np
+
 from engine.cache import Cache
 from engine.report.config import MAX_HEATMAP_CLASSES, ReportConfig
 from engine.report.rows import Confusable, Rows, class_order
@@ -51,10 +52,12 @@ footer{margin:30px 0 10px;color:#59636e;font-size:12px;border-top:1px solid #d8d
 
 
 def _page(title: str, body: str) -> str:
-    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f'<link rel="icon" href="data:,"><title>{esc(title)}</title><style>{_CSS}</style></head>\n'
-            f"<body>\n{body}\n</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f'<link rel="icon" href="data:,"><title>{esc(title)}</title><style>{_CSS}</style></head>\n'
+        f"<body>\n{body}\n</body></html>\n"
+    )
 
 
 def _pct(part: float, whole: float) -> str:
@@ -62,13 +65,15 @@ def _pct(part: float, whole: float) -> str:
 
 
 def _footer(config: ReportConfig) -> str:
-    return (f"<footer>Made by <code>engine report</code>. Scale rule: list pages show at most "
-            f"{config.classes_per_page} classes each, sorted by rejected share (most rejected first); the heatmap "
-            f"shows at most {MAX_HEATMAP_CLASSES} classes; each class page shows at most {config.per_class} "
-            f"rejected samples (lowest mean normalised given-label log-probability first) with "
-            f"{config.neighbors} nearest neighbors each, so it loads at most "
-            f"{config.per_class * (1 + config.neighbors)} thumbnails ({config.thumb} px JPEG files in "
-            f"<code>thumbs/</code>). Static: no script, no network.</footer>")
+    return (
+        f"<footer>Made by <code>engine report</code>. Scale rule: list pages show at most "
+        f"{config.classes_per_page} classes each, sorted by rejected share (most rejected first); the heatmap "
+        f"shows at most {MAX_HEATMAP_CLASSES} classes; each class page shows at most {config.per_class} "
+        f"rejected samples (lowest mean normalised given-label log-probability first) with "
+        f"{config.neighbors} nearest neighbors each, so it loads at most "
+        f"{config.per_class * (1 + config.neighbors)} thumbnails ({config.thumb} px JPEG files in "
+        f"<code>thumbs/</code>). Static: no script, no network.</footer>"
+    )
 
 
 def placeholder_svg(problem: tuple[str, str], size: int) -> str:
@@ -77,29 +82,37 @@ def placeholder_svg(problem: tuple[str, str], size: int) -> str:
     head, tail = problem
     reason = reason_text(problem)
     chars = max(4, size // 6)
-    tail = tail if len(tail) <= chars else tail[:chars - 1] + "\u2026"
+    tail = tail if len(tail) <= chars else tail[: chars - 1] + "\u2026"
     font = max(7, size // 9)
-    lines = f'<text x="{size / 2}" y="{size / 2 - 2}" text-anchor="middle" font-size="{font}" fill="#b3261e">' \
-            f"{esc(head)}</text>"
+    lines = (
+        f'<text x="{size / 2}" y="{size / 2 - 2}" text-anchor="middle" font-size="{font}" fill="#b3261e">'
+        f"{esc(head)}</text>"
+    )
     if tail and size >= 64:
-        lines += (f'<text x="{size / 2}" y="{size / 2 + font + 2}" text-anchor="middle" font-size="{font}" '
-                  f'fill="#59636e">{esc(tail)}</text>')
-    return (f'<svg class="ph" data-reason="{esc(reason)}" width="{size}" height="{size}" '
-            f'viewBox="0 0 {size} {size}" role="img" aria-label="{esc(reason)}"><title>{esc(reason)}</title>'
-            f'<rect x="1" y="1" width="{size - 2}" height="{size - 2}" fill="#f1f1f1" stroke="#b3261e" '
-            f'stroke-dasharray="4 3"/>{lines}</svg>')
+        lines += (
+            f'<text x="{size / 2}" y="{size / 2 + font + 2}" text-anchor="middle" font-size="{font}" '
+            f'fill="#59636e">{esc(tail)}</text>'
+        )
+    return (
+        f'<svg class="ph" data-reason="{esc(reason)}" width="{size}" height="{size}" '
+        f'viewBox="0 0 {size} {size}" role="img" aria-label="{esc(reason)}"><title>{esc(reason)}</title>'
+        f'<rect x="1" y="1" width="{size - 2}" height="{size - 2}" fill="#f1f1f1" stroke="#b3261e" '
+        f'stroke-dasharray="4 3"/>{lines}</svg>'
+    )
 
 
 def bar_chart(classes, stats: dict, names: list, *, scale_max: int, href) -> str:
     """Horizontal stacked bars (selected, rejected) for `classes`, one row each, linked to `href(c)`."""
     row, bar_h, left, width = 17, 12, 190, 520
     height = 30 + row * len(classes)
-    parts = [f'<svg class="chart bars" width="{left + width + 150}" height="{height}" role="img" '
-             f'aria-label="selected and rejected samples per class">',
-             '<rect x="190" y="4" width="12" height="12" class="legend" fill="#5aa469"/>'
-             '<text x="206" y="14" class="lbl">selected</text>'
-             '<rect x="270" y="4" width="12" height="12" class="legend" fill="#e07b39"/>'
-             '<text x="286" y="14" class="lbl">rejected</text>']
+    parts = [
+        f'<svg class="chart bars" width="{left + width + 150}" height="{height}" role="img" '
+        f'aria-label="selected and rejected samples per class">',
+        '<rect x="190" y="4" width="12" height="12" class="legend" fill="#5aa469"/>'
+        '<text x="206" y="14" class="lbl">selected</text>'
+        '<rect x="270" y="4" width="12" height="12" class="legend" fill="#e07b39"/>'
+        '<text x="286" y="14" class="lbl">rejected</text>',
+    ]
     unit = width / max(1, scale_max)
     for i, c in enumerate(classes):
         y = 26 + i * row
@@ -112,13 +125,14 @@ def bar_chart(classes, stats: dict, names: list, *, scale_max: int, href) -> str
             f'<rect class="bar-rejected" x="{left + kept * unit:.1f}" y="{y}" width="{rej * unit:.1f}" '
             f'height="{bar_h}"><title>{esc(names[c])}: {rej} rejected</title></rect></a>'
             f'<text x="{left + n * unit + 6:.1f}" y="{y + 10}" class="num">{rej}/{n} rejected '
-            f"({_pct(rej, n)})</text>")
+            f"({_pct(rej, n)})</text>"
+        )
     parts.append("</svg>")
     return "".join(parts)
 
 
 def _short(text: str, chars: int) -> str:
-    return text if len(text) <= chars else text[:chars - 1] + "\u2026"
+    return text if len(text) <= chars else text[: chars - 1] + "\u2026"
 
 
 def _colour(t: float) -> str:
@@ -138,26 +152,34 @@ def heatmap(conf: Confusable, names: list, *, href) -> str:
     off = off[np.isfinite(off)]
     lo, hi = (float(off.min()), float(off.max())) if off.size else (0.0, 1.0)
     size = margin + k * cell + 10
-    width = max(size + margin // 2, margin + 260)   # rotated column labels reach right of the grid
-    parts = [f'<svg class="chart heatmap" width="{width}" height="{size + 30}" role="img" '
-             'aria-label="class similarity heatmap">']
+    width = max(size + margin // 2, margin + 260)  # rotated column labels reach right of the grid
+    parts = [
+        f'<svg class="chart heatmap" width="{width}" height="{size + 30}" role="img" '
+        'aria-label="class similarity heatmap">'
+    ]
     for i, c in enumerate(conf.classes):
         middle, label = margin + i * cell + cell // 2 + 4, esc(_short(names[c], 26))
-        parts.append(f'<a href="{href(c)}"><text class="lbl row-label" x="{margin - 5}" y="{middle}" '
-                     f'text-anchor="end">{label}</text></a><a href="{href(c)}"><text class="lbl col-label" '
-                     f'transform="translate({middle},{margin - 5}) rotate(-60)">{label}</text></a>')
+        parts.append(
+            f'<a href="{href(c)}"><text class="lbl row-label" x="{margin - 5}" y="{middle}" '
+            f'text-anchor="end">{label}</text></a><a href="{href(c)}"><text class="lbl col-label" '
+            f'transform="translate({middle},{margin - 5}) rotate(-60)">{label}</text></a>'
+        )
     for i, a in enumerate(conf.classes):
         for j, b in enumerate(conf.classes):
             v = sim[i, j]
             fill = "#d0d4da" if i == j or not np.isfinite(v) else _colour((v - lo) / (hi - lo) if hi > lo else 1.0)
-            parts.append(f'<rect class="cell" x="{margin + j * cell}" y="{margin + i * cell}" '
-                         f'width="{cell - 1}" height="{cell - 1}" fill="{fill}"><title>{esc(names[a])} / '
-                         f"{esc(names[b])}: {v:.3f}</title></rect>")
+            parts.append(
+                f'<rect class="cell" x="{margin + j * cell}" y="{margin + i * cell}" '
+                f'width="{cell - 1}" height="{cell - 1}" fill="{fill}"><title>{esc(names[a])} / '
+                f"{esc(names[b])}: {v:.3f}</title></rect>"
+            )
     y = margin + k * cell + 14
     for s in range(10):
         parts.append(f'<rect x="{margin + s * 12}" y="{y}" width="12" height="10" fill="{_colour(s / 9)}"/>')
-    parts.append(f'<text class="num" x="{margin - 4}" y="{y + 9}" text-anchor="end">{lo:.2f}</text>'
-                 f'<text class="num" x="{margin + 124}" y="{y + 9}">{hi:.2f} cosine similarity</text></svg>')
+    parts.append(
+        f'<text class="num" x="{margin - 4}" y="{y + 9}" text-anchor="end">{lo:.2f}</text>'
+        f'<text class="num" x="{margin + 124}" y="{y + 9}">{hi:.2f} cosine similarity</text></svg>'
+    )
     return "".join(parts)
 
 
@@ -166,8 +188,10 @@ def _name(names: list, k: int) -> str:
 
 
 def _stat(key: str, label: str, value, extra: str = "") -> str:
-    return (f'<tr data-stat="{esc(key)}"><th>{esc(label)}</th><td class="v">{esc(str(value))}</td>'
-            f'<td class="l muted">{esc(extra)}</td></tr>')
+    return (
+        f'<tr data-stat="{esc(key)}"><th>{esc(label)}</th><td class="v">{esc(str(value))}</td>'
+        f'<td class="l muted">{esc(extra)}</td></tr>'
+    )
 
 
 def _selection_rows(data: Rows) -> list[str]:
@@ -177,16 +201,29 @@ def _selection_rows(data: Rows) -> list[str]:
     config = data.attrs.get("config") or {}
     out = []
     if config:
-        out.append(_stat("config", "selection", ", ".join(config.get("classifiers", [])) + " x " +
-                         ", ".join(config.get("criteria", [])),
-                         f"theta_cons {config.get('theta_cons')}, theta_gmm {config.get('theta_gmm')}"))
+        out.append(
+            _stat(
+                "config",
+                "selection",
+                ", ".join(config.get("classifiers", [])) + " x " + ", ".join(config.get("criteria", [])),
+                f"theta_cons {config.get('theta_cons')}, theta_gmm {config.get('theta_gmm')}",
+            )
+        )
     for key, value in counts.items():
-        label = {"intersection": "all tests passed", "filled": "filled in (empty classes)",
-                 "final": "selected (final)"}.get(key, f"passes {key}")
+        label = {
+            "intersection": "all tests passed",
+            "filled": "filled in (empty classes)",
+            "final": "selected (final)",
+        }.get(key, f"passes {key}")
         out.append(_stat(f"counts.{key}", label, int(value), _pct(value, n) + " of rows"))
-    out.append(_stat("rejected", "rejected (labelled, not selected)",
-                     int(((data.labels >= 0) & ~data.selected).sum()),
-                     _pct(((data.labels >= 0) & ~data.selected).sum(), n) + " of rows"))
+    out.append(
+        _stat(
+            "rejected",
+            "rejected (labelled, not selected)",
+            int(((data.labels >= 0) & ~data.selected).sum()),
+            _pct(((data.labels >= 0) & ~data.selected).sum(), n) + " of rows",
+        )
+    )
     metrics = data.attrs.get("metrics") or {}
     for key in ("precision", "recall", "f1", "noise_rate"):
         if key in metrics:
@@ -204,8 +241,9 @@ def _timing_rows(cache: Cache, report_seconds: dict) -> list[str]:
             continue
         seconds = dict(cache.open_group(group).attrs).get("seconds")
         if isinstance(seconds, dict) and seconds:
-            out.append(_stat(f"seconds.{group}", f"{group} (s)",
-                             ", ".join(f"{k} {float(v):.2f}" for k, v in seconds.items())))
+            out.append(
+                _stat(f"seconds.{group}", f"{group} (s)", ", ".join(f"{k} {float(v):.2f}" for k, v in seconds.items()))
+            )
     out.append(_stat("seconds.report", "report (s)", ", ".join(f"{k} {v:.2f}" for k, v in report_seconds.items())))
     return out
 
@@ -215,17 +253,26 @@ def _summary_html(cache: Cache, data: Rows, info: dict) -> str:
 
     n = len(data.labels)
     labelled = int((data.labels >= 0).sum())
-    head = [_stat("rows", "rows", n), _stat("labelled", "labelled", labelled, f"{n - labelled} unlabelled"),
-            _stat("classes", "classes", len(data.names)),
-            _stat("model", "model", _short(describe(cache.identity), 40), cache.manifest.get("precision") or ""),
-            _stat("shards", "shards", len(data.urls), f"{cache.manifest.get('bad_samples', 0)} bad samples at embed"),
-            _stat("thumbnails", "thumbnails", info["thumbnails"], f"{info['thumb']} px JPEG in thumbs/"),
-            _stat("placeholders", "placeholders", info["placeholders"],
-                  "; ".join(f"{k}: {v}" for k, v in info["placeholder_reasons"].items())),
-            _stat("neighbors", "neighbors", info["neighbors"], info["neighbor_source"])]
-    return ('<div class="cols"><table class="kv summary">' + "".join(head) + "</table>"
-            '<table class="kv selection">' + "".join(_selection_rows(data)) + "</table>"
-            '<table class="kv timings">' + "".join(_timing_rows(cache, info["seconds"])) + "</table></div>")
+    head = [
+        _stat("rows", "rows", n),
+        _stat("labelled", "labelled", labelled, f"{n - labelled} unlabelled"),
+        _stat("classes", "classes", len(data.names)),
+        _stat("model", "model", _short(describe(cache.identity), 40), cache.manifest.get("precision") or ""),
+        _stat("shards", "shards", len(data.urls), f"{cache.manifest.get('bad_samples', 0)} bad samples at embed"),
+        _stat("thumbnails", "thumbnails", info["thumbnails"], f"{info['thumb']} px JPEG in thumbs/"),
+        _stat(
+            "placeholders",
+            "placeholders",
+            info["placeholders"],
+            "; ".join(f"{k}: {v}" for k, v in info["placeholder_reasons"].items()),
+        ),
+        _stat("neighbors", "neighbors", info["neighbors"], info["neighbor_source"]),
+    ]
+    return (
+        '<div class="cols"><table class="kv summary">' + "".join(head) + "</table>"
+        '<table class="kv selection">' + "".join(_selection_rows(data)) + "</table>"
+        '<table class="kv timings">' + "".join(_timing_rows(cache, info["seconds"])) + "</table></div>"
+    )
 
 
 def _tiles(data: Rows, info: dict) -> str:
@@ -233,34 +280,44 @@ def _tiles(data: Rows, info: dict) -> str:
     n = len(data.labels)
     kept = int(data.selected.sum())
     rejected = int(((data.labels >= 0) & ~data.selected).sum())
-    tiles = [("rows", f"{n}", f"rows, {len(data.names)} classes"),
-             ("selected", f"{kept}", f"selected ({_pct(kept, n)})"),
-             ("rejected", f"{rejected}", f"rejected ({_pct(rejected, n)})")]
+    tiles = [
+        ("rows", f"{n}", f"rows, {len(data.names)} classes"),
+        ("selected", f"{kept}", f"selected ({_pct(kept, n)})"),
+        ("rejected", f"{rejected}", f"rejected ({_pct(rejected, n)})"),
+    ]
     metrics = data.attrs.get("metrics") or {}
     for key, label in (("precision", "precision"), ("recall", "recall"), ("f1", "F1")):
         if key in metrics:
             tiles.append((key, f"{metrics[key]:.3f}", f"{label} vs true labels"))
-    tiles.append(("placeholders", f"{info['placeholders']}", "images not found" if info["placeholders"]
-                  else "all images found"))
+    tiles.append(
+        ("placeholders", f"{info['placeholders']}", "images not found" if info["placeholders"] else "all images found")
+    )
     warn = lambda key: " warn" if key == "placeholders" and info["placeholders"] else ""  # noqa: E731
-    return '<div class="tiles">' + "".join(
-        f'<div class="tile{warn(key)}" data-tile="{key}"><b>{esc(value)}</b><span>{esc(text)}</span></div>'
-        for key, value, text in tiles) + "</div>"
+    return (
+        '<div class="tiles">'
+        + "".join(
+            f'<div class="tile{warn(key)}" data-tile="{key}"><b>{esc(value)}</b><span>{esc(text)}</span></div>'
+            for key, value, text in tiles
+        )
+        + "</div>"
+    )
 
 
 def _class_table(classes, stats: dict, names: list, href) -> str:
     truth = "wrong" in stats
-    head = ('<tr><th>#</th><th class="l">class</th><th>labelled</th><th>selected</th><th>rejected</th>'
-            "<th>rejected share</th>" + ("<th>wrong labels</th><th>wrong among selected</th>" if truth else "")
-            + "</tr>")
+    head = (
+        '<tr><th>#</th><th class="l">class</th><th>labelled</th><th>selected</th><th>rejected</th>'
+        "<th>rejected share</th>" + ("<th>wrong labels</th><th>wrong among selected</th>" if truth else "") + "</tr>"
+    )
     rows = []
     for c in classes:
         cells = "".join(f'<td data-col="{k}">{int(stats[k][c])}</td>' for k in ("labelled", "selected", "rejected"))
         cells += f'<td data-col="rejected_share">{_pct(stats["rejected"][c], stats["labelled"][c])}</td>'
         if truth:
             cells += "".join(f'<td data-col="{k}">{int(stats[k][c])}</td>' for k in ("wrong", "wrong_selected"))
-        rows.append(f'<tr data-class="{c}"><td>{c}</td><td class="l"><a href="{href(c)}">{esc(names[c])}</a>'
-                    f"</td>{cells}</tr>")
+        rows.append(
+            f'<tr data-class="{c}"><td>{c}</td><td class="l"><a href="{href(c)}">{esc(names[c])}</a></td>{cells}</tr>'
+        )
     return f'<table class="classes">{head}{"".join(rows)}</table>'
 
 
@@ -269,8 +326,7 @@ def _list_name(page: int) -> str:
 
 
 def _pager(page: int, pages: int, first: int, last: int, total: int) -> str:
-    links = " ".join(f"<b>{p + 1}</b>" if p == page else f'<a href="{_list_name(p)}">{p + 1}</a>'
-                     for p in range(pages))
+    links = " ".join(f"<b>{p + 1}</b>" if p == page else f'<a href="{_list_name(p)}">{p + 1}</a>' for p in range(pages))
     return f'<nav class="pager">classes {first}-{last} of {total}, most rejected share first; pages: {links}</nav>'
 
 
@@ -278,8 +334,9 @@ def class_file(c: int, num_classes: int) -> str:
     return f"classes/{c:0{max(4, len(str(num_classes - 1)))}d}.html"
 
 
-def list_pages(cache: Cache, data: Rows, stats: dict, conf: Confusable | None, info: dict,
-                config: ReportConfig) -> dict[str, str]:
+def list_pages(
+    cache: Cache, data: Rows, stats: dict, conf: Confusable | None, info: dict, config: ReportConfig
+) -> dict[str, str]:
     """index.html (summary, chart, heatmap, table) and index-2.html ... (chart, table)."""
     c = len(data.names)
     order = class_order(stats)
@@ -290,14 +347,18 @@ def list_pages(cache: Cache, data: Rows, stats: dict, conf: Confusable | None, i
     title = f"engine report: {cache.path}"
     out = {}
     for page in range(pages):
-        chunk = order[page * per:(page + 1) * per]
+        chunk = order[page * per : (page + 1) * per]
         pager = _pager(page, pages, page * per + 1, page * per + len(chunk), c)
-        body = [f'<h1>{esc(title)}</h1><p class="sub">What the selection rejected, per class: '
-                f"{len(data.labels)} rows, {c} classes; click a class for its rejected samples.</p>"]
+        body = [
+            f'<h1>{esc(title)}</h1><p class="sub">What the selection rejected, per class: '
+            f"{len(data.labels)} rows, {c} classes; click a class for its rejected samples.</p>"
+        ]
         if page == 0:
             body.append(_tiles(data, info))
-        body.append(f"<h2>Selected vs rejected per class</h2>{pager}"
-                    + bar_chart(chunk, stats, data.names, scale_max=scale, href=href))
+        body.append(
+            f"<h2>Selected vs rejected per class</h2>{pager}"
+            + bar_chart(chunk, stats, data.names, scale_max=scale, href=href)
+        )
         if page == 0:
             body.append(_heatmap_section(conf, data.names, href))
             body.append("<h2>Summary</h2>" + _summary_html(cache, data, info))
@@ -310,13 +371,18 @@ def list_pages(cache: Cache, data: Rows, stats: dict, conf: Confusable | None, i
 def _heatmap_section(conf: Confusable | None, names: list, href) -> str:
     if conf is None:
         return '<h2>Confusable classes</h2><p class="muted">Fewer than two classes.</p>'
-    pairs = "".join(f'<tr><td class="l"><a href="{href(a)}">{esc(names[a])}</a></td><td class="l">'
-                    f'<a href="{href(b)}">{esc(names[b])}</a></td><td>{v:.3f}</td></tr>' for a, b, v in conf.pairs)
-    return (f'<h2>Confusable classes</h2><p class="sub">Cosine similarity of {esc(conf.source)}; the '
-            f'{len(conf.classes)} classes of the most similar pairs.</p><div class="cols">'
-            + heatmap(conf, names, href=href)
-            + '<table class="pairs"><tr><th class="l">class</th><th class="l">class</th><th>similarity</th>'
-            + f"</tr>{pairs}</table></div>")
+    pairs = "".join(
+        f'<tr><td class="l"><a href="{href(a)}">{esc(names[a])}</a></td><td class="l">'
+        f'<a href="{href(b)}">{esc(names[b])}</a></td><td>{v:.3f}</td></tr>'
+        for a, b, v in conf.pairs
+    )
+    return (
+        f'<h2>Confusable classes</h2><p class="sub">Cosine similarity of {esc(conf.source)}; the '
+        f'{len(conf.classes)} classes of the most similar pairs.</p><div class="cols">'
+        + heatmap(conf, names, href=href)
+        + '<table class="pairs"><tr><th class="l">class</th><th class="l">class</th><th>similarity</th>'
+        + f"</tr>{pairs}</table></div>"
+    )
 
 
 def _image(row: int, thumbs: Thumbnails, size: int, alt: str) -> str:
@@ -328,8 +394,10 @@ def _image(row: int, thumbs: Thumbnails, size: int, alt: str) -> str:
 
 def _card(row: int, sims: np.ndarray, ids: np.ndarray, data: Rows, thumbs: Thumbnails, size: int) -> str:
     names, label, key = data.names, int(data.labels[row]), str(data.keys[row])
-    lines = [f'<div class="key" title="{esc(key)}">{esc(key)}</div>',
-             f"<div>given: <b>{esc(_name(names, label))}</b></div>"]
+    lines = [
+        f'<div class="key" title="{esc(key)}">{esc(key)}</div>',
+        f"<div>given: <b>{esc(_name(names, label))}</b></div>",
+    ]
     if data.true is not None and data.true[row] >= 0:
         t = int(data.true[row])
         lines.append(f'<div class="{"good" if t == label else "bad"}">true: {esc(_name(names, t))}</div>')
@@ -353,14 +421,25 @@ def _card(row: int, sims: np.ndarray, ids: np.ndarray, data: Rows, thumbs: Thumb
         neighbors.append(
             f'<li class="nb" data-row="{i}" data-sim="{s:.4f}">{_image(i, thumbs, 56, str(data.keys[i]))}'
             f'<span class="{"same" if other == label else "other"}">{esc(_name(names, other))}</span>'
-            f"<span>{s:.3f}</span></li>")
+            f"<span>{s:.3f}</span></li>"
+        )
     nbs = f'<ol class="nbs">{"".join(neighbors)}</ol>' if neighbors else ""
-    return (f'<figure class="sample" data-row="{row}" data-key="{esc(key)}"><div class="main">'
-            f"{_image(row, thumbs, size, key)}<figcaption>{''.join(lines)}</figcaption></div>{nbs}</figure>")
+    return (
+        f'<figure class="sample" data-row="{row}" data-key="{esc(key)}"><div class="main">'
+        f"{_image(row, thumbs, size, key)}<figcaption>{''.join(lines)}</figcaption></div>{nbs}</figure>"
+    )
 
 
-def class_page(c: int, rows: np.ndarray, sims: np.ndarray, ids: np.ndarray, data: Rows, stats: dict,
-                thumbs: Thumbnails, config: ReportConfig) -> str:
+def class_page(
+    c: int,
+    rows: np.ndarray,
+    sims: np.ndarray,
+    ids: np.ndarray,
+    data: Rows,
+    stats: dict,
+    thumbs: Thumbnails,
+    config: ReportConfig,
+) -> str:
     names, total = data.names, len(data.names)
     nav = ['<a href="../index.html">index</a>']
     if c > 0:
@@ -370,14 +449,14 @@ def class_page(c: int, rows: np.ndarray, sims: np.ndarray, ids: np.ndarray, data
     n, kept, rej = (int(stats[k][c]) for k in ("labelled", "selected", "rejected"))
     facts = f"{n} labelled, {kept} selected, {rej} rejected ({_pct(rej, n)})"
     if "wrong" in stats:
-        facts += (f"; true labels: {int(stats['wrong'][c])} wrongly labelled, "
-                  f"{int(stats['wrong'][c] - stats['wrong_selected'][c])} of them rejected")
+        facts += (
+            f"; true labels: {int(stats['wrong'][c])} wrongly labelled, "
+            f"{int(stats['wrong'][c] - stats['wrong_selected'][c])} of them rejected"
+        )
     cards = "".join(_card(int(r), sims[i], ids[i], data, thumbs, config.thumb) for i, r in enumerate(rows))
-    gallery = (f'<div class="grid">{cards}</div>' if cards
-               else '<p class="muted">No rejected samples in this class.</p>')
-    body = (f'<nav>{" ".join(nav)}</nav><h1>class {c}: {esc(_name(names, c))}</h1><p class="sub">{facts}</p>'
-            f"<h2>Rejected samples: {len(rows)} of {rej} shown, most suspicious first</h2>{gallery}"
-            + _footer(config))
+    gallery = f'<div class="grid">{cards}</div>' if cards else '<p class="muted">No rejected samples in this class.</p>'
+    body = (
+        f'<nav>{" ".join(nav)}</nav><h1>class {c}: {esc(_name(names, c))}</h1><p class="sub">{facts}</p>'
+        f"<h2>Rejected samples: {len(rows)} of {rej} shown, most suspicious first</h2>{gallery}" + _footer(config)
+    )
     return _page(f"{_name(names, c)} - engine report", body)
-
-

@@ -7,11 +7,13 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+
 from engine.cache import Cache
 from engine.report.config import QUERY_BLOCK
 from engine.results import Diagnostics, Neighbors, Selection
 
 _logger = logging.getLogger(__name__)
+
 
 # ---------------------------------------------------------------- what is read from the cache
 @dataclass
@@ -24,11 +26,11 @@ class Rows:
     shard: np.ndarray
     position: np.ndarray
     selected: np.ndarray
-    suspicion: np.ndarray                 # lower = more suspicious
-    predictions: dict                     # classifier -> (N,) int
-    confidences: dict                     # classifier -> (N,) float
-    consistency: dict                     # classifier -> (N,) float, when the criterion ran
-    passes: dict                          # "classifier/criterion" -> (N,) bool
+    suspicion: np.ndarray  # lower = more suspicious
+    predictions: dict  # classifier -> (N,) int
+    confidences: dict  # classifier -> (N,) float
+    consistency: dict  # classifier -> (N,) float, when the criterion ran
+    passes: dict  # "classifier/criterion" -> (N,) bool
     attrs: dict
     names: list
     urls: list
@@ -53,14 +55,22 @@ def read_rows(cache: Cache) -> Rows:
     predictions = {name: c.prediction.astype(np.int64) for name, c in classifiers.items()}
     labels = cache.labels().astype(np.int64)
     shard, position = cache.provenance()
-    return Rows(keys=cache.keys(), labels=labels, true=cache.true_labels(), shard=shard.astype(np.int64),
-                 position=position.astype(np.int64), selected=stored.selected, suspicion=suspicion,
-                 predictions=predictions, confidences={name: c.confidence for name, c in classifiers.items()},
-                 consistency={pair.split("/")[0]: p.score for pair, p in stored.pairs.items()
-                              if pair.endswith("/consistency")},
-                 passes={pair: p.passed for pair, p in stored.pairs.items()},
-                 attrs=stored.attrs, names=_class_names(cache, labels, predictions),
-                 urls=[s["url"] for s in cache.manifest.get("shards", [])])
+    return Rows(
+        keys=cache.keys(),
+        labels=labels,
+        true=cache.true_labels(),
+        shard=shard.astype(np.int64),
+        position=position.astype(np.int64),
+        selected=stored.selected,
+        suspicion=suspicion,
+        predictions=predictions,
+        confidences={name: c.confidence for name, c in classifiers.items()},
+        consistency={pair.split("/")[0]: p.score for pair, p in stored.pairs.items() if pair.endswith("/consistency")},
+        passes={pair: p.passed for pair, p in stored.pairs.items()},
+        attrs=stored.attrs,
+        names=_class_names(cache, labels, predictions),
+        urls=[s["url"] for s in cache.manifest.get("shards", [])],
+    )
 
 
 # ---------------------------------------------------------------- per-class figures and ranking
@@ -109,8 +119,9 @@ def _without_self(similarities: np.ndarray, ids: np.ndarray, rows: np.ndarray) -
     return similarities[keep].reshape(m, k1 - 1), ids[keep].reshape(m, k1 - 1)
 
 
-def find_neighbors(cache: Cache, rows: np.ndarray, k: int, *, device: str = "auto", features=None
-                    ) -> tuple[np.ndarray, np.ndarray, str]:
+def find_neighbors(
+    cache: Cache, rows: np.ndarray, k: int, *, device: str = "auto", features=None
+) -> tuple[np.ndarray, np.ndarray, str]:
     """k nearest neighbors of `rows (M,)`: (similarities (M, k) float32, ids (M, k) int64, source).
 
     The cache's `knn/` group when it is current and has at least k neighbors (checked on the
@@ -134,7 +145,7 @@ def find_neighbors(cache: Cache, rows: np.ndarray, k: int, *, device: str = "aut
     index = load_cached_index(cache, features, device=device)
     out_sims, out_ids = [], []
     for start in range(0, rows.size, QUERY_BLOCK):
-        block = rows[start:start + QUERY_BLOCK]
+        block = rows[start : start + QUERY_BLOCK]
         sims, ids = ix.search_index(index, features[block].astype(np.float32), k=k + 1)
         sims, ids = _without_self(sims, ids, block)
         out_sims.append(sims)
@@ -180,7 +191,6 @@ def confusable_classes(cache: Cache, data: Rows, max_classes: int, *, features=N
         for k in (a, b):
             if k not in classes and len(classes) < max_classes:
                 classes.append(k)
-    return Confusable(classes=classes, similarity=np.asarray(sim)[np.ix_(classes, classes)], source=source,
-                      pairs=pairs[:10])
-
-
+    return Confusable(
+        classes=classes, similarity=np.asarray(sim)[np.ix_(classes, classes)], source=source, pairs=pairs[:10]
+    )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from engine.files import read_json
 from engine.report.config import IMPORTED
 from engine.report.rows import Rows
@@ -20,14 +21,15 @@ from engine.runtime import EngineError, available_cores, progress
 
 _logger = logging.getLogger(__name__)
 
+
 # ---------------------------------------------------------------- thumbnails
 @dataclass
 class Thumbnails:
     """Per row either a thumbnail path relative to the report folder or a placeholder reason."""
 
-    paths: dict = field(default_factory=dict)      # row -> "thumbs/00000/000012.jpg"
-    problems: dict = field(default_factory=dict)   # row -> (kind, detail): ("shard missing", "NAME")
-    reused: int = 0                                # taken from the previous report, not re-read
+    paths: dict = field(default_factory=dict)  # row -> "thumbs/00000/000012.jpg"
+    problems: dict = field(default_factory=dict)  # row -> (kind, detail): ("shard missing", "NAME")
+    reused: int = 0  # taken from the previous report, not re-read
 
 
 def reason_text(problem: tuple[str, str]) -> str:
@@ -52,8 +54,9 @@ def _resize(image, size: int):
     return image.resize(target, Image.BICUBIC)
 
 
-def _shard_thumbnails(url: str, rows: np.ndarray, positions: np.ndarray, keys, out: Path, folder: str,
-                      size: int, tick) -> list[tuple[int, str | None, tuple[str, str] | None]]:
+def _shard_thumbnails(
+    url: str, rows: np.ndarray, positions: np.ndarray, keys, out: Path, folder: str, size: int, tick
+) -> list[tuple[int, str | None, tuple[str, str] | None]]:
     """Read one shard once and write the thumbnails of `rows` at `positions` (sorted):
     [(row, relative path or None, (kind, detail) of the problem or None)]. Placeholders are
     grouped by kind, so the kind never names a key; the detail does."""
@@ -81,8 +84,7 @@ def _shard_thumbnails(url: str, rows: np.ndarray, positions: np.ndarray, keys, o
             break
         row = row_at[position]
         if sample.get("__key__") != keys[row]:  # the shard was rewritten since it was embedded
-            found[row] = (None, ("key mismatch", f"{name}: found {sample.get('__key__')}, expected {keys[row]}"
-                                 [:200]))
+            found[row] = (None, ("key mismatch", f"{name}: found {sample.get('__key__')}, expected {keys[row]}"[:200]))
             _logger.warning("%s at position %d", reason_text(found[row][1]), position)
         else:
             try:
@@ -104,7 +106,7 @@ def _shard_thumbnails(url: str, rows: np.ndarray, positions: np.ndarray, keys, o
 
 
 THUMB_INDEX = "thumbs/index.json"
-THUMB_FORMAT = "jpeg-q85-lanczos-1"   # how thumbnails are drawn: a change redraws them all
+THUMB_FORMAT = "jpeg-q85-lanczos-1"  # how thumbnails are drawn: a change redraws them all
 
 
 def _previous_thumbnails(previous: Path | None, size: int) -> dict:
@@ -116,11 +118,18 @@ def _previous_thumbnails(previous: Path | None, size: int) -> dict:
         index = read_json(previous / THUMB_INDEX)
     except ValueError:
         return {}
-    if not (isinstance(index, dict) and index.get("size") == size and index.get("format") == THUMB_FORMAT
-            and isinstance(index.get("shards"), dict)):
+    if not (
+        isinstance(index, dict)
+        and index.get("size") == size
+        and index.get("format") == THUMB_FORMAT
+        and isinstance(index.get("shards"), dict)
+    ):
         return {}
-    return {folder: entry for folder, entry in index["shards"].items()
-            if isinstance(entry, dict) and isinstance(entry.get("keys"), dict)}
+    return {
+        folder: entry
+        for folder, entry in index["shards"].items()
+        if isinstance(entry, dict) and isinstance(entry.get("keys"), dict)
+    }
 
 
 def _thumb_fingerprints(urls: list[str]) -> dict:
@@ -131,7 +140,7 @@ def _thumb_fingerprints(urls: list[str]) -> dict:
 
     out = shard_fingerprints(urls)
     for url, fingerprint in out.items():
-        if fingerprint is not None and os.path.isfile(url):   # object stores: the ETag already says it
+        if fingerprint is not None and os.path.isfile(url):  # object stores: the ETag already says it
             st = os.stat(url)
             out[url] = f"{fingerprint}:{st.st_mtime_ns}:{st.st_ino}"
     return out
@@ -140,7 +149,7 @@ def _thumb_fingerprints(urls: list[str]) -> dict:
 def _link(source: Path, target: Path) -> bool:
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(source, target)   # same parent folder as the stage: a hard link, no copy
+        os.link(source, target)  # same parent folder as the stage: a hard link, no copy
     except OSError:
         try:
             shutil.copyfile(source, target)
@@ -149,8 +158,16 @@ def _link(source: Path, target: Path) -> bool:
     return True
 
 
-def write_thumbnails(rows: np.ndarray, data: Rows, out: Path, *, size: int, workers: int | None = None,
-                     show_progress: bool | None = None, previous: Path | None = None) -> Thumbnails:
+def write_thumbnails(
+    rows: np.ndarray,
+    data: Rows,
+    out: Path,
+    *,
+    size: int,
+    workers: int | None = None,
+    show_progress: bool | None = None,
+    previous: Path | None = None,
+) -> Thumbnails:
     """Thumbnails of `rows (M,)` under out/thumbs/, each needed shard read once (threads over shards).
 
     With `previous` (the earlier report folder), a thumbnail made there at the same size from
@@ -176,8 +193,9 @@ def write_thumbnails(rows: np.ndarray, data: Rows, out: Path, *, size: int, work
     for g in groups:
         url, folder = data.urls[shard[g[0]]], f"{shard[g[0]]:05d}"
         old = before.get(folder, {})
-        same_file = (old.get("url") == url and fingerprints.get(url) is not None
-                     and old.get("fingerprint") == fingerprints[url])
+        same_file = (
+            old.get("url") == url and fingerprints.get(url) is not None and old.get("fingerprint") == fingerprints[url]
+        )
         keep = np.zeros(g.size, bool)
         if same_file:
             old_keys = old.get("keys", {})
@@ -200,8 +218,20 @@ def write_thumbnails(rows: np.ndarray, data: Rows, out: Path, *, size: int, work
 
         workers = workers or min(4, available_cores())
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_shard_thumbnails, data.urls[shard[g[0]]], rows[g], position[g], data.keys, out,
-                                   f"{shard[g[0]]:05d}", size, tick) for g in todo]
+            futures = [
+                pool.submit(
+                    _shard_thumbnails,
+                    data.urls[shard[g[0]]],
+                    rows[g],
+                    position[g],
+                    data.keys,
+                    out,
+                    f"{shard[g[0]]:05d}",
+                    size,
+                    tick,
+                )
+                for g in todo
+            ]
             for future in futures:
                 for row, path, problem in future.result():
                     if path is not None:
@@ -217,5 +247,3 @@ def write_thumbnails(rows: np.ndarray, data: Rows, out: Path, *, size: int, work
     (out / THUMB_INDEX).parent.mkdir(parents=True, exist_ok=True)
     (out / THUMB_INDEX).write_text(json.dumps({"size": size, "format": THUMB_FORMAT, "shards": index}))
     return result
-
-
