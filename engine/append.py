@@ -18,13 +18,16 @@ from engine.cache import (
     FORMAT,
     MAX_BAD_RECORDED,
     ROW_ARRAYS,
+    ROW_FILL,
     VERSION,
     Cache,
     as_strings,
+    checked_codec,
     feature_codec,
     group_names,
     is_local,
     shard_id,
+    write_array,
 )
 from engine.runtime import EngineError, engine_version
 
@@ -87,11 +90,22 @@ class CacheWriter(Cache):
             chunks=(CHUNK_ROWS, dim),
             dtype="float16",
             compressors=feature_codec(),
+            fill_value=np.nan,  # a lost chunk reads as NaN, which no feature holds
             overwrite=True,
         )
-        images.create_array("keys", shape=(0,), chunks=(CHUNK_ROWS * 4,), dtype=str, overwrite=True)
+        images.create_array(
+            "keys", shape=(0,), chunks=(CHUNK_ROWS * 4,), dtype=str, compressors=checked_codec(), overwrite=True
+        )
         for name, dtype in ROW_ARRAYS.items():
-            images.create_array(name, shape=(0,), chunks=(CHUNK_ROWS * 4,), dtype=dtype, fill_value=-1, overwrite=True)
+            images.create_array(
+                name,
+                shape=(0,),
+                chunks=(CHUNK_ROWS * 4,),
+                dtype=dtype,
+                fill_value=ROW_FILL,
+                compressors=checked_codec(),
+                overwrite=True,
+            )
         self._write_manifest(
             {
                 "format": FORMAT,
@@ -163,14 +177,16 @@ class CacheWriter(Cache):
             chunks=(rows, dim),
             compressors=feature_codec(),
         )
-        group.create_array("keys", data=as_strings(keys).reshape(n), chunks=(rows,))
+        group.create_array("keys", data=as_strings(keys).reshape(n), chunks=(rows,), compressors=checked_codec())
         for name, data in (
             ("labels", labels),
             ("true_labels", true_labels),
             ("shard", np.full(n, index)),
             ("position", positions),
         ):
-            group.create_array(name, data=np.asarray(data, dtype=np.int32).reshape(n), chunks=(rows,))
+            group.create_array(
+                name, data=np.asarray(data, dtype=np.int32).reshape(n), chunks=(rows,), compressors=checked_codec()
+            )
         group.attrs.put({"committed": True, "shard": index, "rows": n, "outcome": outcome})
 
     def stage_failure(self, index: int, outcome: dict) -> None:
@@ -346,10 +362,13 @@ class CacheWriter(Cache):
             if "text" in self.root:
                 del self.root["text"]
             text = self.root.create_group("text")
-            text.create_array("features", data=features.astype(np.float16))
-            text.create_array("mask", data=mask.astype(bool))
-            text.create_array("prompts", data=as_strings(prompts))
-            text.create_array("class_names", data=as_strings(class_set.class_names))
+            for name, value in (
+                ("features", features.astype(np.float16)),
+                ("mask", mask.astype(bool)),
+                ("prompts", prompts),
+                ("class_names", class_set.class_names),
+            ):
+                write_array(text, name, value)
             text.attrs.put(
                 {
                     "classes": class_set.name,

@@ -40,18 +40,28 @@ from engine.runtime import EngineError
 _logger = logging.getLogger(__name__)
 
 FORMAT = "engine-cache"
-VERSION = 1
+VERSION = 2  # 2: every chunk carries a crc32c checksum, fill values cannot pass for data
+READABLE = (1, 2)
 CHUNK_ROWS = 8192
 MAX_BAD_RECORDED = 100  # per shard, in the manifest; the count is always exact
 ROW_ARRAYS = {"labels": "int32", "true_labels": "int32", "shard": "int32", "position": "int32"}
+ROW_FILL = np.iinfo(np.int32).min  # what a missing chunk of an int row array reads as (no row holds it)
 
 
 def feature_codec():
-    """Blosc-lz4 with 2-byte shuffle: ~5-10% smaller fp16 features, negligible CPU, and padded
-    partial chunks cost nothing on disk (see benchmarks/bench_embed.py for the measurement)."""
-    from zarr.codecs import BloscCodec
+    """Blosc-lz4 with 2-byte shuffle, then a crc32c checksum: fp16 features barely compress, but
+    padded partial chunks cost nothing on disk (benchmarks/bench_embed.py), and a damaged chunk is
+    an error instead of data."""
+    from zarr.codecs import BloscCodec, Crc32cCodec
 
-    return [BloscCodec(cname="lz4", clevel=3, shuffle="shuffle", typesize=2)]
+    return [BloscCodec(cname="lz4", clevel=3, shuffle="shuffle", typesize=2), Crc32cCodec()]
+
+
+def checked_codec():
+    """zarr's default Zstd compression, then a crc32c checksum (every array but the features)."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return [ZstdCodec(level=0), Crc32cCodec()]
 
 
 def as_strings(values) -> np.ndarray:
@@ -146,16 +156,27 @@ class Cache:
             raise missing from None
         except (OSError, PermissionError) as err:  # object stores: credentials, endpoint, bucket
             raise EngineError(f"cache: cannot open {self.path!r}: {type(err).__name__}: {err}") from None
+        except (ValueError, KeyError, TypeError) as err:  # a torn or garbled zarr.json
+            raise EngineError(
+                f"cache: {self.path}/zarr.json is unreadable ({one_line(err)}): the cache's manifest is "
+                "damaged; restore it from a copy or create the cache again"
+            ) from None
         attrs = dict(self.root.attrs)
         if attrs and attrs.get("format") != FORMAT:
             raise EngineError(f"cache: {self.path!r} is a Zarr group but not an engine cache")
-        if attrs.get("version", VERSION) > VERSION:
+        if not attrs.get("model") and not create:
+            raise EngineError(
+                f"cache: {self.path} was never finished (the run creating it stopped before it wrote its "
+                "schema); rerun the `engine embed` or `engine import` that creates it"
+            )
+        if attrs.get("version", VERSION) not in READABLE:
             raise EngineError(
                 f"cache: {self.path!r} has format version {attrs['version']}; "
-                f"this engine reads up to {VERSION}; upgrade the engine"
+                f"this engine reads {', '.join(map(str, READABLE))}; upgrade the engine"
             )
         self._key_rows: dict | None = None
         self._keys: np.ndarray | None = None
+        self._present: dict = {}  # array path -> rows whose chunks were found present
 
     # ------------------------------------------------------------ manifest
     @property
@@ -184,7 +205,7 @@ class Cache:
                 f"cache: {self.path} has no text features; run "
                 f"`engine prompts --cache {self.path} --classes FILE|NAME` first"
             )
-        return self.root["text/features"][:], self.root["text/mask"][:]
+        return self.read("text/features"), self.read("text/mask")
 
     # ------------------------------------------------------------ reader API
     @property
@@ -207,12 +228,64 @@ class Cache:
     def has_true_labels(self) -> bool:
         return bool(self.manifest.get("has_true_labels"))
 
+    @property
+    def version(self) -> int:
+        return int(self.manifest.get("version", 1))
+
+    def array(self, path: str, *, rows: int | None = None, complete: bool = True):
+        """The zarr array at `path`, its chunks covering the first `rows` rows (all by default)
+        checked to be present once per Cache object when the array was written `complete` (every
+        chunk stored: arrays of format 2 and result groups written by this engine); damaged
+        metadata or a missing chunk is an EngineError naming the array and rows (`engine verify`
+        finds every problem)."""
+        try:
+            arr = self.root[path]
+        except KeyError:
+            raise EngineError(f"cache: {self.path} has no array {path!r}; {VERIFY_HINT}") from None
+        except Exception as err:  # noqa: BLE001 - torn metadata surfaces as any decode error
+            raise EngineError(
+                f"cache: {self.path}/{path}/zarr.json is unreadable ({one_line(err)}); {VERIFY_HINT}"
+            ) from None
+        rows = arr.shape[0] if rows is None else rows
+        if complete and self._present.get(path, -1) < rows:
+            missing = missing_chunks(arr, rows)
+            if missing:
+                first, last = missing[0]
+                raise EngineError(
+                    f"cache: {self.path}: {path} rows {first}:{last} are missing (a chunk file is gone, "
+                    f"{len(missing)} in all); {VERIFY_HINT}"
+                )
+            self._present[path] = rows
+        return arr
+
+    def read(self, path: str, selection=slice(None), *, rows: int | None = None, complete: bool | None = None):
+        """arr[selection] of the array at `path`, decoding errors (a checksum mismatch, a garbled
+        chunk) as one-line EngineErrors naming the array. `complete`: see `array`; by default
+        true for images/* and text/* of format 2."""
+        if complete is None:
+            complete = self.version >= 2
+        arr = self.array(path, rows=rows, complete=complete)
+        try:
+            return arr[selection] if not isinstance(selection, tuple) else arr.get_orthogonal_selection(selection)
+        except Exception as err:  # noqa: BLE001 - every codec raises its own type
+            where = _describe_rows(selection)
+            raise EngineError(
+                f"cache: {self.path}: {path}{where} are damaged ({one_line(err)}); {VERIFY_HINT}"
+            ) from None
+
     def _column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         stop = self.num_rows if stop is None else min(stop, self.num_rows)
         if stop <= start:
             shape = (0, self.dim) if name == "features" else (0,)
             return np.zeros(shape, dtype="float16" if name == "features" else "int32")
-        return self.root[f"images/{name}"][start:stop]
+        data = self.read(f"images/{name}", slice(start, stop), rows=self.num_rows)
+        bad = impossible_values(name, data, version=self.version)
+        if bad is not None:
+            raise EngineError(
+                f"cache: {self.path}: images/{name} row {start + bad} holds no data (a chunk was lost or never "
+                f"written); {VERIFY_HINT}"
+            )
+        return data
 
     def labels(self) -> np.ndarray:
         return self._column("labels").astype(np.int32)
@@ -249,7 +322,11 @@ class Cache:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
             raise EngineError(f"rows: expected indices in [0, {self.num_rows}), got {rows.min()}..{rows.max()}")
-        return self.root["images/features"].get_orthogonal_selection((rows, slice(None)))
+        data = self.read("images/features", (rows, slice(None)), rows=self.num_rows)
+        bad = impossible_values("features", data, version=self.version)
+        if bad is not None:
+            raise EngineError(f"cache: {self.path}: images/features row {rows[bad]} holds no data; {VERIFY_HINT}")
+        return data
 
     def key_rows(self, rows: int | None = None) -> dict:
         """key → row of the first `rows` rows (default: the recorded ones; a consolidation passes
@@ -257,7 +334,7 @@ class Cache:
         count changed (another job appended rows)."""
         rows = self.num_rows if rows is None else rows
         if self._key_rows is None or len(self._key_rows) != rows:
-            stored = self.root["images/keys"][:rows] if rows else []
+            stored = self.read("images/keys", slice(0, rows), rows=rows) if rows else []
             self._key_rows = {k: i for i, k in enumerate(np.asarray(stored, dtype=object).tolist())}
         return self._key_rows
 
@@ -304,7 +381,7 @@ class Cache:
         path = f"{name}.{int(time.time())}-{uuid.uuid4().hex[:8]}"
         group = self.root.create_group(path)
         fill(group)
-        group.attrs.put({**attrs, "complete": True, "written": time.time()})
+        group.attrs.put({**attrs, "complete": True, "chunks_complete": True, "written": time.time()})
         with self.lock() as lease:
             results = self.root.require_group(RESULTS)
             pointers = dict(results.attrs)
@@ -363,7 +440,12 @@ def write_array(group, name: str, value) -> None:
     """Store `value` (numpy-like) as array `name` of `group`; text as variable-length strings."""
     value = np.asarray(value)
     is_text = value.dtype == object or value.dtype.kind in "UT"
-    group.create_array(name, data=as_strings(value) if is_text else value)
+    group.create_array(
+        name,
+        data=as_strings(value) if is_text else value,
+        compressors=checked_codec(),
+        config={"write_empty_chunks": True},  # every chunk stored: a missing one is damage
+    )
 
 
 def _delete(root, path: str) -> None:
@@ -380,3 +462,59 @@ def _reopening_lock(cache: Cache):
     with cache_lock(cache.path, run=cache.run_id) as lease:
         cache.root = _open_group(cache.path, "a")  # the stored manifest, not an in-memory copy
         yield lease
+
+
+VERIFY_HINT = "`engine verify --cache ...` lists every damaged array and what repairs it"
+
+
+def one_line(err: BaseException) -> str:
+    """`Type: first line of the message`, for one-line errors."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _describe_rows(selection) -> str:
+    if isinstance(selection, slice) and selection.start is not None:
+        return f" rows {selection.start}:{selection.stop}"
+    return ""
+
+
+def missing_chunks(arr, rows: int) -> list[tuple[int, int]]:
+    """(first row, stop row) of each chunk that the first `rows` rows of `arr` need and the store
+    lacks (one listing of the array's prefix). A missing chunk reads back as the fill value."""
+    if rows <= 0 or arr.ndim == 0:
+        return []
+    from zarr.core.sync import sync
+
+    async def listing():
+        prefix = arr.store_path.path
+        return {key[len(prefix) :].lstrip("/") async for key in arr.store_path.store.list_prefix(prefix)}
+
+    stored = sync(listing())
+    chunk_rows = arr.chunks[0]
+    per_row = [range(-(-size // chunk)) for size, chunk in zip(arr.shape[1:], arr.chunks[1:])]
+    encode = arr.metadata.chunk_key_encoding.encode_chunk_key
+    missing = []
+    for i in range(-(-min(rows, arr.shape[0]) // chunk_rows)):
+        for rest in np.ndindex(*[len(r) for r in per_row]) if per_row else [()]:
+            if encode((i, *rest)) not in stored:
+                missing.append((i * chunk_rows, min((i + 1) * chunk_rows, arr.shape[0])))
+                break
+    return missing
+
+
+def impossible_values(name: str, data: np.ndarray, *, version: int) -> int | None:
+    """Index of the first value that only a lost chunk can hold (NaN features, an empty key, the
+    int fill), or None. Caches of format 1 filled int arrays with -1, which is data: not checked."""
+    if len(data) == 0:
+        return None
+    if name == "features":
+        bad = np.isnan(data).any(axis=tuple(range(1, data.ndim)))
+    elif name == "keys":
+        bad = np.asarray(data, dtype=object) == ""
+    elif version >= 2 and data.dtype.kind == "i":
+        bad = data == ROW_FILL
+    else:
+        return None
+    hits = np.flatnonzero(bad)
+    return int(hits[0]) if hits.size else None

@@ -33,6 +33,13 @@ def _check_rows(cache: Cache, name: str, rows: int, command: str) -> None:
         )
 
 
+def _reader(cache: Cache, group):
+    """fn(array name inside `group`) -> its values, read with the cache's checks (missing chunks,
+    checksums) so a damaged result is a one-line error, never data."""
+    base, complete = group.path, bool(dict(group.attrs).get("chunks_complete"))
+    return lambda name: cache.read(f"{base}/{name}", complete=complete)
+
+
 def _open(cache: Cache, name: str, command: str, schema: int):
     group = cache.open_group(name, missing=f"run `{command} --cache {cache.path}` first")
     found = dict(group.attrs).get("schema", 1)
@@ -132,28 +139,32 @@ class Selection:
     @classmethod
     def read(cls, cache: Cache) -> Selection:
         group = _open(cache, cls.NAME, cls.COMMAND, cls.SCHEMA)
-        selected = group["selected"][:].astype(bool)
+        load = _reader(cache, group)
+        selected = load("selected").astype(bool)
         _check_rows(cache, "selection", len(selected), cls.COMMAND)
         pairs, classifiers = {}, {}
         if "pairs" in group:
             for classifier in sorted(group["pairs"].group_keys()):
                 for criterion in sorted(group[f"pairs/{classifier}"].group_keys()):
-                    sub = group[f"pairs/{classifier}/{criterion}"]
-                    pairs[f"{classifier}/{criterion}"] = PairResult(sub["score"][:], sub["pass"][:].astype(bool))
+                    base = f"pairs/{classifier}/{criterion}"
+                    pairs[f"{classifier}/{criterion}"] = PairResult(
+                        load(f"{base}/score"), load(f"{base}/pass").astype(bool)
+                    )
         if "classifiers" in group:
             for name in sorted(group["classifiers"].group_keys()):
-                sub = group[f"classifiers/{name}"]
-                classifiers[name] = ClassifierResult(*(sub[key][:] for key in ClassifierResult.FIELDS))
+                classifiers[name] = ClassifierResult(
+                    *(load(f"classifiers/{name}/{key}") for key in ClassifierResult.FIELDS)
+                )
         noise = None
         if "noise" in group:
-            noise = {key: group[f"noise/{key}"][:] for key in ("given", "true", "count")}
+            noise = {key: load(f"noise/{key}") for key in ("given", "true", "count")}
         return cls(
             selected=selected,
-            filled=group["filled"][:].astype(bool),
-            noise_score=group["noise_score"][:],
+            filled=load("filled").astype(bool),
+            noise_score=load("noise_score"),
             pairs=pairs,
             classifiers=classifiers,
-            clean_score=group["clean_score"][:] if "clean_score" in group else None,
+            clean_score=load("clean_score") if "clean_score" in group else None,
             noise=noise,
             attrs=dict(group.attrs),
         )
@@ -221,7 +232,8 @@ class Neighbors:
         attrs = dict(group.attrs)
         ids, sims = group["ids"], group["similarities"]
         if not lazy:
-            ids, sims = ids[:], sims[:]
+            load = _reader(cache, group)
+            ids, sims = load("ids"), load("similarities")
         return cls(
             ids=ids,
             similarities=sims,
@@ -275,7 +287,7 @@ class IndexGroup:
     def read(cls, cache: Cache) -> IndexGroup:
         group = _open(cache, cls.NAME, cls.COMMAND, cls.SCHEMA)
         attrs = dict(group.attrs)
-        return cls(data=group["faiss"][:], info=attrs["info"], attrs=attrs)
+        return cls(data=_reader(cache, group)("faiss"), info=attrs["info"], attrs=attrs)
 
     @classmethod
     def read_info(cls, cache: Cache) -> dict | None:
@@ -316,7 +328,8 @@ class Diagnostics:
     @classmethod
     def read(cls, cache: Cache) -> Diagnostics:
         group = _open(cache, cls.NAME, cls.COMMAND, cls.SCHEMA)
-        return cls(**{key: group[key][:] for key in cls.ARRAYS}, attrs=dict(group.attrs))
+        load = _reader(cache, group)
+        return cls(**{key: load(key) for key in cls.ARRAYS}, attrs=dict(group.attrs))
 
 
 # ----------------------------------------------------------------------------- training
@@ -345,9 +358,10 @@ class Training:
     @classmethod
     def read(cls, cache: Cache) -> Training:
         group = _open(cache, cls.NAME, cls.COMMAND, cls.SCHEMA)
-        labels = group["labels"][:].astype(np.int32)
+        load = _reader(cache, group)
+        labels = load("labels").astype(np.int32)
         _check_rows(cache, "train", len(labels), cls.COMMAND)
-        return cls(labels=labels, selection=group["selection"][:].astype(bool), attrs=dict(group.attrs))
+        return cls(labels=labels, selection=load("selection").astype(bool), attrs=dict(group.attrs))
 
     @classmethod
     def exists(cls, cache: Cache) -> bool:
