@@ -48,18 +48,57 @@ def _jsonable(value):
     return str(value)
 
 
+_VERBOSITY = {"level": 0}
+
+
+def _fail(message: str, status: int = 2):
+    click.echo(f"engine: error: {message}", err=True)
+    sys.exit(status)
+
+
 def handle_errors(fn):
-    """Bad input → one line on stderr and exit status 2; nothing else is printed."""
+    """Every failure → one line on stderr and exit status 2 (130 on Ctrl-C); a traceback only
+    with -vv. What was finished before the failure stays (every stage commits as it goes)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except EngineError as err:
-            click.echo(f"engine: error: {err}", err=True)
-            sys.exit(2)
+            _fail(str(err))
+        except KeyboardInterrupt:
+            _fail("interrupted; rerun the same command to resume", 130)
+        except OSError as err:
+            if _VERBOSITY["level"] >= 2:
+                raise
+            _fail(_os_error(err))
+        except Exception as err:  # noqa: BLE001 - the promise is one line, whatever went wrong
+            if _VERBOSITY["level"] >= 2:
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            _fail(f"unexpected {type(err).__name__}: {first} (rerun with -vv for the traceback)")
 
     return wrapper
+
+
+def _os_error(err: OSError) -> str:
+    import errno
+
+    where = f" {err.filename}" if getattr(err, "filename", None) else ""
+    if err.errno == errno.ENOSPC:
+        return f"disk full while writing{where}; free some space and rerun: finished work is kept"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"not allowed to write{where} ({err.strerror})"
+    return f"{err.strerror or type(err).__name__}{where}"
+
+
+def _not_empty(ctx, param, value):
+    """Empty strings are never a path, key or name."""
+    if isinstance(value, str) and value.strip() == "":
+        raise click.BadParameter(f"got {value!r}, expected a non-empty value", ctx=ctx, param=param)
+    if isinstance(value, tuple) and any(isinstance(v, str) and not v.strip() for v in value):
+        raise click.BadParameter("got an empty value, expected non-empty values", ctx=ctx, param=param)
+    return value
 
 
 # ---------------------------------------------------------------- the shared vocabulary
@@ -88,7 +127,7 @@ def cache_option(
     required: bool = False,
 ):
     kwargs = {"required": True} if required else {"default": DEFAULT_CACHE, "show_default": True}
-    return click.option("--cache", help=help, **kwargs)
+    return click.option("--cache", help=help, callback=_not_empty, **kwargs)
 
 
 def device_option(help: str = "auto, cpu, cuda or cuda:N."):
@@ -111,7 +150,7 @@ def out_option(what: str, help: str, *, required: bool = False, default=None):
     kwargs = (
         {} if default is None else {"default": default, "show_default": True}
     )  # an explicit None would satisfy `required`
-    return click.option("--out", required=required, type=path, help=f"{help} ({what}).", **kwargs)
+    return click.option("--out", required=required, type=path, help=f"{help} ({what}).", callback=_not_empty, **kwargs)
 
 
 def k_option(default: int, help: str):
@@ -170,6 +209,7 @@ class _Group(click.Group):
 def cli(threads: int | None, verbose: int) -> None:
     """Cache CLIP features of WebDataset shards once, then select clean samples (CLIPCleaner),
     diagnose label noise with FAISS, and train a MixFix classifier on the cached features."""
+    _VERBOSITY["level"] = verbose
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -226,15 +266,40 @@ def make_shards(out, num_classes, per_shard, shards, noise, rate, seed, prefix, 
 
 # ---------------------------------------------------------------- embed
 @cli.command("embed")
-@click.argument("shards", nargs=-1, required=True)
+@click.argument("shards", nargs=-1, required=True, callback=_not_empty)
 @cache_option()
 @click.option(
-    "--model", default="shapes-tiny", show_default=True, help="open_clip architecture, a model folder, or shapes-tiny."
+    "--model",
+    default="shapes-tiny",
+    show_default=True,
+    callback=_not_empty,
+    help="open_clip architecture, a model folder, or shapes-tiny.",
 )
-@click.option("--pretrained", default=None, help="Pretrained tag (e.g. laion2b_s34b_b79k) or a local weights file.")
-@click.option("--classes", default=None, help="Class file (JSON/YAML) or built-in name (imagenet1k, shapes[:N]).")
-@click.option("--label-key", default="cls", show_default=True, help="Sample field with the label, or json:FIELD.")
-@click.option("--true-label-key", default=None, help="Sample field with the true label (evaluation only).")
+@click.option(
+    "--pretrained",
+    default=None,
+    callback=_not_empty,
+    help="Pretrained tag (e.g. laion2b_s34b_b79k) or a local weights file.",
+)
+@click.option(
+    "--classes",
+    default=None,
+    callback=_not_empty,
+    help="Class file (JSON/YAML) or built-in name (imagenet1k, shapes[:N]).",
+)
+@click.option(
+    "--label-key",
+    default="cls",
+    show_default=True,
+    callback=_not_empty,
+    help="Sample field with the label, or json:FIELD.",
+)
+@click.option(
+    "--true-label-key",
+    default=None,
+    callback=_not_empty,
+    help="Sample field with the true label (evaluation only).",
+)
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option(
     "--workers",
@@ -559,7 +624,7 @@ def _diagnose_lines(s: dict):
 
 
 @cli.command("neighbors")
-@click.argument("key")
+@click.argument("key", callback=_not_empty)
 @cache_option()
 @k_option(10, "Neighbors to list.")
 @device_option()
@@ -609,11 +674,11 @@ def neighbors(key, cache, k, device, as_json):
 @from_config(
     TrainConfig,
     "val_fraction",
-    help="Hold out this share of the selection to pick the best epoch (written as OUT.best.pt).",
+    help="Hold out this share of the selection to pick the best epoch (written next to OUT: head.best.pt for head.pt).",
 )
 @seed_option()
 @device_option()
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT.state.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT.state (head.pt.state for head.pt).")
 @out_option("file", "The trained head (a checkpoint)", default="head.pt")
 @json_option()
 @handle_errors
@@ -808,7 +873,7 @@ def _export_lines(s: dict):
 
 # ---------------------------------------------------------------- pack
 @cli.command("pack")
-@click.argument("root")
+@click.argument("root", callback=_not_empty)
 @out_option("folder", "Where the shards, pack.json and classes.json are written", required=True)
 @click.option(
     "--list",
@@ -945,6 +1010,27 @@ def report(cache, out, per_class, thumb, k, heatmap_classes, classes_per_page, w
     )
     summary = write_report(cache, out, config, device=device)
     _emit(summary, as_json, summary_lines)
+
+
+# ---------------------------------------------------------------- verify
+@cli.command("verify")
+@cache_option()
+@json_option()
+@handle_errors
+def verify(cache, as_json):
+    """Check a cache end to end (manifest, every chunk, values, result groups, leftovers, lock);
+    exit status 1 when anything is wrong, with the command that repairs each problem.
+
+    \b
+    Example:
+      engine verify --cache feats.zarr
+    """
+    from engine.verify import summary_lines, verify_cache
+
+    summary = verify_cache(cache)
+    _emit(summary, as_json, summary_lines)
+    if not summary["ok"]:
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------- (new commands go above this line)

@@ -9,7 +9,7 @@ A class file is JSON (or YAML when PyYAML is installed)::
                   "aliases": ["scarlet disc"],      # optional: more names, same prompts
                   "descriptions": ["which is perfectly round"]}]}   # optional
 
-Prompts follow METHOD.md §1: every template x every description, `"{template} {description}{suffix}"`;
+Prompts follow docs/method.md: every template x every description, `"{template} {description}{suffix}"`;
 a class with no descriptions gets the plain templates, `"{template}{suffix}"`. Aliases add the
 same prompts with the alias in place of the name.
 

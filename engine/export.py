@@ -211,6 +211,9 @@ class ShardPattern:
     def parse(cls, spec: str) -> ShardPattern:
         directory, name = os.path.split(spec)
         expected = "expected a pattern like OUT/{000000..}.tar or OUT/clean-%06d.tar"
+        parent = next((p for p in [Path(directory), *Path(directory).parents] if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise EngineError(f"shards: got {spec!r}, but {parent} is a file; expected a folder for the shards")
         if _BRACE.search(directory) or _PERCENT.search(directory):
             raise EngineError(f"shards: got {spec!r}; the number must be in the file name, not the folder; {expected}")
         braces, percents = _BRACE.findall(name), _PERCENT.findall(name)

@@ -39,8 +39,7 @@ def _validate(data, path: str) -> dict:
     _require(np.isfinite(features).all(), "features: contains NaN or infinity")
     n = features.shape[0]
     _require(labels.shape == (n,), f"labels: expected shape ({n},), got {labels.shape}")
-    _require(np.issubdtype(labels.dtype, np.integer), f"labels: expected integers, got {labels.dtype}")
-    _require(labels.min() >= -1, f"labels: expected >= -1 (-1 = missing), got min {labels.min()}")
+    _check_ints(labels, "labels")
     out = {"features": features, "labels": labels.astype(np.int32)}
     keys = np.asarray(data["keys"]).astype(str) if "keys" in data else np.array([f"{i:09d}" for i in range(n)])
     _require(keys.shape == (n,), f"keys: expected shape ({n},), got {keys.shape}")
@@ -49,10 +48,7 @@ def _validate(data, path: str) -> dict:
     out["keys"] = keys
     true = np.asarray(data["true_labels"]) if "true_labels" in data else np.full(n, -1)
     _require(true.shape == (n,), f"true_labels: expected shape ({n},), got {true.shape}")
-    _require(
-        np.issubdtype(true.dtype, np.integer) and (true.size == 0 or true.min() >= -1),
-        f"true_labels: expected integers >= -1, got dtype {true.dtype}",
-    )
+    _check_ints(true, "true_labels")
     out["true_labels"] = true.astype(np.int32)
     out.update(_validate_text(data, features.shape[1], labels))
     if "class_names" in data and "class_names" not in out:
@@ -65,10 +61,25 @@ def _validate(data, path: str) -> dict:
     return out
 
 
+INT32_MAX = np.iinfo(np.int32).max
+
+
+def _check_ints(values: np.ndarray, name: str) -> None:
+    """Integers in [-1, 2^31 - 1), checked before any cast (a cast to int32 would wrap)."""
+    _require(np.issubdtype(values.dtype, np.integer), f"{name}: expected integers, got {values.dtype}")
+    if values.size:
+        low, high = int(values.min()), int(values.max())
+        _require(low >= -1, f"{name}: expected >= -1 (-1 = missing), got min {low}")
+        _require(high < INT32_MAX, f"{name}: expected values below {INT32_MAX}, got max {high}")
+
+
 def _validate_text(data, dim: int, labels: np.ndarray) -> dict:
     if "text_features" not in data:
         return {}
-    text = np.asarray(data["text_features"], dtype=np.float32)
+    raw = np.asarray(data["text_features"])
+    _require(np.issubdtype(raw.dtype, np.floating), f"text_features: expected floats, got {raw.dtype}")
+    _require(np.isfinite(raw).all(), "text_features: contains NaN or infinity")
+    text = _unit_rows(raw.reshape(-1, raw.shape[-1]) if raw.ndim >= 2 else raw).reshape(raw.shape)
     if text.ndim == 2:
         text = text[:, None, :]
     _require(
@@ -86,9 +97,41 @@ def _validate_text(data, dim: int, labels: np.ndarray) -> dict:
         else np.array([f"class {k}" for k in range(c)])
     )
     _require(names.shape == (c,), f"class_names: expected ({c},), got {names.shape}")
-    norms = np.linalg.norm(text, axis=2, keepdims=True)
-    text = np.where(norms > 0, text / np.maximum(norms, 1e-12), 0.0)
+    norms = np.linalg.norm(text, axis=2)
+    _require(bool((norms[mask] > 0).all()), "text_features: a real (masked-in) prompt is all zeros")
     return {"text": text * mask[..., None], "mask": mask, "class_names": names}
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows of `x` scaled to unit length in float64 (first by their largest entry, so values such
+    as 1e300 neither overflow nor underflow), as float32; all-zero rows stay zero."""
+    x = np.asarray(x, dtype=np.float64)
+    scale = np.abs(x).max(axis=-1, keepdims=True)
+    x = np.divide(x, scale, out=np.zeros_like(x), where=scale > 0)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0).astype(np.float32)
+
+
+def _load(path: str) -> dict:
+    """The arrays of the .npz at `path`; anything else (a .npy, an empty or cut-off file, object
+    arrays that would need pickle) is a one-line error."""
+    import zipfile
+
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise EngineError(f"import: {path} is not a readable .npz ({type(err).__name__}: {err})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise EngineError(
+            f"import: {path} holds a single array ({type(loaded).__name__}), expected an .npz with named arrays "
+            "(np.savez(path, features=..., labels=...))"
+        )
+    try:
+        with loaded as npz:
+            return {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as err:
+        reason = "it holds object arrays (pickled Python objects)" if "allow_pickle" in str(err) else str(err)
+        raise EngineError(f"import: {path} cannot be read: {reason}; store numbers and strings only") from None
 
 
 def import_npz(path: str, cache_path: str, *, model_name: str | None = None) -> dict:
@@ -100,15 +143,8 @@ def import_npz(path: str, cache_path: str, *, model_name: str | None = None) -> 
     """
     if cache_exists(cache_path):
         raise EngineError(f"import: {cache_path} already exists; import into a new cache path")
-    with np.load(path, allow_pickle=False) as npz:
-        data = _validate({k: npz[k] for k in npz.files}, path)
-    features = data["features"].astype(np.float32)
-    norms = np.linalg.norm(features, axis=1)
-    _require(
-        (norms > 0).all(), f"features: {(norms == 0).sum()} rows are all zeros (first: row {np.argmax(norms == 0)})"
-    )
-    renormalised = int((np.abs(norms - 1) > 1e-3).sum())
-    features = (features / norms[:, None]).astype(np.float16)
+    data = _validate(_load(path), path)
+    features, renormalised = _unit_features(data["features"])
     cache = CacheWriter(cache_path, create=True)
     identity = {"model": model_name, "pretrained": "imported", "embed_dim": int(features.shape[1])}
     if not model_name:
@@ -144,6 +180,22 @@ def import_npz(path: str, cache_path: str, *, model_name: str | None = None) -> 
         "has_text": "text" in data,
         "has_true_labels": bool((data["true_labels"] >= 0).any()),
     }
+
+
+def _unit_features(raw: np.ndarray, *, block: int = 65_536) -> tuple[np.ndarray, int]:
+    """(features (N, D) float16 unit rows, rows that were not unit length), in blocks of rows so
+    a float64 copy is never held whole."""
+    out = np.empty(raw.shape, dtype=np.float16)
+    renormalised = 0
+    for start in range(0, len(raw), block):
+        x = np.asarray(raw[start : start + block], dtype=np.float64)
+        scale = np.abs(x).max(axis=1)
+        zero = np.flatnonzero(scale == 0)
+        _require(zero.size == 0, f"features: row {start + int(zero[0]) if zero.size else 0} is all zeros")
+        norms = np.linalg.norm(x / scale[:, None], axis=1) * scale
+        renormalised += int((np.abs(norms - 1) > 1e-3).sum())
+        out[start : start + block] = _unit_rows(x).astype(np.float16)
+    return out, renormalised
 
 
 def _sha256(path: str) -> str:

@@ -41,7 +41,7 @@ def exclusive(folder: Path, *, command: str, option: str) -> Iterator[None]:
     fd = lock_folder(folder, wait=False)
     if fd is None:
         raise EngineError(
-            f"{option}: another `engine {command}` is writing into {folder}; wait for it or use another {option}"
+            f"{option}: another `engine {command}` is writing into {folder}; wait for it or use another --{option}"
         )
     try:
         yield
@@ -104,7 +104,7 @@ class UnitFolder:
         else:
             if isinstance(manifest, dict) and "format" in manifest and manifest["format"] != self.format:
                 raise EngineError(
-                    f"{self.option}: {path} was not written by `engine {self.command}`; use another {self.option}"
+                    f"{self.option}: {path} was not written by `engine {self.command}`; use another --{self.option}"
                 )
             shape = self.shape_problem(manifest)
             if shape is None:
@@ -140,7 +140,7 @@ class UnitFolder:
         if old is not None and not overwrite:
             raise EngineError(
                 f"{self.option}: {self.folder} holds output of a different plan ({changes(old)}); "
-                f"use --overwrite to replace it, or another {self.option}"
+                f"use --overwrite to replace it, or another --{self.option}"
             )
         if overwrite:
             victims = set(names) | (set(self.units_of(old)) if old is not None else set())
@@ -152,7 +152,7 @@ class UnitFolder:
             raise EngineError(
                 f"{self.option}: {self.folder} already holds {taken[0]} ({len(taken)} of this run's "
                 f"names) and no {self.manifest_name} records it; use --overwrite to replace "
-                f"them, or another {self.option}"
+                f"them, or another --{self.option}"
             )
         return Resume(manifest=None)
 

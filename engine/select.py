@@ -17,7 +17,7 @@ rows, C classes; at least 1). The authors' code sorts ascending and so takes the
 commented-out line shows the highest was meant, which is what we do. Without zero-shot among
 the classifiers, the first classifier's normalised loss ranks the fill-in.
 
-Conventions where METHOD.md leaves room (all recorded in the result):
+Conventions where the method leaves room (all recorded in the result):
 - unlabelled rows (label -1) are never selected, never fill-in candidates, and counted; their
   scores are 0 and their noise score 1;
 - degenerate classes (fewer than 2 labelled rows, or all normalised-loss inputs equal): the

@@ -273,6 +273,8 @@ def diagnose_from_cache(
     """Confusable class pairs (text and image), kNN label agreement and the swap table; written
     into `knn/` (neighbor ids and similarities, reused by `select --classifiers ...,knn`) and
     `diagnostics/`."""
+    if export_knn is not None and (not str(export_knn).endswith(".npz") or Path(export_knn).is_dir()):
+        raise EngineError(f"export-knn: got {str(export_knn)!r}, expected a .npz file path (the kNN graph is one file)")
     from engine import index as ix
 
     cache = Cache(cache_path, mode="a")

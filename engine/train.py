@@ -1,4 +1,4 @@
-"""MixFix training of a head on cached features (METHOD.md §5), on in-memory arrays.
+"""MixFix training of a head on cached features (docs/method.md), on in-memory arrays.
 
 Each epoch: train on the current set S with labels y' (class-balanced sampler, mixup,
 soft-target cross-entropy, SGD + MultiStepLR), then predict on all N rows and recompute
@@ -9,7 +9,7 @@ y' and S from the given labels y~ and the initial selection S0 (not cumulatively
     y'       = y~ with absorbed and relabelled rows set to yhat
     S        = S0 | absorb | relabel
 
-Choices made here where METHOD.md leaves room (all recorded in `TrainConfig`):
+Choices made here where the method leaves room (all recorded in `TrainConfig`):
 
 - sampler: every class present in S is drawn exactly `max_k n_k` times per epoch (each of
   its rows `floor(m / n_k)` times plus a random subset of `m mod n_k` rows), as in the
@@ -78,7 +78,7 @@ class Standardize(nn.Module):
     """(x - mean) * scale per feature dimension; buffers, so they travel with the head's state.
 
     Identity until `fit` sets them. L2-normalised CLIP features have per-dimension spreads of
-    about 1/sqrt(D): a head on raw features stays unconfident under the METHOD.md learning rate
+    about 1/sqrt(D): a head on raw features stays unconfident under the method's learning rate
     and weight decay, and MixFix's confidence thresholds are then never reached."""
 
     def __init__(self, dim: int):
@@ -141,7 +141,7 @@ def _head_dims(head: nn.Module) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """MixFix training settings; defaults are the authors' (METHOD.md §5) where they give one.
+    """MixFix training settings; defaults are the authors' (docs/method.md) where they give one.
 
     `milestones` None means 50% and 75% of `epochs` (see `resolved_milestones`).
     `block_rows` bounds the rows predicted at once (a block's probabilities are

@@ -86,7 +86,7 @@ def pair_kind(colour: str, shape: str, partner: tuple[str, str]) -> str:
 
 
 def evaluate(model, tokenizer, mean, std, *, count: int, seed: int) -> dict:
-    """Zero-shot accuracy on freshly drawn images with the engine's own prompts (METHOD.md §2)."""
+    """Zero-shot accuracy on freshly drawn images with the engine's own prompts (docs/method.md)."""
     num_classes = synthetic.MAX_CLASSES
     classes = synthetic.class_list()
     images, labels = draw_pool(count, seed, num_classes)

@@ -1,4 +1,4 @@
-"""engine.select: scores, batched mixtures against scikit-learn, every METHOD.md §4 rule by hand."""
+"""engine.select: scores, batched mixtures against scikit-learn, every selection rule of docs/method.md by hand."""
 
 from __future__ import annotations
 
