@@ -39,12 +39,33 @@ def _one_line(code, stderr, *needles, status=2):
 def built(tmp_path_factory):
     """A real shapes cache (2 shards, 6 classes) with a selection."""
     root = tmp_path_factory.mktemp("integrity")
-    code, _, err = _run("make-shards", "--out", str(root / "s"), "--num-classes", "6", "--per-shard", "60",
-                        "--shards", "2", "--seed", "3")
+    code, _, err = _run(
+        "make-shards",
+        "--out",
+        str(root / "s"),
+        "--num-classes",
+        "6",
+        "--per-shard",
+        "60",
+        "--shards",
+        "2",
+        "--seed",
+        "3",
+    )
     assert code == 0, err
     cache = str(root / "c.zarr")
-    code, _, err = _run("embed", f"{root}/s/shapes-{{000000..000001}}.tar", "--cache", cache, "--classes",
-                        str(root / "s" / "classes.json"), "--true-label-key", "true_cls", "--workers", "0")
+    code, _, err = _run(
+        "embed",
+        f"{root}/s/shapes-{{000000..000001}}.tar",
+        "--cache",
+        cache,
+        "--classes",
+        str(root / "s" / "classes.json"),
+        "--true-label-key",
+        "true_cls",
+        "--workers",
+        "0",
+    )
     assert code == 0, err
     assert _run("select", "--cache", cache)[0] == 0
     return root
@@ -127,8 +148,10 @@ def test_a_half_created_cache_is_named_and_the_next_embed_finishes_it(built, tmp
 
     path = tmp_path / "half.zarr"
     zarr.open_group(str(path), mode="a")  # a kill right after the group's zarr.json appeared
-    for args in (["diagnose", "--cache", str(path)], ["predict", "--head", str(path / "zarr.json"),
-                                                     "--cache", str(path)]):
+    for args in (
+        ["diagnose", "--cache", str(path)],
+        ["predict", "--head", str(path / "zarr.json"), "--cache", str(path)],
+    ):
         code, _, err = _run(*args)
         _one_line(code, err, "never finished")
     code, _, err = _run("embed", f"{built}/s/shapes-000000.tar", "--cache", str(path), "--workers", "0")
@@ -171,8 +194,16 @@ def test_a_full_disk_during_embed_is_one_line_and_the_rerun_completes(built, tmp
         return await real_set(self, key, value)
 
     monkeypatch.setattr(LocalStore, "set", failing_set)
-    args = ["embed", f"{built}/s/shapes-{{000000..000001}}.tar", "--cache", str(path), "--workers", "0",
-            "--classes", str(built / "s" / "classes.json")]
+    args = [
+        "embed",
+        f"{built}/s/shapes-{{000000..000001}}.tar",
+        "--cache",
+        str(path),
+        "--workers",
+        "0",
+        "--classes",
+        str(built / "s" / "classes.json"),
+    ]
     code, _, err = _run(*args)
     _one_line(code, err, "disk full")
     monkeypatch.setattr(LocalStore, "set", real_set)
@@ -190,16 +221,38 @@ def test_a_full_disk_during_embed_is_one_line_and_the_rerun_completes(built, tmp
         ("text.npz", lambda p: p.write_text("not an archive"), "not a readable .npz"),
         ("empty.npz", lambda p: p.write_bytes(b""), "not a readable .npz"),
         ("one.npy", lambda p: np.save(p, np.ones((3, 4))), "single array"),
-        ("cut.npz", lambda p: (np.savez(p, features=np.ones((3, 4)), labels=np.zeros(3, int)),
-                               p.write_bytes(p.read_bytes()[:60])), "not a readable .npz"),
-        ("objects.npz", lambda p: np.savez(p, features=np.ones((3, 4)), labels=np.array([0, "a", None], object)),
-         "object arrays"),
-        ("big.npz", lambda p: np.savez(p, features=np.ones((3, 4)), labels=np.array([0, 4294967297, 1])),
-         "labels: expected values below"),
-        ("true.npz", lambda p: np.savez(p, features=np.ones((3, 4)), labels=np.zeros(3, int),
-                                        true_labels=np.array([0, 2147483655, 1])), "true_labels: expected values below"),
-        ("nantext.npz", lambda p: np.savez(p, features=np.ones((3, 4)), labels=np.zeros(3, int),
-                                           text_features=np.full((2, 4), np.nan)), "text_features: contains NaN"),
+        (
+            "cut.npz",
+            lambda p: (
+                np.savez(p, features=np.ones((3, 4)), labels=np.zeros(3, int)),
+                p.write_bytes(p.read_bytes()[:60]),
+            ),
+            "not a readable .npz",
+        ),
+        (
+            "objects.npz",
+            lambda p: np.savez(p, features=np.ones((3, 4)), labels=np.array([0, "a", None], object)),
+            "object arrays",
+        ),
+        (
+            "big.npz",
+            lambda p: np.savez(p, features=np.ones((3, 4)), labels=np.array([0, 4294967297, 1])),
+            "labels: expected values below",
+        ),
+        (
+            "true.npz",
+            lambda p: np.savez(
+                p, features=np.ones((3, 4)), labels=np.zeros(3, int), true_labels=np.array([0, 2147483655, 1])
+            ),
+            "true_labels: expected values below",
+        ),
+        (
+            "nantext.npz",
+            lambda p: np.savez(
+                p, features=np.ones((3, 4)), labels=np.zeros(3, int), text_features=np.full((2, 4), np.nan)
+            ),
+            "text_features: contains NaN",
+        ),
     ],
 )
 def test_bad_npz_files_are_refused_in_one_line(tmp_path, name, make, needle):
@@ -228,8 +281,10 @@ def test_empty_paths_and_keys_are_refused(built, tmp_path, monkeypatch):
         (["embed", shards, "--cache", str(tmp_path / "x.zarr"), "--label-key", ""], "--label-key"),
         (["train", "--cache", str(built / "c.zarr"), "--out", ""], "--out"),
         (["pack", str(built / "s"), "--out", ""], "--out"),
-        (["export", "--cache", str(built / "c.zarr"), "--shards", f"{built}/s/classes.json/{{000000..}}.tar"],
-         "is a file"),
+        (
+            ["export", "--cache", str(built / "c.zarr"), "--shards", f"{built}/s/classes.json/{{000000..}}.tar"],
+            "is a file",
+        ),
         (["diagnose", "--cache", str(built / "c.zarr"), "--export-knn", str(tmp_path)], "is a directory"),
         (["diagnose", "--cache", str(built / "c.zarr"), "--export-knn", str(tmp_path / "knn")], ".npz file path"),
     ):
