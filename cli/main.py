@@ -310,6 +310,17 @@ def make_shards(out, num_classes, per_shard, shards, noise, rate, seed, prefix, 
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True)
 @device_option()
 @strict_option("sample")
+@click.option(
+    "--exact-decode",
+    is_flag=True,
+    help="Decode JPEGs at full size (default: at the smallest DCT scale that keeps both sides >= 1.25x the "
+    "model's input, several times faster on photos; a cache keeps one mode).",
+)
+@click.option(
+    "--no-gpu-decode",
+    is_flag=True,
+    help="With a CUDA device, decode JPEGs on the CPU workers instead of on the GPU (nvJPEG).",
+)
 @json_option()
 @handle_errors
 def embed(
@@ -325,6 +336,8 @@ def embed(
     precision,
     device,
     strict,
+    exact_decode,
+    no_gpu_decode,
     as_json,
 ):
     """Embed every image of SHARDS into the cache, exactly once and resumably.
@@ -353,6 +366,8 @@ def embed(
         precision=precision,
         device=device,
         strict=strict,
+        exact_decode=exact_decode,
+        gpu_decode=not no_gpu_decode,
     )
     rank, world = distributed_context()
     summary = embed_shards(list(shards), cache, config, rank=rank, world_size=world)
@@ -378,6 +393,9 @@ def _embed_lines(s: dict):
         f"bad samples: {s['bad_samples']}, missing labels: {s['missing_labels']} | "
         f"{s['images_per_s']} img/s on {s['device']} ({s['precision']}) | model {s['model']}"
     )
+    d = s.get("decode")
+    if d and (d.get("gpu_decoded") or d.get("cpu_fallback")):
+        yield f"decoded on the GPU: {d['gpu_decoded']}, on the CPU after nvJPEG refused: {d['cpu_fallback']}"
     for b in s["bad_examples"][:5]:
         yield f"  bad: {b['key']}: {b['reason']}"
 

@@ -5,6 +5,7 @@ mode and autocast → a writer thread that stages and commits each shard into th
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -21,7 +22,17 @@ from engine.append import CacheWriter
 from engine.cache import Cache
 from engine.classes import encode_prompts, load_classes
 from engine.distributed import ProcessGroup, process_group
-from engine.reader import ReaderConfig, ShardReader, expand_shards, fingerprint_size, shard_fingerprints, split_for_rank
+from engine.reader import (
+    ReaderConfig,
+    ShardReader,
+    decode_image,
+    expand_shards,
+    fingerprint_size,
+    merge_outcomes,
+    shard_fingerprints,
+    split_for_rank,
+    stripes_for,
+)
 from engine.runtime import (
     EngineError,
     Timer,
@@ -65,12 +76,41 @@ class EmbedConfig:
     precision: str = "auto"
     device: str = "auto"
     strict: bool = False
+    exact_decode: bool = False  # False: JPEGs decoded at a reduced DCT scale (see DRAFT_MARGIN)
+    gpu_decode: bool = True  # with a CUDA device: JPEGs decoded and resized on the GPU (nvJPEG)
+
+    @property
+    def decode(self) -> str:
+        """How images are decoded, recorded in the cache's model identity."""
+        return "exact" if self.exact_decode else "reduced"
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise EngineError(f"batch-size: got {self.batch_size}, expected a positive integer")
         if self.workers is not None and self.workers < 0:
             raise EngineError(f"workers: got {self.workers}, expected 0 or more")
+
+
+DRAFT_MARGIN = 1.25  # reduced JPEG decoding keeps both sides >= 1.25 x the model's resize target:
+# measured on photo-like JPEGs with the bundled model (64 px), cosine to full decoding mean >= 0.999,
+# 1st percentile >= 0.994; at a margin of 1 the reduced image can land exactly on the target and the
+# model's own antialiased resize is skipped (minimum 0.93). benchmarks/bench_embed.py records it.
+
+
+def draft_size(identity: dict, config: EmbedConfig) -> int | None:
+    """The short side JPEGs are decoded to at least (None: decode whole)."""
+    if config.exact_decode:
+        return None
+    size = identity.get("preprocess", {}).get("size")
+    if size is None:
+        return None
+    target = max(size) if isinstance(size, (list, tuple)) else int(size)
+    return int(math.ceil(DRAFT_MARGIN * target))
+
+
+def with_decode(identity: dict, config: EmbedConfig) -> dict:
+    """The model identity recorded in the cache, with how its images are decoded."""
+    return {**identity, "preprocess": {**identity.get("preprocess", {}), "decode": config.decode}}
 
 
 def plan_cpu_split(workers: int | None, device: torch.device) -> tuple[int, int | None]:
@@ -101,6 +141,9 @@ class _Writer(threading.Thread):
         self.failed: list[dict] = []
         self.error: BaseException | None = None
         self.last_consolidate = float("-inf")
+        self.stripes: dict[int, list] = {}  # shard -> outcomes of its stripes received so far
+        self.summary: dict = {}  # how the run decoded (for the summary)
+        self.late_bad: dict[int, list] = {}  # shard -> [(key, reason, position)] found undecodable on the GPU side
 
     def run(self) -> None:
         while True:
@@ -120,6 +163,14 @@ class _Writer(threading.Thread):
             self.parts.setdefault(shard, []).append((features, batch))
         if outcome is None:
             return
+        stripes = self.stripes.setdefault(shard, [])
+        stripes.append(outcome)
+        if len(stripes) < outcome.stripes:
+            return  # other workers still read this shard's other stripes
+        outcome = merge_outcomes(self.stripes.pop(shard))
+        for key, reason, position in self.late_bad.pop(shard, []):
+            outcome.bad.append((key, reason))
+            outcome.bad_positions.append(position)
         parts = self.parts.pop(shard, [])
         record = asdict(outcome)
         if outcome.error:
@@ -130,6 +181,10 @@ class _Writer(threading.Thread):
         feats = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, self.cache.dim), np.float16)
         cat = lambda name: np.concatenate([getattr(p[1], name) for p in parts]) if parts else np.zeros(0, np.int32)
         keys = [k for p in parts for k in p[1].keys]
+        if outcome.stripes > 1:  # rows in sample order, as one worker would have read them
+            order = np.argsort(cat("positions"), kind="stable")
+            feats, keys = feats[order], [keys[i] for i in order]
+            cat = lambda name, _cat=cat: _cat(name)[order]
         if _slowed(_SLOW_WRITE):
             time.sleep(_SLOW_WRITE)  # testing aid: widen the window in which a kill lands mid-run
         self.cache.stage_shard(
@@ -176,7 +231,7 @@ def write_prompts(cache_path: str, classes: str, *, device: str = "auto") -> dic
     class_set = load_classes(classes)
     torch_device = resolve_device(device)
     loaded = models.load_model(identity["model"], _weights_spec(identity), device=torch_device)
-    if not models.same_model(identity, loaded.identity):
+    if not models.same_model(identity, loaded.identity, images=False):
         raise EngineError(
             f"cache: {cache_path} was made by {models.describe(identity)} but the model found "
             f"now is {models.describe(loaded.identity)}; pass the same weights file"
@@ -217,6 +272,14 @@ def _check_identity_early(cache: Cache, config: EmbedConfig) -> None:
                 f"cache: {cache.path} holds features of {models.describe(stored)}, but this run "
                 f"uses {models.describe(partial)}; use another --cache or the same model"
             )
+    stored_decode = models.decode_of(stored)
+    if stored_decode != config.decode:
+        flag = "with --exact-decode" if stored_decode == "exact" else "without --exact-decode"
+        raise EngineError(
+            f"cache: {cache.path} holds images decoded {stored_decode}ly (JPEGs "
+            f"{'at full size' if stored_decode == 'exact' else 'at a reduced DCT scale'}); this run decodes "
+            f"them {config.decode}ly; rerun {flag}, or use another --cache"
+        )
 
 
 def embed_shards(
@@ -264,7 +327,7 @@ def _embed(specs, cache_path, config, group: ProcessGroup, show_progress) -> dic
     timer = Timer()
     with timer("load_model"):
         loaded = group.on_every_rank(lambda: models.load_model(config.model, config.pretrained, device=device))
-    plan = group.from_leader(lambda: _prepare(cache_path, survey["pending"], loaded, class_set, dtype, device))
+    plan = group.from_leader(lambda: _prepare(cache_path, survey["pending"], loaded, class_set, dtype, device, config))
     summary["prompts_updated"] = plan["prompts_updated"]
     cache = group.on_every_rank(lambda: CacheWriter(cache_path))
     cache.run_id = plan["run"]
@@ -294,7 +357,7 @@ def _embed(specs, cache_path, config, group: ProcessGroup, show_progress) -> dic
             group.request_stop(
                 plan["run"], local["error"] if crash is not None else f"rank {group.rank}: {local['error']}"
             )
-    local.update(done=writer.done, failed=writer.failed)
+    local.update(done=writer.done, failed=writer.failed, decoding=writer.summary)
     with timer("wait_ranks"):
         results = group.gather(local)  # the one wait: every rank has staged all it will stage
     staged = [r["shard"] for res in results for r in res["done"] + res["failed"]]
@@ -309,6 +372,12 @@ def _embed(specs, cache_path, config, group: ProcessGroup, show_progress) -> dic
     done = [d for r in results for d in r["done"]]
     failed = [f for r in results for f in r["failed"]]
     summary["rows_after"] = final["rows"]
+    summary["decode"] = {
+        "mode": config.decode,
+        "gpu_decoded": sum(r["decoding"].get("gpu_decoded", 0) for r in results),
+        "cpu_fallback": sum(r["decoding"].get("cpu_fallback", 0) for r in results),
+        "stripes": max((r["decoding"].get("stripes", 1) for r in results), default=1),
+    }
     return _finish(
         summary,
         Cache(cache_path, mode="r"),
@@ -362,10 +431,10 @@ def _check_done_shards_unchanged(cache: Cache, done: list[str]) -> None:
         )
 
 
-def _prepare(cache_path, pending, loaded, class_set, dtype, device) -> dict:
+def _prepare(cache_path, pending, loaded, class_set, dtype, device, config) -> dict:
     """Leader: schema or model check, prompts, and the plan [(shard index, url)] in sorted order."""
     cache = CacheWriter(cache_path, create=True)
-    cache.initialise(loaded.identity, dim=loaded.embed_dim, precision=_PRECISION_NAMES[dtype])
+    cache.initialise(with_decode(loaded.identity, config), dim=loaded.embed_dim, precision=_PRECISION_NAMES[dtype])
     updated = _update_prompts(cache, class_set, loaded, device) if class_set else False
     fingerprints = shard_fingerprints(pending)
     index = cache.register_shards(pending, fingerprints)
@@ -404,7 +473,8 @@ def _embed_mine(
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    summary["workers"], summary["model_threads"] = min(workers, max(1, len(mine))), torch.get_num_threads()
+    parts = len(mine) * stripes_for(len(mine), workers)
+    summary["workers"], summary["model_threads"] = min(workers, max(1, parts)), torch.get_num_threads()
     new_rows = 0
     with timer("embed_loop"):  # until the last shard is staged (and, on the leader, appended)
         try:
@@ -438,6 +508,11 @@ def _embed_mine(
 
 
 def _run_loop(shards, loaded, config, device, dtype, writer, timer, show_progress, *, workers: int, should_stop) -> int:
+    from engine import gpudecode
+
+    identity = with_decode(loaded.identity, config)
+    gpu = config.gpu_decode and device.type == "cuda" and gpudecode.supported(identity)
+    stripes = stripes_for(len(shards), workers)
     reader = ShardReader(
         shards,
         loaded.preprocess,
@@ -446,25 +521,83 @@ def _run_loop(shards, loaded, config, device, dtype, writer, timer, show_progres
             true_label_key=config.true_label_key,
             batch_size=config.batch_size,
             strict=config.strict,
+            draft=draft_size(identity, config),
+            gpu_jpeg=gpu,
         ),
+        stripes=stripes,
     )
+    num_workers = min(workers, len(reader.units))
+    writer.summary.update(stripes=stripes, decode=config.decode, gpu_decode=gpu)
     loader = torch.utils.data.DataLoader(
         reader,
         batch_size=None,
-        num_workers=min(workers, len(shards)),
+        num_workers=num_workers,
         worker_init_fn=worker_init_single_thread,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
-        prefetch_factor=4 if min(workers, len(shards)) else None,
+        prefetch_factor=4 if num_workers else None,
     )
+    decoder = _BatchImages(loaded, identity, config, device, gpu)
     bar = progress(desc="embed", unit="img", disable=None if show_progress is None else not show_progress)
     try:
-        return _consume(loader, loaded, device, dtype, writer, timer, bar, should_stop)
+        return _consume(loader, loaded, device, dtype, writer, timer, bar, should_stop, decoder)
     finally:
         bar.close()
+        writer.summary.update(decoder.counts)
 
 
-def _consume(loader, loaded, device, dtype, writer, timer, bar, should_stop) -> int:
+class _BatchImages:
+    """A batch's images on the device: CPU-preprocessed rows as they are; with GPU decoding, the
+    JPEG rows decoded and preprocessed there, those nvJPEG refuses decoded on the CPU here, and
+    rows no decoder can read dropped from the batch (recorded as bad samples of their shard)."""
+
+    def __init__(self, loaded, identity: dict, config: EmbedConfig, device, gpu: bool):
+        from engine import gpudecode
+
+        self.loaded, self.config, self.device = loaded, config, device
+        self.draft = draft_size(identity, config)
+        self.gpu = gpudecode.GpuJpegDecoder(identity, device) if gpu else None
+        self.counts = {"gpu_decoded": 0, "cpu_fallback": 0}
+
+    def __call__(self, batch, writer) -> torch.Tensor:
+        images = batch.images.to(self.device, non_blocking=True)
+        if not batch.jpegs:
+            return images
+        decoded, failed = self.gpu(batch.jpegs)
+        self.counts["gpu_decoded"] += len(batch.jpegs) - len(failed)
+        rows = batch.jpeg_rows
+        out = torch.empty((len(batch.keys), 3, *self.gpu.size), device=self.device)
+        cpu_rows = np.setdiff1d(np.arange(len(batch.keys)), rows)
+        if len(cpu_rows):
+            out[torch.as_tensor(cpu_rows, device=self.device)] = images
+        ok = np.setdiff1d(np.arange(len(rows)), failed)
+        if len(ok):
+            out[torch.as_tensor(rows[ok], device=self.device)] = decoded
+        dropped = []
+        for i in failed:  # nvJPEG refused it: the CPU decoder, or a bad sample
+            self.counts["cpu_fallback"] += 1
+            row = int(rows[i])
+            try:
+                sample = {"jpg": bytes(batch.jpegs[i].numpy())}
+                image = self.loaded.preprocess(decode_image(sample, draft=self.draft))
+                out[row] = image.to(self.device)
+            except ValueError as err:
+                if self.config.strict:
+                    raise EngineError(f"bad sample {batch.keys[row]}: {err} (--strict)") from None
+                writer.late_bad.setdefault(batch.shard, []).append(
+                    (batch.keys[row], str(err)[:200], int(batch.positions[row]))
+                )
+                dropped.append(row)
+        if dropped:
+            keep = np.setdiff1d(np.arange(len(batch.keys)), dropped)
+            batch.keys = [batch.keys[i] for i in keep]
+            for name in ("positions", "labels", "true_labels"):
+                setattr(batch, name, getattr(batch, name)[keep])
+            out = out[torch.as_tensor(keep, device=self.device)]
+        return out
+
+
+def _consume(loader, loaded, device, dtype, writer, timer, bar, should_stop, decoder) -> int:
     """Embed every batch and hand it to the writer; stops early when another rank failed (the
     shard in progress is dropped, finished ones are still staged by the writer)."""
     rows = 0
@@ -484,17 +617,18 @@ def _consume(loader, loaded, device, dtype, writer, timer, bar, should_stop) -> 
             features = None
             if len(batch.keys):
                 with timer("model"):
-                    images = batch.images.to(device, non_blocking=True)
-                    with autocast(device, dtype):
-                        out = loaded.model.encode_image(images)
-                    features = F.normalize(out.float(), dim=-1).to(torch.float16).cpu().numpy()
+                    images = decoder(batch, writer)
+                    if len(images):
+                        with autocast(device, dtype):
+                            out = loaded.model.encode_image(images)
+                        features = F.normalize(out.float(), dim=-1).to(torch.float16).cpu().numpy()
                 rows += len(batch.keys)
                 bar.update(len(batch.keys))
             if writer.error is not None:
                 raise writer.error
             if batch.outcome is not None and batch.outcome.fatal:
                 raise EngineError(batch.outcome.error)
-            batch.images = None  # the writer keeps only features and metadata
+            batch.images, batch.jpegs = None, []  # the writer keeps only features and metadata
             writer.inbox.put((batch.shard, features, batch, batch.outcome))
     return rows
 

@@ -247,10 +247,26 @@ def load_model(name: str, pretrained: str | None = None, *, device: torch.device
     return LoadedModel(model=model, preprocess=preprocess, tokenizer=tokenizer, identity=identity, embed_dim=embed_dim)
 
 
-def same_model(a: dict, b: dict) -> bool:
-    """True when two identities describe the same weights and preprocessing."""
+def decode_of(identity: dict) -> str:
+    """How a cache's images were decoded: "reduced" (JPEG DCT scaling) or "exact" (caches made
+    before decoding was recorded decoded whole)."""
+    return identity.get("preprocess", {}).get("decode", "exact")
+
+
+def same_model(a: dict, b: dict, *, images: bool = True) -> bool:
+    """True when two identities describe the same weights and preprocessing; `images=False`
+    ignores how images were decoded (text features do not depend on it)."""
     keys = ("model", "pretrained", "sha256", "preprocess", "embed_dim")
-    return all(json.dumps(a.get(k), sort_keys=True) == json.dumps(b.get(k), sort_keys=True) for k in keys)
+
+    def norm(identity: dict, key: str):
+        value = identity.get(key)
+        if key == "preprocess" and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k != "decode"}
+            if images:
+                value["decode"] = decode_of(identity)
+        return json.dumps(value, sort_keys=True)
+
+    return all(norm(a, k) == norm(b, k) for k in keys)
 
 
 def describe(identity: dict) -> str:

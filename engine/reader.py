@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -124,17 +125,35 @@ def parse_label(sample: dict, key: str | None) -> int | None:
         return None
 
 
-def decode_image(sample: dict) -> Image.Image:
-    """The first present of jpg/jpeg/png/webp decoded to RGB; raises ValueError with a reason."""
+def image_bytes(sample: dict) -> tuple[str, bytes]:
+    """(field, bytes) of the first present of jpg/jpeg/png/webp; ValueError when none is."""
     for ext in IMAGE_KEYS:
         if ext in sample:
-            try:
-                image = Image.open(io.BytesIO(sample[ext]))
-                image.load()
-                return image.convert("RGB")
-            except Exception as err:  # PIL raises many types for bad data
-                raise ValueError(f"cannot decode {ext}: {type(err).__name__}: {err}") from None
+            return ext, sample[ext]
     raise ValueError(f"no image under any of {', '.join(IMAGE_KEYS)}")
+
+
+def is_jpeg(data: bytes) -> bool:
+    """JPEG by its magic bytes (the field name may lie)."""
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def decode_image(sample: dict, *, draft: int | None = None) -> Image.Image:
+    """The first present of jpg/jpeg/png/webp decoded to RGB; raises ValueError with a reason.
+
+    `draft`: a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at
+    least `draft` pixels (PIL's `Image.draft`), which is several times faster for photos larger
+    than the model needs; other formats are decoded whole."""
+    ext, data = image_bytes(sample)
+    try:
+        image = Image.open(io.BytesIO(data))
+        if draft and image.format == "JPEG":
+            image.draft("RGB", (draft, draft))
+        image.load()
+        return image.convert("RGB")
+    except Exception as err:  # PIL raises many types for bad data
+        reason = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the bytes", str(err))  # no addresses: reruns match
+        raise ValueError(f"cannot decode {ext}: {type(err).__name__}: {reason}") from None
 
 
 def check_end_of_archive(url: str) -> None:
@@ -253,6 +272,31 @@ class ShardOutcome:
     error: str | None = None
     fatal: bool = False  # --strict: the run must stop (raised in the main process)
     read_seconds: float = 0.0
+    bad_positions: list = field(default_factory=list)  # position of each bad sample, for merging stripes
+    stripe: int = 0  # this part of the shard: samples with position % stripes == stripe
+    stripes: int = 1
+
+
+def merge_outcomes(parts: list[ShardOutcome]) -> ShardOutcome:
+    """One shard's outcome from the outcomes of its stripes (read by different workers): the same
+    record a single worker would have made, bad samples in position order."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    order = sorted(((p, k, r) for o in parts for p, (k, r) in zip(o.bad_positions, o.bad)), key=lambda t: t[0])
+    errors = [o for o in parts if o.error]
+    return ShardOutcome(
+        shard=first.shard,
+        url=first.url,
+        samples=max(o.samples for o in parts),
+        bad=[(k, r) for _, k, r in order],
+        bad_positions=[p for p, _, _ in order],
+        missing_labels=sum(o.missing_labels for o in parts),
+        error=errors[0].error if errors else None,
+        fatal=any(o.fatal for o in parts),
+        read_seconds=sum(o.read_seconds for o in parts),
+        stripes=first.stripes,
+    )
 
 
 @dataclass
@@ -260,12 +304,14 @@ class Batch:
     """Preprocessed images of one shard, with their metadata; `outcome` set on the shard's last batch."""
 
     shard: int
-    images: torch.Tensor  # (B, 3, H, W) float32
+    images: torch.Tensor  # (B, 3, H, W) float32, or (B - len(jpegs), ...) with `jpegs`
     keys: list
     positions: np.ndarray  # (B,) int32 sample position within the shard
     labels: np.ndarray  # (B,) int32, -1 = missing
     true_labels: np.ndarray  # (B,) int32, -1 = missing
     outcome: ShardOutcome | None = None
+    jpegs: list = field(default_factory=list)  # GPU decoding: (B_j,) uint8 tensors of undecoded JPEGs
+    jpeg_rows: np.ndarray | None = None  # (B_j,) their rows in the batch; the other rows are `images`
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader's pin-memory thread (GPU runs): page-locked images."""
@@ -284,32 +330,45 @@ class ReaderConfig:
     true_label_key: str | None = None
     batch_size: int = 256
     strict: bool = False
+    draft: int | None = None  # decode JPEGs at reduced DCT scale, both sides >= this (None: whole)
+    gpu_jpeg: bool = False  # leave JPEGs undecoded (bytes) for the GPU; decode the rest here
+
+
+def stripes_for(shards: int, workers: int) -> int:
+    """Parts each shard is read in, so that `workers` decode workers all have work even with fewer
+    shards than workers (each part decodes every k-th sample of the shard)."""
+    return max(1, workers // shards) if 0 < shards < workers else 1
 
 
 class ShardReader(torch.utils.data.IterableDataset):
-    """Yields `Batch`es for `shards` [(index, url)], each DataLoader worker taking whole shards."""
+    """Yields `Batch`es for `shards` [(index, url)]; each DataLoader worker takes whole work units
+    (a shard, or with `stripes` k > 1 every k-th sample of a shard, so workers need not wait for
+    shards); batches never span units and a unit's last batch carries its `ShardOutcome`."""
 
-    def __init__(self, shards: list[tuple[int, str]], preprocess: Callable, config: ReaderConfig):
+    def __init__(self, shards: list[tuple[int, str]], preprocess: Callable, config: ReaderConfig, *, stripes: int = 1):
         super().__init__()
         self.shards = shards
         self.preprocess = preprocess
         self.config = config
+        self.units = [(index, url, j, stripes) for index, url in shards for j in range(stripes)]
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
-        mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
-        for index, url in mine:
-            yield from self._read_shard(index, url)
+        mine = self.units if info is None else self.units[info.id :: info.num_workers]
+        for index, url, stripe, stripes in mine:
+            yield from self._read_shard(index, url, stripe, stripes)
 
-    def _read_shard(self, index: int, url: str) -> Iterator[Batch]:
+    def _read_shard(self, index: int, url: str, stripe: int = 0, stripes: int = 1) -> Iterator[Batch]:
         import time
 
-        outcome = ShardOutcome(shard=index, url=url)
+        outcome = ShardOutcome(shard=index, url=url, stripe=stripe, stripes=stripes)
         pending: list = []
         start = time.perf_counter()
         position = -1
         try:
             for position, sample in enumerate(iter_tar_samples(url)):
+                if position % stripes != stripe:
+                    continue
                 item = self._prepare(sample, position, outcome)
                 if item is not None:
                     pending.append(item)
@@ -332,11 +391,12 @@ class ShardReader(torch.utils.data.IterableDataset):
     def _prepare(self, sample: dict, position: int, outcome: ShardOutcome):
         key = sample.get("__key__", f"#{position}")
         try:
-            image = self.preprocess(decode_image(sample))
+            image = self._image(sample)
         except ValueError as err:
             if self.config.strict:
                 raise _StrictStop(f"bad sample {key} in {outcome.url}: {err} (--strict)") from None
             outcome.bad.append((key, str(err)[:200]))
+            outcome.bad_positions.append(position)
             return None
         label = parse_label(sample, self.config.label_key)
         if label is None:
@@ -344,6 +404,14 @@ class ShardReader(torch.utils.data.IterableDataset):
             label = -1
         true_label = parse_label(sample, self.config.true_label_key)
         return key, image, position, label, -1 if true_label is None else true_label
+
+    def _image(self, sample: dict):
+        """The preprocessed image tensor, or with `gpu_jpeg` a JPEG's bytes as a uint8 tensor."""
+        if self.config.gpu_jpeg:
+            _, data = image_bytes(sample)
+            if is_jpeg(data):
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return self.preprocess(decode_image(sample, draft=self.config.draft))
 
     @staticmethod
     def _collate(index: int, items: list) -> Batch:
@@ -357,11 +425,15 @@ class ShardReader(torch.utils.data.IterableDataset):
                 true_labels=np.zeros(0, np.int32),
             )
         keys, images, positions, labels, true_labels = zip(*items)
+        encoded = np.asarray([im.dtype == torch.uint8 and im.ndim == 1 for im in images], dtype=bool)
+        decoded = [im for im, e in zip(images, encoded) if not e]
         return Batch(
             shard=index,
-            images=torch.stack(images),
+            images=torch.stack(decoded) if decoded else torch.empty(0),
             keys=list(keys),
             positions=np.asarray(positions, np.int32),
             labels=np.asarray(labels, np.int32),
             true_labels=np.asarray(true_labels, np.int32),
+            jpegs=[im for im, e in zip(images, encoded) if e],
+            jpeg_rows=np.flatnonzero(encoded) if encoded.any() else None,
         )

@@ -983,7 +983,9 @@ def load_head(
             f"head: {path} takes D={saved['in_dim']} features, got D={feature_dim}; "
             f"use features from the model it was trained on"
         )
-    if feature_identity is not None and feature_identity != saved["feature_identity"]:
+    from engine.models import same_model
+
+    if feature_identity is not None and not same_model(feature_identity, saved["feature_identity"]):
         keys = sorted(
             k
             for k in set(feature_identity) | set(saved["feature_identity"])

@@ -372,3 +372,141 @@ def test_the_manifest_is_written_per_consolidation_not_per_shard(tmp_path, shard
         counts[every] = len(writes)
         assert Cache(path).num_rows == 120 and [s["status"] for s in Cache(path).manifest["shards"]] == ["done"] * 3
     assert counts[3600.0] == counts[0.0] - 1  # 3 shards: 3 appends each alone, or 1 at the first + 1 at the end
+
+
+# ----------------------------------------------------------------------------- decoding at the hardware limit
+
+
+def _photos(n: int, size=(500, 375), seed=0) -> list[bytes]:
+    """Photo-like JPEGs: crops and flips of scikit-learn's sample photographs, resized to `size`."""
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    bases = [Image.fromarray(a) for a in load_sample_images().images]
+    rng, out = np.random.default_rng(seed), []
+    for _ in range(n):
+        base = bases[int(rng.integers(len(bases)))]
+        w, h = base.size
+        cw, ch = int(w * rng.uniform(0.5, 1)), int(h * rng.uniform(0.5, 1))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        image = base.crop((x, y, x + cw, y + ch)).resize(size, Image.BICUBIC)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def test_reduced_decoding_keeps_both_sides_and_the_features():
+    """Draft decoding of photos at the bundled model's 64 px: both sides stay >= the draft size, PNGs
+    are untouched, and the features stay within cosine 0.995 of full decoding (mean over photos of
+    three sizes; measured 0.9995)."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from engine import models
+    from engine.embed import draft_size
+    from engine.reader import decode_image
+
+    loaded = models.load_model("shapes-tiny", None, device="cpu")
+    draft = draft_size(loaded.identity, CFG)
+    assert draft == 80  # 1.25 x 64
+    cosines = []
+    for size in ((256, 341), (500, 375), (1024, 768)):
+        for data in _photos(12, size, seed=size[0]):
+            small = decode_image({"jpg": data}, draft=draft)
+            assert min(small.size) >= draft and small.size[0] < size[0]
+            full = loaded.preprocess(decode_image({"jpg": data}))
+            reduced = loaded.preprocess(small)
+            with torch.inference_mode():
+                a, b = loaded.model.encode_image(torch.stack([full, reduced]), normalize=True)
+            cosines.append(float(a @ b))
+    assert np.mean(cosines) >= 0.995 and min(cosines) >= 0.98, (np.mean(cosines), min(cosines))
+    png = io.BytesIO()
+    Image.new("RGB", (400, 300), "red").save(png, format="PNG")
+    assert decode_image({"png": png.getvalue()}, draft=draft).size == (400, 300)
+    assert draft_size(loaded.identity, EmbedConfig(exact_decode=True)) is None
+
+
+def test_stripes_read_every_sample_once_and_merge_outcomes_in_position_order(tmp_path):
+    import torch
+
+    from engine.reader import ReaderConfig, ShardOutcome, ShardReader, merge_outcomes, stripes_for
+
+    samples = [{"__key__": f"s{i:03d}", "jpg": data, "cls": b"1"} for i, data in enumerate(_photos(10, (80, 60)))]
+    samples[3]["jpg"] = b"broken"
+    samples[8]["jpg"] = b"broken too"
+    path = tmp_path / "one.tar"
+    _write_shard(path, samples)
+    config = ReaderConfig(batch_size=2)
+    whole = list(ShardReader([(0, str(path))], lambda im: torch.zeros(1), config)._read_shard(0, str(path)))
+    parts = [
+        list(ShardReader([(0, str(path))], lambda im: torch.zeros(1), config)._read_shard(0, str(path), j, 3))
+        for j in range(3)
+    ]
+    keys = sorted(k for p in parts for b in p for k in b.keys)
+    assert keys == sorted(k for b in whole for k in b.keys) and len(keys) == 8
+    outcomes = [p[-1].outcome for p in parts]
+    assert [o.stripe for o in outcomes] == [0, 1, 2] and all(o.samples == 10 for o in outcomes)
+    merged = merge_outcomes(outcomes)
+    assert merged.bad == whole[-1].outcome.bad and [k for k, _ in merged.bad] == ["s003", "s008"]
+    assert merge_outcomes([ShardOutcome(0, "u")]).stripes == 1
+    assert [stripes_for(s, 16) for s in (1, 3, 8, 16, 40)] == [16, 5, 2, 1, 1]
+
+
+def test_fewer_shards_than_workers_still_gives_the_same_cache(tmp_path, shard_paths):
+    """One shard, two decode workers: each reads every other sample; the rows land in sample order,
+    exactly as one worker would write them."""
+    one = _embed(shard_paths[:1], tmp_path / "one.zarr", workers=0)
+    two = _embed(shard_paths[:1], tmp_path / "two.zarr", workers=2)
+    assert two["decode"]["stripes"] == 2 and two["workers"] == 2 and one["rows"] == two["rows"] == 40
+    a, b = Cache(tmp_path / "one.zarr"), Cache(tmp_path / "two.zarr")
+    assert a.keys().tolist() == b.keys().tolist()
+    # other batches (every other sample) and thread counts: equal up to bf16 rounding
+    np.testing.assert_allclose(a.load_features().astype(np.float32), b.load_features().astype(np.float32), atol=2e-3)
+    np.testing.assert_array_equal(a.provenance()[1], b.provenance()[1])
+    np.testing.assert_array_equal(a.labels(), b.labels())
+
+
+def test_a_cache_keeps_one_decoding_mode(tmp_path, shard_paths):
+    path = tmp_path / "c.zarr"
+    _embed(shard_paths[:1], path)
+    assert Cache(path).identity["preprocess"]["decode"] == "reduced"
+    with pytest.raises(EngineError, match="rerun without --exact-decode"):
+        _embed(shard_paths[1:2], path, exact_decode=True)
+    # a cache made before decoding was recorded decoded whole
+    root = CacheWriter(path).root
+    manifest = dict(root.attrs)
+    del manifest["model"]["preprocess"]["decode"]
+    root.attrs.put(manifest)
+    with pytest.raises(EngineError, match="rerun with --exact-decode"):
+        _embed(shard_paths[1:2], path)
+    assert _embed(shard_paths[1:2], path, exact_decode=True)["rows"] == 80
+    write_prompts(str(path), "shapes:20")  # text features do not depend on how images were decoded
+
+
+@pytest.mark.gpu_test
+def test_gpu_decoding_matches_the_cpu_path(tmp_path):
+    """nvJPEG + GPU preprocessing against the CPU path: cosine >= 0.995; a PNG and a corrupt JPEG
+    take the CPU path (the corrupt one is a bad sample), counted in the summary."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    photos = _photos(40, (500, 375))
+    samples = [{"__key__": f"p{i:03d}", "jpg": d, "cls": b"0"} for i, d in enumerate(photos)]
+    samples.append({"__key__": "broken", "jpg": b"\xff\xd8\xff" + b"\x00" * 100, "cls": b"0"})
+    _write_shard(tmp_path / "p.tar", samples)
+    gpu = _embed([tmp_path / "p.tar"], tmp_path / "gpu.zarr", device="cuda", classes=None, true_label_key=None)
+    cpu = _embed([tmp_path / "p.tar"], tmp_path / "cpu.zarr", device="cpu", classes=None, true_label_key=None)
+    assert gpu["decode"]["gpu_decoded"] == 40 and gpu["decode"]["cpu_fallback"] == 1
+    assert gpu["bad_samples"] == cpu["bad_samples"] == 1
+    a = Cache(tmp_path / "gpu.zarr").load_features().astype(np.float32)
+    b = Cache(tmp_path / "cpu.zarr").load_features().astype(np.float32)
+    assert Cache(tmp_path / "gpu.zarr").keys().tolist() == Cache(tmp_path / "cpu.zarr").keys().tolist()
+    assert (a * b).sum(1).mean() >= 0.995
