@@ -1,14 +1,22 @@
-"""Embedding throughput on the same shards, in one run:
+"""Embedding throughput, each figure against baselines measured in the same run.
 
+Shapes (the bundled dataset, default):
   (a) decode + preprocess only, same DataLoader workers: the input limit of this machine
   (b) a naive loop: PIL decode → model → np.save per batch, no workers, no overlap
   (c) `engine embed` (workers, inference mode, background writer, per-shard commit)
 
-Prints c/a and c/b (targets: c/a >= 0.8, c/b >= 2), plus the two measurements behind the
-defaults: bf16 vs fp32 autocast on this CPU, and feature-array compression (size, write time).
+Photo-like JPEGs (`--data photos`: crops, flips and resizes of scikit-learn's sample photographs,
+at `--sizes`, e.g. 256 = short side 256 as WebVision's resized release, 500x375, 1024x768), per size:
+  decode_limit  decode + preprocess only on every core (the engine's decoding), no model
+  naive         one process: PIL full decode, the model's preprocessing, batches of 256, the model
+  engine        `engine embed` with its defaults (reduced JPEG decoding; on CUDA, nvJPEG)
+  engine_exact  `engine embed --exact-decode` (on CUDA: `--no-gpu-decode`, CPU decoding)
+  model_only    the model alone on random tensors of the input size, same batch and precision
+and the ratios engine/naive, engine/decode_limit, engine/model_only (medians of --repeats runs).
 
-    python benchmarks/bench_embed.py                     # shapes-tiny on this CPU
-    python benchmarks/bench_embed.py --gpu               # ViT-B-32 (random weights, timing only), bf16
+    python benchmarks/bench_embed.py                                   # shapes-tiny on this CPU
+    python benchmarks/bench_embed.py --data photos --sizes 256,500x375,1024x768
+    python benchmarks/bench_embed.py --data photos --gpu --sizes 256   # ViT-B-32 (random weights), bf16
 """
 
 from __future__ import annotations
@@ -124,6 +132,153 @@ def compression_probe(features: np.ndarray):
     return out
 
 
+def write_photo_shards(out: Path, *, size: str, images: int, shards: int, seed: int = 0) -> list[str]:
+    """Photo-like JPEG shards: crops and flips of scikit-learn's sample photographs, resized to
+    `size` ("256": short side 256 at 4:3, or "WxH"), JPEG quality 75-95, labels 0-9."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    width, height = (int(size * 4 / 3), int(size)) if str(size).isdigit() else map(int, str(size).split("x"))
+    size = int(size) if str(size).isdigit() else None
+    bases = [Image.fromarray(a) for a in load_sample_images().images]
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, per = [], -(-images // shards)
+    for shard in range(shards):
+        path = out / f"photos-{shard:06d}.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for i in range(min(per, images - shard * per)):
+                base = bases[int(rng.integers(len(bases)))]
+                w, h = base.size
+                cw, ch = int(w * rng.uniform(0.5, 1)), int(h * rng.uniform(0.5, 1))
+                x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                image = base.crop((x, y, x + cw, y + ch))
+                if rng.random() < 0.5:
+                    image = image.transpose(Image.FLIP_LEFT_RIGHT)
+                target = (width, height) if rng.random() < 0.7 else (height, width)  # some portrait
+                buffer = io.BytesIO()
+                image.resize(target, Image.BICUBIC).save(buffer, format="JPEG", quality=int(rng.integers(75, 96)))
+                sink.write({"__key__": f"p{shard:03d}_{i:05d}", "jpg": buffer.getvalue(), "cls": str(i % 10)})
+        paths.append(str(path))
+    return paths
+
+
+def decode_limit(shards, preprocess, *, workers: int, batch: int, draft) -> float:
+    """img/s of decoding + preprocessing alone with `workers` processes (the engine's decoding)."""
+    from engine.reader import stripes_for
+
+    reader = ShardReader(
+        list(enumerate(shards)),
+        preprocess,
+        ReaderConfig(batch_size=batch, draft=draft),
+        stripes=stripes_for(len(shards), workers),
+    )
+    loader = torch.utils.data.DataLoader(
+        reader, batch_size=None, num_workers=workers, worker_init_fn=worker_init_single_thread
+    )
+    start, n = time.perf_counter(), 0
+    for b in loader:
+        n += len(b.keys)
+    return n / (time.perf_counter() - start)
+
+
+def model_only(loaded, device, dtype, *, batch: int, images: int) -> float:
+    """img/s of the model alone on random inputs of its size, in the engine's precision."""
+    from engine.runtime import autocast
+
+    size = loaded.identity["preprocess"]["size"]
+    size = size[0] if isinstance(size, list) else size
+    x = torch.randn(batch, 3, size, size, device=device)
+    with torch.inference_mode(), autocast(device, dtype):
+        loaded.model.encode_image(x)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start, done = time.perf_counter(), 0
+        while done < images:
+            loaded.model.encode_image(x)
+            done += batch
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return done / (time.perf_counter() - start)
+
+
+def photos(args) -> dict:
+    """The photo-like benchmark, one block per size; medians over --repeats."""
+    from engine.embed import DRAFT_MARGIN, EmbedConfig, draft_size, plan_cpu_split, with_decode
+    from engine.runtime import available_cores, resolve_precision
+
+    device = torch.device("cuda" if args.gpu else "cpu")
+    model, pretrained, precision = ("ViT-B-32", "random", "bf16") if args.gpu else ("shapes-tiny", None, "auto")
+    loaded = load_model(model, pretrained, device=device)
+    dtype = resolve_precision(precision, device)
+    draft = draft_size(with_decode(loaded.identity, EmbedConfig()), EmbedConfig())
+    workers = plan_cpu_split(args.workers, device)[0]
+    out = {
+        "model": model,
+        "device": str(device),
+        "precision": str(dtype),
+        "workers": workers,
+        "draft_margin": DRAFT_MARGIN,
+        "draft": draft,
+        "sizes": {},
+    }
+    for size in args.sizes.split(","):
+        work = Path(tempfile.mkdtemp(prefix="bench-photos-"))
+        images = args.images if size != "1024x768" else max(200, args.images // 2)
+        shards = write_photo_shards(work / "shards", size=size, images=images, shards=args.shards)
+        runs = {k: [] for k in ("decode_limit", "naive", "engine", "engine_exact", "model_only")}
+        for r in range(args.repeats):
+            runs["decode_limit"].append(
+                decode_limit(shards, loaded.preprocess, workers=available_cores(), batch=args.batch, draft=draft)
+            )
+            if not args.gpu or r == 0:  # the naive loop on a GPU machine: once (it is slow)
+                runs["naive"].append(naive(shards, loaded, tempfile.mkdtemp(dir=work), batch=256, device=device))
+            for name, extra in (
+                ("engine", {}),
+                ("engine_exact", {"exact_decode": not args.gpu, "gpu_decode": not args.gpu}),
+            ):
+                cfg = EmbedConfig(
+                    model=model,
+                    pretrained=pretrained,
+                    workers=args.workers,
+                    batch_size=args.batch,
+                    precision=precision,
+                    device=str(device),
+                    **extra,
+                )
+                cache = work / f"{name}-{r}.zarr"
+                summary = embed_shards(shards, str(cache), cfg, show_progress=False)
+                runs[name].append(summary["images_per_s"])
+                shutil.rmtree(cache, ignore_errors=True)
+            runs["model_only"].append(model_only(loaded, device, dtype, batch=args.batch, images=images))
+        med = {k: round(statistics.median(v), 1) for k, v in runs.items() if v}
+        ratios = {
+            "engine/naive": round(med["engine"] / med["naive"], 2),
+            "engine/decode_limit": round(med["engine"] / med["decode_limit"], 2),
+            "engine/model_only": round(med["engine"] / med["model_only"], 2),
+        }
+        out["sizes"][size] = {
+            "images": images,
+            "median_images_per_s": med,
+            "runs": runs,
+            "ratios": ratios,
+            "decode": summary.get("decode"),
+            "cores": available_cores(),
+        }
+        print(
+            f"{size}: "
+            + "  ".join(f"{k} {v:.0f}" for k, v in med.items())
+            + " img/s | "
+            + "  ".join(f"{k} {v:.2f}" for k, v in ratios.items()),
+            flush=True,
+        )
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", type=int, default=8)
@@ -133,7 +288,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--gpu", action="store_true", help="ViT-B-32 random weights, bf16, on CUDA")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--data", choices=["shapes", "photos"], default="shapes")
+    p.add_argument("--sizes", default="256,500x375,1024x768", help="photo sizes: 256 (short side) or WxH")
+    p.add_argument("--images", type=int, default=2000, help="photos per size (1024x768: half)")
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
+    if args.data == "photos":
+        set_threads(args.threads)
+        result = photos(args)
+        print("wrote", write_result("embed-photos-gpu" if args.gpu else "embed-photos", result))
+        return
     if args.quick:
         args.shards, args.per_shard = 2, 100
     set_threads(args.threads)
