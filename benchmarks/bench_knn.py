@@ -6,7 +6,7 @@ search on a query sample; and exact search against scikit-learn's brute-force Ne
     python benchmarks/bench_knn.py --n 200000 --sklearn-n 0
 
 Targets (2-core CPU, N = 1M, D = 512, k = 10): build + search <= 10 minutes, recall@10 >= 0.9.
-Data: `clip_like_features` (1000 classes, mixed label noise), float16 unit rows.
+Data: `benchmarks/features.py` CLIP-like features (1000 classes, mixed label noise), float16 unit rows.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import clip_like_features, peak_rss_mb, timed, write_result  # noqa: E402
+from benchmarks.common import peak_rss_mb, timed, write_result  # noqa: E402
+from benchmarks.features import clip_features  # noqa: E402
 from engine.index import IndexConfig, _drop_self, build_index, exact_search, knn_all, recall_at_k  # noqa: E402
 
 TARGET_SECONDS = 600.0
@@ -146,12 +147,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its "no AVX2 module" note is benign
     args = parse_args(argv)
-    features, *_ = clip_like_features(args.n, args.classes, args.dim, noise="mix", seed=0)
+    features, *_ = clip_features(args.n, args.classes, args.dim, noise="mix", seed=0)
     auto = run_auto(features, kind=args.kind, k=args.k, recall_queries=args.recall_queries, nlist=args.nlist)
     del features
     sk = None
     if args.sklearn_n:
-        x, *_ = clip_like_features(args.sklearn_n, args.classes, args.dim, noise="mix", seed=1)
+        x, *_ = clip_features(args.sklearn_n, args.classes, args.dim, noise="mix", seed=1)
         sk = run_sklearn(x, k=args.k)
     print_table(auto, sk)
     if not args.no_write:

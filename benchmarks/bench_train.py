@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import clip_like_features, peak_rss_mb, timed, write_result  # noqa: E402
+from benchmarks.common import peak_rss_mb, timed, write_result  # noqa: E402
+from benchmarks.features import clip_features  # noqa: E402
 from engine.runtime import make_generator, resolve_device, set_threads, worker_init_single_thread  # noqa: E402
 from engine.train import TrainConfig, build_head, draw_lams, mixup, soft_cross_entropy, train_head  # noqa: E402
 
@@ -156,7 +157,7 @@ def main(argv=None) -> None:
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     start = time.perf_counter()
-    features, labels, true, _, _ = clip_like_features(args.n, args.classes, args.dim, rate=0.4, seed=0)
+    features, labels, true, _, _ = clip_features(args.n, args.classes, args.dim, noise="mix", rate=0.4, seed=0)
     selection = labels == true
     made = time.perf_counter() - start
     runs = {}
