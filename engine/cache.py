@@ -1,24 +1,8 @@
-"""The Zarr v3 feature cache: its layout, the read view (`Cache`) and the result groups of the
-later stages. Appending rows (staging, consolidation, trim, fencing) is `engine.append`; the lock
-is `engine.locks`; the typed result groups are `engine.results`. More in docs/architecture.md.
-
-Layout (a Zarr v3 group, a directory)::
-
-    zarr.json                 manifest in the group attributes (see `Cache.manifest`)
-    images/features (N, D)    float16, L2-normalised rows
-    images/labels   (N,)      int32, the given label, -1 when missing
-    images/true_labels (N,)   int32, ground truth for evaluation, -1 when unknown
-    images/keys     (N,)      str, the WebDataset __key__, unique in the cache
-    images/shard    (N,)      int32, index into manifest["shards"]
-    images/position (N,)      int32, sample position within its shard
-    text/features (C, P, D) float16, text/mask (C, P) bool, text/prompts (C, P) str
-    staging/<shard>-<run>/    one shard's rows while they are being committed
-    selection/, index/, train/, diagnostics/   results of later stages
-
-Rows are appended one whole shard at a time (`engine.append`); readers see only the first
-`manifest["rows"]` rows. A result group is written under a new name and then pointed to from
-`results/` in one write, so a reader (or a killed writer's next run) sees the old group or the
-new one, never half of one.
+"""The Zarr v3 feature cache: the read view (`Cache`: manifest, rows in blocks, keys, text features,
+every read checked for missing chunks, checksums and impossible values) and the storage of result
+groups (written under a new name, then pointed to from `results/` in one write). Appending rows is
+`engine.append`, the lock `engine.locks`, the typed result groups `engine.results`. The layout and
+the format versions: docs/architecture.md#the-cache.
 """
 
 from __future__ import annotations

@@ -1,20 +1,6 @@
-"""Class files (names, aliases, descriptions, templates, suffix) → prompts → text features.
-
-A class file is JSON (or YAML when PyYAML is installed)::
-
-    {"name": "shapes",
-     "templates": ["a photo of a {name}"],          # `{name}` is replaced by the class name
-     "suffix": ".",                                 # appended to every prompt
-     "classes": [{"index": 0, "name": "red circle",
-                  "aliases": ["scarlet disc"],      # optional: more names, same prompts
-                  "descriptions": ["which is perfectly round"]}]}   # optional
-
-Prompts follow docs/method.md: every template x every description, `"{template} {description}{suffix}"`;
-a class with no descriptions gets the plain templates, `"{template}{suffix}"`. Aliases add the
-same prompts with the alias in place of the name.
-
-Built-in class sets: `imagenet1k` (open_clip's names and OpenAI templates) and `shapes` /
-`shapes:N` (the first N classes of the procedural shapes dataset; default 20).
+"""Class files (names, aliases, descriptions, templates, suffix) and built-in sets (imagenet1k,
+shapes) → prompts (every template x every description) → text features (C, P, D) with a mask.
+The file format: docs/commands.md#prompts.
 """
 
 from __future__ import annotations

@@ -1,22 +1,7 @@
-"""`engine export`: label tables and cleaned WebDataset shards from a cache's results.
-
-Two outputs, both in cache order:
-
-- a label table (CSV or Parquet): one row per sample with the given label, the selection and
-  its scores, the MixFix label when `engine train` has run, the true label when known, and the
-  source shard url and position of every row;
-- cleaned shards: the source samples copied byte-for-byte (every field, `__key__` unchanged)
-  with `cls` set to the label to train with and `cls_given` to the original label. The plan
-  (which cache rows go to which output shard) is a pure function of the cache, so an export is
-  resumable per output shard: each shard is written under `NAME.tmp`, renamed when complete
-  and recorded in `OUT/export.json`; a rerun skips recorded shards and never reads the source
-  shards that only they need.
-
-Label choice. `--keep selected` writes the final selection with `cls` = the MixFix label when a
-`train/` group exists, else the given label. `--keep all` writes every sample with `cls` = the
-MixFix label (so it needs `engine train`) and `selected` = "1"/"0". A `train/` group older than
-the `selection/` group is an error (its labels belong to another selection). A label of -1
-(no label) is written as no `cls` / `cls_given` field at all, never as "-1".
+"""`engine export`: the label table (CSV or Parquet, one row per sample in cache order) and cleaned
+WebDataset shards (source samples copied byte for byte, `cls` the label to train with and
+`cls_given` the given one), resumable per output shard through `engine.outputs.UnitFolder`. Which
+label goes where: docs/commands.md#export.
 """
 
 from __future__ import annotations

@@ -1,20 +1,8 @@
-"""FAISS indexes over image features, all-vs-all kNN, class similarity, kNN diagnostics and the
-kNN classifier, on in-memory arrays.
-
-`features` is anything with `.shape`, `.dtype` and row slicing (`features[a:b]`), so a numpy
-array or a Zarr array: (N, D) float16 or float32, L2-normalised rows. Work goes in row blocks
-of `block_rows` (default 65,536 rows: 128 MiB of float32 at D = 512), each block cast to
-float32 for faiss, so memory beyond the index itself stays bounded by the block.
-
-Similarity is the inner product (cosine on unit rows). Neighbor arrays everywhere are
-`similarities (N, k) float32` sorted descending and `ids (N, k) int64` row numbers; an id of
--1 (similarity -inf) marks a missing result, which an approximate index can return when it
-finds fewer than k candidates.
-
-The `auto` index (see `choose_index`) is exact `IndexFlatIP` up to `FLAT_MAX_ROWS` rows and
-an IVF index above, with nlist from N and nprobe calibrated on a seeded sample of queries to
-reach `IndexConfig.target_recall` recall@10 against exact search. Measurements behind the
-rule are in benchmarks/bench_knn.py and its results.
+"""FAISS over image features (exact up to 50,000 rows, else IVF with a calibrated nprobe; HNSW),
+all-vs-all kNN in row blocks, class similarity (prompts, image centroids), kNN label diagnostics
+and the kNN graph cleanlab's Datalab takes. Neighbor arrays are `similarities (N, k) float32`
+sorted descending and `ids (N, k) int64` (-1 where fewer were found). The kNN classifier is in
+`engine.classifiers.knn`. See docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -1,26 +1,7 @@
-"""A lock for caches on S3-compatible object stores, made of one object and conditional writes.
-
-Object stores have no `flock`, but S3 (and MinIO, Ceph RGW, moto) take preconditions on
-writes: a PUT with `If-None-Match: *` succeeds only when the object is absent, a PUT or
-DELETE with `If-Match: <etag>` only when the object is still the version the caller saw.
-That is enough for a lease:
-
-- take: create `<cache>/engine.lock` with `If-None-Match: *`; its body names the holder and
-  carries a random nonce, so a retried request that already succeeded is recognised as ours;
-- hold: a heartbeat thread rewrites it with `If-Match: <our etag>` every ttl/4;
-- release: delete it with `If-Match: <our etag>`;
-- a holder that died stops renewing: a waiter that has seen the same etag for longer than
-  the ttl (by its own monotonic clock, so no two machines' clocks are compared) takes it over
-  with `If-Match: <that etag>`, so of several waiters exactly one wins;
-- fencing: the holder counts its lease as lost once its last successful write is more than
-  ttl/2 old (a waiter can take over only a full ttl after that write) or a renewal finds
-  another holder's etag; `check()` is called before every write to the cache's arrays and
-  manifest, so a stalled holder stops writing before anyone else may start.
-
-Only the manifest's read-modify-write steps hold it (create, register, consolidate, trim,
-prompts), each for seconds, so concurrent jobs interleave at shard granularity.
-`ENGINE_S3_LOCK=off` turns it off for stores that do not honour conditional writes (then:
-one job per cache at a time).
+"""A lock for caches on S3-compatible object stores: one object, `<cache>/engine.lock`, taken with
+`If-None-Match: *`, renewed by a heartbeat with `If-Match`, taken over after its ttl by exactly one
+waiter, and fenced (a holder that stalled past half the ttl stops writing). `ENGINE_S3_LOCK=off`
+turns it off. How and why: docs/architecture.md#the-lock.
 """
 
 from __future__ import annotations

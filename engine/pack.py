@@ -1,20 +1,8 @@
-"""Image folders and file lists → WebDataset shards that `engine embed` reads.
-
-A *plan* is the ordered list of files under ROOT with their labels (from an ImageFolder layout,
-a `PATH LABEL` list, or a regex over file names), cut into shards of `per_shard` files. Its
-fingerprint (root, files, labels, true labels, each file's size and mtime, per_shard, prefix) is
-recorded in OUT/pack.json, so a replaced or touched image makes a different plan.
-
-Shards are independent: a process pool (started by a fork server once torch is loaded, see
-`_start_method`) verifies and writes each one to `NAME.partial`, then renames it into place, and
-the main process records it in the manifest. A rerun of the same plan skips recorded shards and
-rewrites the others; a killed run never leaves half a shard under a final name. Entry times in
-the tars are fixed, so one plan always gives the same bytes.
-
-Every image is decoded (PIL open + load) before it is written. JPEG, PNG and WebP bytes are
-stored unchanged (the format is read from the magic bytes, not the file name); any other
-format PIL decodes is converted losslessly to PNG. Files that cannot be read or decoded are
-skipped, counted and recorded with a one-line reason.
+"""`engine pack`: image folders, file lists (and Hugging Face datasets) → WebDataset shards for
+`engine embed`. A plan (files, labels, their sizes and times) is fingerprinted; every image is
+decoded before it is written (JPEG/PNG/WebP bytes kept, others converted to PNG, bad files
+skipped and listed); shards are written by a process pool through `engine.outputs.UnitFolder`,
+so a rerun of the same plan resumes. Recipes: docs/datasets.md; options: docs/commands.md#pack.
 """
 
 from __future__ import annotations

@@ -1,40 +1,7 @@
-"""CLIPCleaner selection (docs/method.md): scores, batched mixtures, intersection, fill-in.
-
-For every classifier (zero-shot, linear, and any passed in, e.g. kNN from engine.index) one
-streaming pass over row blocks turns log P (B, C) into per-row scores; nothing N x C is held:
-
-- consistency  c_i = P(y_i | x_i) / max_k P(k | x_i) = exp(log P_y - max_k log P_k), in (0, 1];
-- loss         l_i = log P(y_i | x_i), min-max normalised within each labelled class;
-- prediction   argmax_k P and confidence max_k P.
-
-Selection, per (classifier, criterion) pair: consistency passes when c_i >= theta_cons; loss
-fits one 2-component 1-D Gaussian mixture per class to the normalised losses (all classes in
-one batched EM, initialised and stopped as scikit-learn's `GaussianMixture(n_components=2)`)
-and passes when the posterior of the larger-mean component is >= theta_gmm. The clean set is
-the intersection of all pairs; a class left empty then gets its m = max(smallest non-zero
-per-class count, floor(M / C^2)) rows with the highest zero-shot normalised loss (M labelled
-rows, C classes; at least 1). The authors' code sorts ascending and so takes the lowest; its
-commented-out line shows the highest was meant, which is what we do. Without zero-shot among
-the classifiers, the first classifier's normalised loss ranks the fill-in.
-
-Conventions where the method leaves room (all recorded in the result):
-- unlabelled rows (label -1) are never selected, never fill-in candidates, and counted; their
-  scores are 0 and their noise score 1;
-- degenerate classes (fewer than 2 labelled rows, or all normalised-loss inputs equal): the
-  loss criterion passes all their rows (posterior 1, normalised loss 1), consistency decides;
-- log P(y) = -inf (a classifier giving the label zero probability) is scored as the worst
-  finite value of its class (normalised loss 0); a NaN or an all -inf row is an error;
-- noise score (beyond the paper) in [0, 1]: the largest relative shortfall over the pairs,
-  max_p max(0, (theta_p - s_p) / theta_p), s_p the value compared with the threshold
-  (consistency, or the GMM posterior). 0 exactly for rows that pass every pair; fill-in rows
-  keep their (positive) shortfall, so they stay recognisable.
-
-Memory (N rows, D dims, C classes, P prompts, B = block rows): the float16 features (N x D x 2
-bytes; a copy on the GPU when used), 24 bytes per row per classifier for its scores, about 150
-bytes per row while the mixtures run (float64 work arrays), about 20 per row while the linear
-classifier fits, and a few blocks: B x C x P float32 for zero-shot (B chosen for 16M elements
-unless `block_rows` is set), about 16 MB for the linear objective. Nothing N x C is held; at
-N = 1M, C = 1000, D = 512 a run peaked at 3.6 GB RSS (on a GPU machine, data generation included).
+"""CLIPCleaner selection on arrays: per-row scores from each classifier's log-probabilities in one
+streaming pass over row blocks, batched per-class 1-D mixtures, the intersection of the
+(classifier, criterion) tests and the empty-class fill-in. Nothing N x C is held. The method and
+its conventions: docs/method.md.
 """
 
 from __future__ import annotations

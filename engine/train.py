@@ -1,31 +1,6 @@
-"""MixFix training of a head on cached features (docs/method.md), on in-memory arrays.
-
-Each epoch: train on the current set S with labels y' (class-balanced sampler, mixup,
-soft-target cross-entropy, SGD + MultiStepLR), then predict on all N rows and recompute
-y' and S from the given labels y~ and the initial selection S0 (not cumulatively)::
-
-    absorb   = (yhat == y~) & (conf >= theta_r)
-    relabel  = (yhat != y~) & (conf >= theta_r2)
-    y'       = y~ with absorbed and relabelled rows set to yhat
-    S        = S0 | absorb | relabel
-
-Choices made here where the method leaves room (all recorded in `TrainConfig`):
-
-- sampler: every class present in S is drawn exactly `max_k n_k` times per epoch (each of
-  its rows `floor(m / n_k)` times plus a random subset of `m mod n_k` rows), as in the
-  authors' `ClassBalancedSampler`; that multiset is shuffled and cycled (a fresh shuffle per
-  pass) for exactly `max(1, N // batch_size)` full batches, N = all rows given;
-- milestones: when not given, the learning rate drops at 50% and 75% of the epochs (the
-  authors use 200/250 of 300 epochs on CIFAR and 80/120 of 150 on WebVision);
-- unlabelled rows (label -1) are never trained on: dropped from S0 (counted, logged),
-  never absorbed (yhat is never -1), and not relabelled unless `relabel_unlabelled=True`;
-- validation (`val_fraction > 0`): a seeded random part of the labelled S0 rows is held
-  out from training and from the MixFix update; its accuracy against the given labels
-  picks the best checkpoint. The eval set never chooses anything.
-
-Randomness: a CPU `torch.Generator` (head init, sampler, mixup pairing) and a numpy
-`Generator` (mixup lambda), both seeded from `config.seed` and saved with the training
-state, so a resumed run ends exactly where an uninterrupted one does.
+"""MixFix training of a linear or MLP head on cached features (in-memory arrays): class-balanced
+sampler, mixup, absorb/relabel recomputed every epoch from the given labels, baselines, checkpoints
+and exact resume. The method and its conventions: docs/method.md.
 """
 
 from __future__ import annotations

@@ -1,34 +1,7 @@
-"""`engine report`: a static HTML report of what a selection rejected, opened from disk.
-
-The output folder::
-
-    index.html               summary, per-class bar chart (SVG), confusable-class heatmap (SVG), class table
-    index-2.html ...         the next `classes_per_page` classes (chart + table), when there are more
-    classes/0000.html ...    one page per class: its rejected rows, most suspicious first, with neighbors
-    thumbs/SSSSS/PPPPPP.jpg  JPEG thumbnails, one per shown row (shard index / position in the shard)
-    report.json              the summary returned by `write_report`
-    .engine-report           marker: only a folder carrying it may be replaced by a rerun
-
-A rerun builds the new report in a hidden folder next to the output folder (same parent) and
-swaps it in only when complete: the earlier folder is renamed away, the new one renamed in,
-the earlier one deleted (files in it that are not the report's own move over). A failure at any
-point (bad device, unreadable cache, a crash while writing thumbnails) leaves the earlier
-report as it was.
-
-Self-contained: inline CSS, SVG charts drawn here, no script, no fonts, no network. Thumbnails
-are small JPEG files rather than data URIs, so each page stays a few kB of text and the browser
-decodes only the images of the page it opens. A row whose image cannot be read back (shard
-moved or deleted, shard unreadable, sample missing, key mismatch, decode error, imported
-features) is drawn as a visible placeholder naming the reason, counted and logged.
-
-Scale rule (C classes): every list page (index.html, index-2.html, ...) shows at most
-`classes_per_page` classes (default 100) sorted by rejected share, most rejected first; the
-heatmap shows at most 30 classes (those of the most similar class pairs); a class page shows at
-most `per_class` rejected rows with `neighbors` neighbors each, so it loads at most
-per_class x (1 + neighbors) thumbnails. Thumbnails are read in one pass per needed shard.
-
-The most suspicious rejected rows of a class are those with the lowest mean (over the
-classifiers) normalised given-label log-probability (`<classifier>/loss_score` of the selection).
+"""`engine report`: a static HTML report of what a selection rejected (summary, per-class chart,
+confusable-class heatmap, one gallery page per class with neighbors and thumbnails read back
+from the shards), built beside its folder and swapped in when complete. The folder layout, the
+scale rules and the recovery of killed runs: docs/commands.md#report, docs/architecture.md.
 """
 
 from __future__ import annotations
