@@ -16,8 +16,8 @@ label column the one `ClassLabel` feature (its names are the classes), unless na
 values are `{bytes, path}` structs (raw binary and path-string columns are read too); a row
 without bytes is read from its path, relative to the dataset folder.
 
-`class_label_metadata` goes the other way: the b"huggingface" schema metadata that makes a table
-written by the engine load with `datasets` with its class-index columns as `ClassLabel`.
+`with_features` goes the other way: a table written by the engine, with the b"huggingface" schema
+metadata under which `datasets` loads its class-index columns as `ClassLabel`.
 
 pyarrow is imported inside the functions (only `engine pack` on a Hugging Face dataset and
 Parquet tables need it).
@@ -225,18 +225,17 @@ def _of_type(features: dict, kind: str) -> list[str]:
 
 
 def _pick(
-    given: str | None, features: dict, kind: str, option: str, names: list[str], *, required: bool = True
-) -> str | None:
-    """The column `given`, else the one feature of type `kind`; an error listing the candidates."""
+    given: str | None, features: dict, kind: str, option: str, names: list[str], *, other: str | None = None
+) -> str:
+    """The column `given`, else the one feature of type `kind` (not counting the column `other`
+    names); an error listing the candidates."""
     if given is not None:
         if given not in names:
             raise EngineError(f"{option}: no column {given!r}; the columns are: {', '.join(names)}")
         return given
-    found = _of_type(features, kind)
+    found = [name for name in _of_type(features, kind) if name != other]
     if len(found) == 1:
         return found[0]
-    if not required:
-        return None
     what = f"{len(found)} {kind} columns ({', '.join(found)})" if found else f"no {kind} column"
     raise EngineError(f"{option}: the dataset has {what}; name one with --{option} (columns: {', '.join(names)})")
 
@@ -313,10 +312,10 @@ def open_source(
     features = read_features(schema, info)
     names = list(schema.names)
     image = _pick(image_column, features, "Image", "image-column", names)
-    label = _pick(label_column, features, "ClassLabel", "label-column", names)
     for column, option in ((key_column, "key-column"), (true_label_column, "true-label-column")):
         if column is not None and column not in names:
             raise EngineError(f"{option}: no column {column!r}; the columns are: {', '.join(names)}")
+    label = _pick(label_column, features, "ClassLabel", "label-column", names, other=true_label_column)
     _check_integer(schema.field(label), "label-column")
     class_names = _class_names(features, label)
     if true_label_column is not None:
@@ -491,17 +490,21 @@ def is_class_column(name: str) -> bool:
     return name in CLASS_COLUMNS or name.endswith("/prediction")
 
 
-def class_label_metadata(schema, class_names: list[str] | None) -> dict[bytes, bytes]:
-    """Arrow schema metadata (b"huggingface": the `datasets` features JSON) under which
-    `datasets.load_dataset("parquet", ...)` reads the class-index columns as `ClassLabel(names)`
-    and every other column as the `Value` of its type."""
+def with_features(table, class_names: list[str] | None):
+    """`table` (pyarrow) as `datasets.load_dataset("parquet", ...)` reads it back with the
+    class-index columns as `ClassLabel(names)` and every other column as the `Value` of its
+    type: the features JSON goes into the schema metadata (b"huggingface"), and the class
+    columns become int64, the storage `datasets` expects of a ClassLabel (else it ignores the
+    metadata)."""
+    pa, _ = _pyarrow()
     features = {}
-    for field in schema:
+    for index, field in enumerate(table.schema):
         if class_names and is_class_column(field.name):
             features[field.name] = {"names": list(class_names), "_type": "ClassLabel"}
+            table = table.set_column(index, field.name, table.column(index).cast(pa.int64()))
             continue
         dtype = _DTYPES.get(str(field.type))
         if dtype is None:
             raise ValueError(f"column {field.name!r} has the type {field.type}, which has no `datasets` Value")
         features[field.name] = {"dtype": dtype, "_type": "Value"}
-    return {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+    return table.replace_schema_metadata({b"huggingface": json.dumps({"info": {"features": features}}).encode()})
