@@ -927,8 +927,10 @@ def _export_lines(s: dict):
 @click.option(
     "--class-names", default=None, help="One class name a line (line i names class i); written to classes.json."
 )
-@from_config(PackConfig, "per_shard", help="Files per shard.")
-@click.option("--prefix", default=None, help="Shard name prefix (default: ROOT's folder name).")
+@from_config(PackConfig, "per_shard", help="Files (or dataset rows) per shard.")
+@click.option(
+    "--prefix", default=None, help="Shard name prefix (default: ROOT's folder name; for a dataset, plus -SPLIT)."
+)
 @click.option("--shuffle", type=int, default=None, metavar="SEED", help="Permute the files with this seed.")
 @click.option(
     "--workers", type=int, default=None, help="Worker processes verifying and writing shards (default: min(cores, 8))."

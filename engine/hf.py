@@ -126,9 +126,13 @@ def _layout(root: str) -> tuple[str, dict[str, list[str]], str]:
         files = sorted(p for p in glob.glob(root, recursive=True) if os.path.isfile(p))
         base = os.path.dirname(root[: min(root.find(c) for c in "*?[" if c in root)]) or "."
         kinds = {os.path.splitext(p)[1] for p in files}
-        if not files or not kinds <= {".parquet", ".arrow"} or len(kinds) != 1:
-            found = f"{len(files)} files ({', '.join(sorted(kinds)) or 'none'})"
-            raise EngineError(f"root: {root!r} matches {found}, expected .parquet files (or .arrow files)")
+        if not files:
+            raise EngineError(f"root: {root!r} matches no files, expected .parquet files (or .arrow files)")
+        if not kinds <= {".parquet", ".arrow"} or len(kinds) != 1:
+            raise EngineError(
+                f"root: {root!r} matches {len(files)} files ({', '.join(sorted(kinds))}), "
+                "expected .parquet files (or .arrow files), one kind"
+            )
         if kinds == {".arrow"}:
             return "arrow", {DEFAULT_SPLIT: files}, base
         return "parquet", _parquet_splits(files, base), base
