@@ -143,9 +143,10 @@ def test_parquet_split_round_trip_against_the_rows_datasets_reads(hub, tmp_path)
 def test_reading_in_small_batches_equals_reading_at_once(hub, saved, tmp_path):
     for root, split in ((hub["root"], "train"), (saved["root"], "train")):
         outs = []
-        for batch_size in (3, 100_000):
+        for batch_size, workers in ((3, 2), (100_000, 1)):  # two worker processes, and one inline
             out = tmp_path / f"{root.name}-{batch_size}"
-            pack_dataset(root, out, PackConfig(split=split, per_shard=23, workers=1, batch_size=batch_size, **LABEL))
+            config = PackConfig(split=split, per_shard=23, workers=workers, batch_size=batch_size, **LABEL)
+            pack_dataset(root, out, config)
             outs.append(out)
         first, second = (json.loads((o / "pack.json").read_text()) for o in outs)
         assert first["fingerprint"] == second["fingerprint"] and first["bad"] == second["bad"]
