@@ -6,6 +6,9 @@ import glob
 import io
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,3 +313,15 @@ def test_pack_embed_select_export_keeps_the_class_names_and_loads_back_with_data
     fixed = dict(zip(labels["key"], labels["selected"]))
     source = source.add_column("selected", [fixed.get(f"train_{i:06d}", False) for i in range(len(source))])
     assert sum(source["selected"]) == sum(labels["selected"]) and not source["selected"][UNDECODABLE]
+
+
+def test_pyarrow_and_datasets_are_imported_only_when_needed():
+    code = "import sys, cli.main, engine.pack, engine.hf, engine.export; print(*(m in sys.modules for m in MODULES))"
+    done = subprocess.run(
+        [sys.executable, "-c", code.replace("MODULES", "('pyarrow', 'datasets')")],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.stdout.split() == ["False", "False"]
