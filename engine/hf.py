@@ -382,7 +382,8 @@ def _file_batches(kind: str, path: str, columns: list[str], lo: int, hi: int, ba
             batches = parquet.iter_batches(batch_size=batch_size, row_groups=groups, columns=columns, use_threads=False)
         else:
             source = stack.enter_context(pa.memory_map(path))
-            position, batches = 0, (b.select([c.split(".")[0] for c in columns]) for b in pa.ipc.open_stream(source))
+            top = list(dict.fromkeys(c.split(".")[0] for c in columns))  # Arrow files: whole columns
+            position, batches = 0, (b.select(top) for b in pa.ipc.open_stream(source))
         for batch in batches:
             end = position + batch.num_rows
             if end > lo:
@@ -404,6 +405,19 @@ def image_parts(array, image_type: str) -> tuple[list, list]:
     paths = array.field("path").to_pylist() if array.type.get_field_index("path") >= 0 else [None] * len(array)
     valid = array.is_valid().to_pylist()
     return [d if v else None for d, v in zip(data, valid)], [p if v else None for p, v in zip(paths, valid)]
+
+
+def _paths_without_bytes(array, image_type: str) -> list:
+    """Per row, the path of an image stored without bytes (None: bytes stored, or no path);
+    reads validity bitmaps, never copies the image bytes."""
+    if image_type == "binary":
+        return [None] * len(array)
+    if image_type == "path":
+        return array.to_pylist()
+    valid = array.is_valid().to_pylist()
+    has_bytes = array.field("bytes").is_valid().to_pylist() if array.type.get_field_index("bytes") >= 0 else None
+    paths = array.field("path").to_pylist() if array.type.get_field_index("path") >= 0 else [None] * len(array)
+    return [p if ok and not (has_bytes and has_bytes[i]) else None for i, (p, ok) in enumerate(zip(paths, valid))]
 
 
 def _bytes_may_be_missing(spec: dict, image: str) -> bool:
@@ -451,10 +465,7 @@ def scan_rows(source: Source, *, batch_size: int = 256) -> Iterator[Row]:
         labels = batch.column(source.label).to_pylist()
         trues = batch.column(source.true_label).to_pylist() if source.true_label else [None] * n
         keys = batch.column(source.key).to_pylist() if source.key else [None] * n
-        paths = [None] * n
-        if image_columns:
-            data, stored = image_parts(batch.column(source.image), source.image_type)
-            paths = [p if d is None else None for d, p in zip(data, stored)]
+        paths = _paths_without_bytes(batch.column(source.image), source.image_type) if image_columns else [None] * n
         for label, true, key, path in zip(labels, trues, keys, paths):
             yield Row(_label(label), _label(true), key, path)
 

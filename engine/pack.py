@@ -1,9 +1,12 @@
-"""Image folders and file lists → WebDataset shards that `engine embed` reads.
+"""Image folders, file lists and Hugging Face datasets → WebDataset shards that `engine embed` reads.
 
 A *plan* is the ordered list of files under ROOT with their labels (from an ImageFolder layout,
 a `PATH LABEL` list, or a regex over file names), cut into shards of `per_shard` files. Its
 fingerprint (root, files, labels, true labels, each file's size and mtime, per_shard, prefix) is
-recorded in OUT/pack.json, so a replaced or touched image makes a different plan.
+recorded in OUT/pack.json, so a replaced or touched image makes a different plan. For a Hugging
+Face dataset (`engine.hf`) the plan is one split's rows in order, labels from its label column,
+and the fingerprint adds its data files' sizes and mtimes, the split and the columns; a worker
+reads its shard's rows in record batches.
 
 Shards are independent: a process pool (started by a fork server once torch is loaded, see
 `_start_method`) verifies and writes each one to `NAME.partial`, then renames it into place, and
@@ -85,22 +88,26 @@ class PackConfig:
             "true-label-column": self.true_label_column,
         }
 
+    @property
+    def file_options(self) -> dict:
+        """The options that apply to image files only, not to a Hugging Face dataset's rows."""
+        return {
+            "list": self.list_file,
+            "true-list": self.true_list,
+            "subset": self.subset,
+            "label-from-name": self.label_from_name,
+            "shuffle": self.shuffle,
+        }
+
     def __post_init__(self):
         if self.per_shard < 1:
             raise EngineError(f"per-shard: got {self.per_shard}, expected a positive integer")
         if self.batch_size < 1:
             raise EngineError(f"batch-size: got {self.batch_size}, expected a positive integer")
         given = next((name for name, value in self.hf_options.items() if value is not None), None)
-        if given is not None:
-            for option, value in (
-                ("list", self.list_file),
-                ("true-list", self.true_list),
-                ("subset", self.subset),
-                ("label-from-name", self.label_from_name),
-                ("shuffle", self.shuffle),
-            ):
-                if value is not None:
-                    raise EngineError(f"{option}: cannot be combined with --{given} (a Hugging Face dataset)")
+        files_only = next((name for name, value in self.file_options.items() if value is not None), None)
+        if given is not None and files_only is not None:
+            raise EngineError(f"{files_only}: cannot be combined with --{given} (a Hugging Face dataset)")
         if self.shuffle is not None and self.shuffle < 0:
             raise EngineError(f"shuffle: got {self.shuffle}, expected a seed of 0 or more")
         if self.workers is not None and self.workers < 1:
@@ -410,13 +417,7 @@ def build_rows_plan(root: str | os.PathLike, config: PackConfig) -> Plan:
     `{split}_{row:06d}`, and each image stored by path `stat`ed like a file."""
     from engine import hf
 
-    for option, value in (
-        ("list", config.list_file),
-        ("true-list", config.true_list),
-        ("subset", config.subset),
-        ("label-from-name", config.label_from_name),
-        ("shuffle", config.shuffle),
-    ):
+    for option, value in config.file_options.items():
         if value is not None:
             raise EngineError(
                 f"{option}: not available for a Hugging Face dataset ({root}), whose rows are read in order "
@@ -916,8 +917,9 @@ def pack_dataset(
     """Write ROOT's images as WebDataset shards `OUT/{prefix}-{000000}.tar` plus `pack.json`
     (and `classes.json` when class names are known); returns a summary dict.
 
-    Each sample holds `__key__` (from the relative path), the image (`jpg`/`png`/`webp`),
-    `cls` (ASCII integer) and `true_cls` when a true label is known. Resumable per shard.
+    Each sample holds `__key__` (from the relative path; for a Hugging Face dataset `SPLIT_ROW`
+    or the key column), the image (`jpg`/`png`/`webp`), `cls` (ASCII integer; absent for a row
+    without a label) and `true_cls` when a true label is known. Resumable per shard.
     """
     started = time.perf_counter()
     config = config or PackConfig()
