@@ -64,7 +64,12 @@ def downloaded(tmp_path_factory):
     script = root / "download.py"
     script.write_text(DOWNLOAD)
     done = subprocess.run(
-        [sys.executable, str(script), str(urls), str(out)], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), str(urls), str(out)],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return {"root": root, "out": out, "truth": truth, "rows": rows}
