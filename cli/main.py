@@ -894,6 +894,36 @@ def _export_lines(s: dict):
 @click.argument("root", callback=_not_empty)
 @out_option("folder", "Where the shards, pack.json and classes.json are written", required=True)
 @click.option(
+    "--split",
+    default=None,
+    callback=_not_empty,
+    help="Hugging Face dataset: the split to pack, where the layout has several (train, test, ...).",
+)
+@click.option(
+    "--image-column",
+    default=None,
+    callback=_not_empty,
+    help="Hugging Face dataset: the image column (default: the one Image feature).",
+)
+@click.option(
+    "--label-column",
+    default=None,
+    callback=_not_empty,
+    help="Hugging Face dataset: the label column (default: the one ClassLabel feature; -1 = no label).",
+)
+@click.option(
+    "--key-column",
+    default=None,
+    callback=_not_empty,
+    help="Hugging Face dataset: a column of unique ids for the keys (default: SPLIT_ROW, e.g. train_000123).",
+)
+@click.option(
+    "--true-label-column",
+    default=None,
+    callback=_not_empty,
+    help="Hugging Face dataset: true labels, stored as true_cls (evaluation only).",
+)
+@click.option(
     "--list",
     "list_file",
     default=None,
@@ -915,12 +945,15 @@ def _export_lines(s: dict):
 @click.option(
     "--class-names", default=None, help="One class name a line (line i names class i); written to classes.json."
 )
-@from_config(PackConfig, "per_shard", help="Files per shard.")
-@click.option("--prefix", default=None, help="Shard name prefix (default: ROOT's folder name).")
+@from_config(PackConfig, "per_shard", help="Files (or dataset rows) per shard.")
+@click.option(
+    "--prefix", default=None, help="Shard name prefix (default: ROOT's folder name; for a dataset, plus -SPLIT)."
+)
 @click.option("--shuffle", type=int, default=None, metavar="SEED", help="Permute the files with this seed.")
 @click.option(
     "--workers", type=int, default=None, help="Worker processes verifying and writing shards (default: min(cores, 8))."
 )
+@from_config(PackConfig, "batch_size", help="Hugging Face dataset: rows read at a time by each worker.")
 @click.option("--overwrite", is_flag=True, help="Replace what OUT holds (needed when the plan changed).")
 @strict_option("image")
 @json_option()
@@ -928,6 +961,11 @@ def _export_lines(s: dict):
 def pack(
     root,
     out,
+    split,
+    image_column,
+    label_column,
+    key_column,
+    true_label_column,
     list_file,
     true_list,
     subset,
@@ -937,20 +975,23 @@ def pack(
     prefix,
     shuffle,
     workers,
+    batch_size,
     overwrite,
     strict,
     as_json,
 ):
-    """Pack an image folder (or ROOT plus a file list) into WebDataset shards for `engine embed`.
+    """Pack an image folder (or ROOT plus a file list), or a Hugging Face dataset (Parquet files, a
+    glob of them, or a save_to_disk folder), into WebDataset shards for `engine embed`.
 
     Every image is decoded before it is written; JPEG/PNG/WebP bytes are kept as they are, other
-    formats become PNG; unreadable files are skipped and listed. Resumable per shard.
+    formats become PNG; unreadable files (or rows) are skipped and listed. Resumable per shard.
 
     \b
     Example:
       engine pack webvision/ --list webvision/info/train_filelist_google.txt --out shards/wv-google \\
           --per-shard 1000 --shuffle 0
       engine embed 'shards/wv-google/*.tar' --cache wv.zarr --classes imagenet1k
+      engine pack cifar10/ --split train --out shards/cifar10-train    # Parquet files as the Hub serves them
     """
     from engine.pack import PackConfig, pack_dataset
 
@@ -966,20 +1007,28 @@ def pack(
         workers=workers,
         overwrite=overwrite,
         strict=strict,
+        split=split,
+        image_column=image_column,
+        label_column=label_column,
+        key_column=key_column,
+        true_label_column=true_label_column,
+        batch_size=batch_size,
     )
     summary = pack_dataset(root, out, config)
     _emit(summary, as_json, _pack_lines)
 
 
 def _pack_lines(s: dict):
-    sh = s["shards"]
+    sh, unit = s["shards"], "rows" if "hf" in s else "files"
+    source = f" (split {s['hf']['split']}, {s['hf']['data_files']} data files)" if "hf" in s else ""
     yield (
-        f"packed {s['samples']} of {s['files']} files into {sh['total']} shards in {s['out_dir']} "
+        f"packed {s['samples']} of {s['files']} {unit}{source} into {sh['total']} shards in {s['out_dir']} "
         f"({sh['written']} written, {sh['skipped']} skipped) | {s['images_per_s']} img/s, {s['seconds']} s, "
         f"{s['workers']} workers"
     )
     yield (
-        f"bad files: {s['bad']} | converted to PNG: {s['converted']} | with true labels: {s['with_true_label']}"
+        f"bad {unit}: {s['bad']} | converted to PNG: {s['converted']} | with true labels: {s['with_true_label']}"
+        + (f" | without a label: {s['missing_labels']}" if s["missing_labels"] else "")
         + (f" | ignored (no image extension): {s['ignored']}" if s["ignored"] else "")
     )
     for b in s["bad_examples"]:

@@ -151,7 +151,7 @@ def write_label_table(rows: CacheRows, out: str) -> dict:
     suffix = ".parquet" if str(out).endswith(".parquet") else ".csv"
     tmp = target.with_name(f".{target.name}.{os.getpid()}{TMP_SUFFIX}{suffix}")
     try:
-        write_table(str(tmp), columns)
+        write_table(str(tmp), columns, class_names=rows.class_names)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)

@@ -2,7 +2,8 @@
 `engine embed`. A plan (files, labels, their sizes and times) is fingerprinted; every image is
 decoded before it is written (JPEG/PNG/WebP bytes kept, others converted to PNG, bad files
 skipped and listed); shards are written by a process pool through `engine.outputs.UnitFolder`,
-so a rerun of the same plan resumes. Recipes: docs/datasets.md; options: docs/commands.md#pack.
+so a rerun of the same plan resumes. A Hugging Face dataset's plan is one split's rows, read in record batches (`engine.hf`).
+Recipes: docs/datasets.md; options: docs/commands.md#pack.
 """
 
 from __future__ import annotations
@@ -55,10 +56,44 @@ class PackConfig:
     workers: int | None = None  # default: min(cores, 8)
     overwrite: bool = False
     strict: bool = False  # stop at the first unreadable image instead of skipping it
+    # a Hugging Face dataset (engine.hf): columns found from its features unless named
+    split: str | None = None  # needed where the layout has several
+    image_column: str | None = None
+    label_column: str | None = None
+    key_column: str | None = None  # default: keys from the row index, `{split}_{row:06d}`
+    true_label_column: str | None = None  # stored as `true_cls`
+    batch_size: int = 256  # rows read at a time (memory: about this many images per worker)
+
+    @property
+    def hf_options(self) -> dict:
+        return {
+            "split": self.split,
+            "image-column": self.image_column,
+            "label-column": self.label_column,
+            "key-column": self.key_column,
+            "true-label-column": self.true_label_column,
+        }
+
+    @property
+    def file_options(self) -> dict:
+        """The options that apply to image files only, not to a Hugging Face dataset's rows."""
+        return {
+            "list": self.list_file,
+            "true-list": self.true_list,
+            "subset": self.subset,
+            "label-from-name": self.label_from_name,
+            "shuffle": self.shuffle,
+        }
 
     def __post_init__(self):
         if self.per_shard < 1:
             raise EngineError(f"per-shard: got {self.per_shard}, expected a positive integer")
+        if self.batch_size < 1:
+            raise EngineError(f"batch-size: got {self.batch_size}, expected a positive integer")
+        given = next((name for name, value in self.hf_options.items() if value is not None), None)
+        files_only = next((name for name, value in self.file_options.items() if value is not None), None)
+        if given is not None and files_only is not None:
+            raise EngineError(f"{files_only}: cannot be combined with --{given} (a Hugging Face dataset)")
         if self.shuffle is not None and self.shuffle < 0:
             raise EngineError(f"shuffle: got {self.shuffle}, expected a seed of 0 or more")
         if self.workers is not None and self.workers < 1:
@@ -231,15 +266,27 @@ def scan_by_name(root: Path, regex: str) -> tuple[dict[str, int], list[tuple[str
 # ---------------------------------------------------------------- the plan
 
 
+def safe_key(text: str) -> str:
+    """`text` with `/`, `\\`, `.` and white space replaced by `_` (webdataset splits member names
+    at the first dot)."""
+    return _KEY_UNSAFE.sub("_", text)
+
+
 def make_key(rel: str) -> str:
-    """The sample key of a relative path: the path without its extension, with `/`, `\\`, `.` and
-    white space replaced by `_` (webdataset splits member names at the first dot)."""
-    return _KEY_UNSAFE.sub("_", rel[: len(rel) - len(posixpath.splitext(rel)[1])])
+    """The sample key of a relative path: the path without its extension, made safe (`safe_key`)."""
+    return safe_key(rel[: len(rel) - len(posixpath.splitext(rel)[1])])
+
+
+def where(name: str | int) -> str:
+    """How messages name an entry: its path, or `row N` for a row of a Hugging Face dataset."""
+    return f"row {name}" if isinstance(name, int) else name
 
 
 @dataclass
 class Plan:
-    """What will be written: `entries` [(path, key, label, true label or None)] in shard order."""
+    """What will be written: `entries` [(name, key, label or None, true label or None)] in shard
+    order, `name` being a path under ROOT, or a row index of a Hugging Face dataset (`rows`: the
+    reader's spec, `origin`: its data files, split and columns, part of the fingerprint)."""
 
     root: str
     prefix: str
@@ -248,10 +295,12 @@ class Plan:
     entries: list
     unlabelled: list = field(default_factory=list)  # [(path, reason)]: bad before any shard
     class_names: list | None = None
-    folders: list | None = None
+    class_fields: list | None = None  # per class, more fields for classes.json ({"folder": ...})
     notes: dict = field(default_factory=dict)
     stats: list = field(default_factory=list)  # (size, mtime_ns) of each entry's file, None: missing
     fingerprint: str = ""
+    rows: dict | None = None
+    origin: dict | None = None
 
     @property
     def num_shards(self) -> int:
@@ -266,6 +315,21 @@ class Plan:
 
 def _default_prefix(root: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", root.resolve().name).strip("_") or "pack"
+
+
+def _readable(names: list[str]) -> list[str]:
+    """Class names for prompts: underscores become spaces (`apple_pie` → `apple pie`)."""
+    return [n.replace("_", " ").strip() or n for n in names]
+
+
+def is_hf_root(root: str | os.PathLike, config: PackConfig) -> bool:
+    """Whether ROOT is read as a Hugging Face dataset: a Hugging Face option is given, or no label
+    source is and ROOT looks like one (`engine.hf.is_dataset`)."""
+    from engine import hf
+
+    if any(value is not None for value in config.hf_options.values()):
+        return True
+    return config.list_file is None and config.label_from_name is None and hf.is_dataset(root)
 
 
 def _labels(root: Path, config: PackConfig) -> tuple[str, dict, list, list | None, dict]:
@@ -292,7 +356,9 @@ def _restrict(labels: dict, unlabelled: list, subset: list[str]) -> tuple[dict, 
 
 
 def build_plan(root: str | os.PathLike, config: PackConfig) -> Plan:
-    """The ordered files and labels to pack; validates every input file before any work."""
+    """The ordered files (or dataset rows) and labels to pack; validates every input before any work."""
+    if is_hf_root(root, config):
+        return build_rows_plan(root, config)
     root_path = Path(root)
     if not root_path.is_dir():
         raise EngineError(f"root: {str(root)!r} is not a directory")
@@ -304,7 +370,7 @@ def build_plan(root: str | os.PathLike, config: PackConfig) -> Plan:
         notes["true_list_unmatched"] = sum(rel not in labels for rel in true)
     names = read_class_names(config.class_names) if config.class_names is not None else None
     if names is None and folders is not None:
-        names = [f.replace("_", " ").strip() or f for f in folders]
+        names = _readable(folders)
     _check_label_range(labels, names, config)
     paths = list(labels)
     if config.shuffle is not None:
@@ -323,12 +389,84 @@ def build_plan(root: str | os.PathLike, config: PackConfig) -> Plan:
         entries=entries,
         unlabelled=unlabelled,
         class_names=names,
-        folders=folders,
+        class_fields=[{"folder": f} for f in folders] if folders is not None else None,
         notes=notes,
         stats=[_file_stat(root_path, e[0]) for e in entries],
     )
     plan.fingerprint = fingerprint(plan)
     return plan
+
+
+def build_rows_plan(root: str | os.PathLike, config: PackConfig) -> Plan:
+    """The plan of one split of a Hugging Face dataset (`engine.hf`): its rows in order, the
+    labels from the label column (-1, HF's "no label", stays missing), keys from `key_column` or
+    `{split}_{row:06d}`, and each image stored by path `stat`ed like a file."""
+    from engine import hf
+
+    for option, value in config.file_options.items():
+        if value is not None:
+            raise EngineError(
+                f"{option}: not available for a Hugging Face dataset ({root}), whose rows are read in order "
+                "in batches; choose the rows and labels with `datasets` and save_to_disk first"
+            )
+    source = hf.open_source(
+        root,
+        split=config.split,
+        image_column=config.image_column,
+        label_column=config.label_column,
+        key_column=config.key_column,
+        true_label_column=config.true_label_column,
+    )
+    width = max(6, len(str(max(source.num_rows - 1, 0))))
+    entries, stats = [], []
+    for row, found in enumerate(hf.scan_rows(source, batch_size=config.batch_size)):
+        entries.append((row, _row_key(found.key, row, source, width), found.label, found.true_label))
+        stats.append(("stored", "-") if found.path is None else _file_stat(Path(source.base), found.path))
+    if not entries:
+        raise EngineError(f"root: split {source.split!r} of {str(root)!r} has no rows")
+    names = read_class_names(config.class_names) if config.class_names is not None else None
+    original = list(source.class_names) if names is None and source.class_names else None
+    names = names if names is not None else (_readable(original) if original else None)
+    _check_row_labels(entries, names, source, config)
+    base = Path(source.base)
+    plan = Plan(
+        root=os.path.abspath(str(root)),
+        prefix=config.prefix or f"{_default_prefix(base)}-{source.split}",
+        per_shard=config.per_shard,
+        source=f"hf-{source.kind}",
+        entries=entries,
+        class_names=names,
+        class_fields=[{"label_name": n} for n in original] if original else None,
+        notes={"missing_labels": sum(e[2] is None for e in entries)},
+        stats=stats,
+        rows={**source.spec(), "batch_size": config.batch_size},
+        origin=source.record(),
+    )
+    _check_keys(entries)
+    plan.fingerprint = fingerprint(plan)
+    return plan
+
+
+def _row_key(value, row: int, source, width: int) -> str:
+    if source.key is None:
+        return f"{safe_key(source.split)}_{row:0{width}d}"
+    key = safe_key(str(value)) if value is not None else ""
+    if not key:
+        raise EngineError(f"key-column: row {row} has no value in {source.key!r} (got {value!r})")
+    return key
+
+
+def _check_row_labels(entries: list, names: list | None, source, config: PackConfig) -> None:
+    if names is None:
+        return
+    for column, position in ((source.label, 2), (source.true_label, 3)):
+        top = max((e for e in entries if e[position] is not None), key=lambda e: e[position], default=None)
+        if top is not None and top[position] >= len(names):
+            given = f"--class-names {config.class_names}" if config.class_names else "its ClassLabel"
+            raise EngineError(
+                f"{'label-column' if position == 2 else 'true-label-column'}: row {top[0]} has the label "
+                f"{top[position]} in {column!r}, but {given} names {len(names)} classes"
+            )
 
 
 def _check_label_range(labels: dict, names: list | None, config: PackConfig) -> None:
@@ -344,7 +482,7 @@ def _check_keys(entries: list) -> None:
     for rel, key, _, _ in entries:
         if key in owner:
             raise EngineError(
-                f"keys: {owner[key]!r} and {rel!r} both become the sample key {key!r}; rename one of them"
+                f"keys: {where(owner[key])!r} and {where(rel)!r} both become the sample key {key!r}; rename one of them"
             )
         owner[key] = rel
 
@@ -362,12 +500,10 @@ def fingerprint(plan: Plan) -> str:
     """sha256 of everything that decides the shards' contents: root, per_shard, prefix, and the
     ordered (path, label, true label, file size, file mtime) entries and unlabelled paths, so a
     replaced or touched image changes the plan."""
-    digest = hashlib.sha256(
-        json.dumps(
-            {"format": FORMAT_VERSION, "root": plan.root, "per_shard": plan.per_shard, "prefix": plan.prefix},
-            sort_keys=True,
-        ).encode()
-    )
+    header = {"format": FORMAT_VERSION, "root": plan.root, "per_shard": plan.per_shard, "prefix": plan.prefix}
+    if plan.origin is not None:  # a Hugging Face dataset: its data files (sizes, mtimes), split and columns
+        header["origin"] = plan.origin
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
     stats = plan.stats or [None] * len(plan.entries)
     for (rel, _, label, true), stat in zip(plan.entries, stats):
         size, mtime = stat if stat is not None else ("-", "-")
@@ -423,38 +559,58 @@ def encode_image(data: bytes) -> tuple[str, bytes]:
         raise ValueError(f"not a decodable image: {_reason(err)}") from None
 
 
-def _sample(root: str, rel: str, key: str, label: int, true: int | None) -> tuple[dict, bool] | str:
-    """(sample dict, whether the image was converted), or the reason the file is skipped."""
-    try:
-        with open(os.path.join(root, rel), "rb") as handle:
-            data = handle.read()
-    except OSError as err:
-        return f"unreadable: {type(err).__name__}: {err.strerror or err}"
+def _sample(key: str, label: int | None, true: int | None, data: bytes) -> tuple[dict, bool] | str:
+    """(sample dict, whether the image was converted), or the reason the image is skipped. A
+    missing label (None) writes no `cls`."""
     try:
         ext, payload = encode_image(data)
     except ValueError as err:
         return str(err)
-    sample = {"__key__": key, ext: payload, "cls": str(label).encode()}
+    sample = {"__key__": key, ext: payload}
+    if label is not None:
+        sample["cls"] = str(label).encode()
     if true is not None:
         sample["true_cls"] = str(true).encode()
     return sample, payload is not data
 
 
+def _file_images(task: dict):
+    """Each entry's file bytes, or the reason it cannot be read."""
+    for rel, *_ in task["entries"]:
+        try:
+            with open(os.path.join(task["root"], rel), "rb") as handle:
+                yield handle.read()
+        except OSError as err:
+            yield f"unreadable: {type(err).__name__}: {err.strerror or err}"
+
+
+def _row_images(task: dict):
+    """Each entry's image bytes from a Hugging Face dataset (consecutive rows, read in batches)."""
+    from engine.hf import read_images
+
+    rows = [entry[0] for entry in task["entries"]]
+    assert rows == list(range(rows[0], rows[0] + len(rows))), "a shard of a dataset holds consecutive rows"
+    spec = task["rows"]
+    yield from read_images(spec, start=rows[0], stop=rows[-1] + 1, batch_size=spec["batch_size"])
+
+
 def write_shard(task: dict) -> dict:
-    """Verify and write one shard (`task`: index, path, root, entries) to PATH.partial, then
-    rename it into place. Runs in a worker process; returns the shard's record."""
+    """Verify and write one shard (`task`: index, path, root, entries, and `rows` for a Hugging
+    Face dataset) to PATH.partial, then rename it into place. Runs in a worker process; returns
+    the shard's record."""
     import webdataset as wds
 
     final = Path(task["path"])
     bad, formats, converted = [], {}, 0
+    images = _row_images(task) if task.get("rows") else _file_images(task)
     with atomic_file(final, suffix=PARTIAL) as handle:
         with wds.TarWriter(handle, format="PAX_FORMAT", mtime=_TAR_MTIME) as sink:
-            for rel, key, label, true in task["entries"]:
-                made = _sample(task["root"], rel, key, label, true)
+            for (name, key, label, true), data in zip(task["entries"], images, strict=True):
+                made = data if isinstance(data, str) else _sample(key, label, true, data)
                 if isinstance(made, str) and task.get("strict"):
-                    raise EngineError(f"--strict: {rel}: {made}")
+                    raise EngineError(f"--strict: {where(name)}: {made}")
                 if isinstance(made, str):
-                    bad.append((rel, made))
+                    bad.append((name, made))
                     continue
                 sample, was_converted = made
                 ext = next(k for k in sample if k in ("jpg", "png", "webp"))
@@ -495,10 +651,12 @@ def _new_manifest(plan: Plan, config: PackConfig) -> dict:
         "prefix": plan.prefix,
         "shuffle": config.shuffle,
         "files": len(plan.entries) + len(plan.unlabelled),
-        "labelled": len(plan.entries),
+        "labelled": sum(e[2] is not None for e in plan.entries),
         "with_true_label": sum(e[3] is not None for e in plan.entries),
         **plan.notes,
     }
+    if plan.origin is not None:
+        record["hf"] = plan.origin
     return {
         "format": FORMAT_VERSION,
         "engine_version": engine_version(),
@@ -567,6 +725,12 @@ def _plan_changes(old: dict, new: dict) -> str:
         "files",
     )
     changed = [f"{f} {old.get(f)!r} -> {new.get(f)!r}" for f in fields if old.get(f) != new.get(f)]
+    old_hf, new_hf = old.get("hf") or {}, new.get("hf") or {}
+    for f in ("split", "columns"):
+        if old_hf.get(f) != new_hf.get(f):
+            changed.append(f"{f} {old_hf.get(f)!r} -> {new_hf.get(f)!r}")
+    if old_hf.get("files") != new_hf.get("files") and not changed:
+        changed.append("the dataset's data files changed (their number, sizes or modification times)")
     return "; ".join(changed) or "the files, their labels, or their sizes or modification times changed"
 
 
@@ -619,8 +783,8 @@ def _write_classes(out: Path, plan: Plan) -> str | None:
     if not plan.class_names:
         return None
     classes = [{"index": i, "name": name} for i, name in enumerate(plan.class_names)]
-    for entry, folder in zip(classes, plan.folders or []):
-        entry["folder"] = folder
+    for entry, more in zip(classes, plan.class_fields or []):
+        entry.update(more)
     doc = {"name": plan.prefix, "templates": ["a photo of a {name}"], "suffix": ".", "classes": classes}
     write_json_atomic(out / CLASSES, doc, suffix=PARTIAL)
     return str(out / CLASSES)
@@ -702,9 +866,12 @@ def _record(manifest: dict, record: dict) -> None:
         "converted": record["converted"],
         "bad": len(record["bad"]),
     }
-    for rel, reason in record["bad"]:
-        _logger.info("skipped %s: %s", rel, reason)
-        manifest["bad"].append({"path": rel, "reason": reason, "shard": record["name"]})
+    for name, reason in record["bad"]:
+        _logger.info("skipped %s: %s", where(name), reason)
+        bad = {"path": where(name), "reason": reason, "shard": record["name"]}
+        if isinstance(name, int):
+            bad["row"] = name
+        manifest["bad"].append(bad)
 
 
 def _write_pending(tasks: list[dict], workers: int, manifest: dict, out: Path, show_progress: bool | None) -> None:
@@ -736,15 +903,16 @@ def pack_dataset(
     """Write ROOT's images as WebDataset shards `OUT/{prefix}-{000000}.tar` plus `pack.json`
     (and `classes.json` when class names are known); returns a summary dict.
 
-    Each sample holds `__key__` (from the relative path), the image (`jpg`/`png`/`webp`),
-    `cls` (ASCII integer) and `true_cls` when a true label is known. Resumable per shard.
+    Each sample holds `__key__` (from the relative path; for a Hugging Face dataset `SPLIT_ROW`
+    or the key column), the image (`jpg`/`png`/`webp`), `cls` (ASCII integer; absent for a row
+    without a label) and `true_cls` when a true label is known. Resumable per shard.
     """
     started = time.perf_counter()
     config = config or PackConfig()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise EngineError(f"out: {str(out)!r} exists and is not a directory")
-    folder_layout = config.list_file is None and config.label_from_name is None
+    folder_layout = config.list_file is None and config.label_from_name is None and not is_hf_root(root, config)
     if folder_layout and Path(root).is_dir() and out.resolve().is_relative_to(Path(root).resolve()):
         raise EngineError(
             f"out: {str(out)!r} is inside ROOT, where it would become a class folder; choose an --out outside ROOT"
@@ -765,6 +933,7 @@ def pack_dataset(
                 "root": plan.root,
                 "entries": plan.shard_entries(i),
                 "strict": config.strict,
+                "rows": plan.rows,
             }
             for i in pending
         ]
@@ -814,8 +983,14 @@ def _summary(
         "classes": len(plan.class_names) if plan.class_names else None,
         "classes_file": classes_file,
         "with_true_label": manifest["plan"]["with_true_label"],
+        "missing_labels": plan.notes.get("missing_labels", 0),
         "ignored": plan.notes.get("ignored", {}).get("count", 0),
         "workers": workers,
         "seconds": round(seconds, 3),
         "images_per_s": round(processed / seconds, 1) if processed else 0.0,
+        **({"hf": _hf_summary(plan)} if plan.origin is not None else {}),
     }
+
+
+def _hf_summary(plan: Plan) -> dict:
+    return {"split": plan.origin["split"], "columns": plan.origin["columns"], "data_files": len(plan.origin["files"])}

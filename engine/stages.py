@@ -360,8 +360,10 @@ def check_table_path(path: str | None) -> None:
         raise EngineError(f"out: got {str(path)!r}, expected a .csv or .parquet path")
 
 
-def write_table(path: str, columns: dict) -> None:
-    """Write equal-length columns as CSV, or Parquet when `path` ends in .parquet (needs pyarrow)."""
+def write_table(path: str, columns: dict, *, class_names: list[str] | None = None) -> None:
+    """Write equal-length columns as CSV, or Parquet when `path` ends in .parquet (needs pyarrow).
+    With `class_names` (a list, maybe empty), a Parquet table carries the `datasets` features in
+    its schema metadata: class-index columns load as `ClassLabel(names)` (`engine.hf`)."""
     path = str(path)
     check_table_path(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -373,15 +375,14 @@ def write_table(path: str, columns: dict) -> None:
             raise EngineError(
                 "out: Parquet needs pyarrow (`pip install 'engine[parquet]'`); or use a .csv path"
             ) from None
-        pq.write_table(
-            pa.table(
-                {
-                    k: np.asarray(v).tolist() if np.asarray(v).dtype == object else np.asarray(v)
-                    for k, v in columns.items()
-                }
-            ),
-            path,
+        table = pa.table(
+            {k: np.asarray(v).tolist() if np.asarray(v).dtype == object else np.asarray(v) for k, v in columns.items()}
         )
+        if class_names is not None:
+            from engine.hf import with_features
+
+            table = with_features(table, class_names)
+        pq.write_table(table, path)
         return
     names = list(columns)
     arrays = [np.asarray(columns[n]) for n in names]

@@ -269,6 +269,27 @@ def test_csv_and_parquet_tables_equal_the_cache(caches, tmp_path):
     assert "mixfix_label" not in untrained["columns"] and "true_label" in untrained["columns"]
 
 
+def test_parquet_table_loads_with_datasets_with_class_labels(caches, tmp_path):
+    """`datasets.load_dataset("parquet", ...)` reads the table with its class-index columns as
+    ClassLabel carrying the cache's class names, every other column with its own type."""
+    datasets = pytest.importorskip("datasets")
+    import pyarrow.parquet as pq
+
+    a = _arrays(caches["trained"])
+    out = str(tmp_path / "t.parquet")
+    export_table(caches["trained"], out)
+    loaded = datasets.load_dataset("parquet", data_files=out, split="train", cache_dir=str(tmp_path / "hf"))
+    names = datasets.ClassLabel(names=list(a["names"]))
+    class_columns = ["label", "zeroshot/prediction", "linear/prediction", "mixfix_label", "true_label"]
+    assert all(loaded.features[c] == names for c in class_columns)
+    assert loaded.features["selected"] == datasets.Value("bool")
+    assert loaded.features["noise_score"] == datasets.Value("float32")
+    assert loaded.features["key"] == loaded.features["shard"] == datasets.Value("string")
+    assert loaded["mixfix_label"] == a["mixfix"].tolist() and loaded["key"] == a["keys"]
+    assert [names.int2str(y) for y in loaded["label"]] == loaded["class"]
+    assert list(pq.read_table(out).to_pydict()) == list(loaded.features)  # the same columns, in order
+
+
 def test_train_older_than_selection_is_refused(caches, tmp_path):
     stale = str(tmp_path / "stale.zarr")
     shutil.copytree(caches["trained"], stale)
@@ -414,8 +435,8 @@ def test_failed_table_write_leaves_the_previous_table(caches, tmp_path, monkeypa
     before = table.read_bytes()
     real = engine.stages.write_table
 
-    def write_then_fail(path, columns):
-        real(path, columns)
+    def write_then_fail(path, columns, **options):
+        real(path, columns, **options)
         raise OSError("disk full")
 
     monkeypatch.setattr(engine.stages, "write_table", write_then_fail)
