@@ -2,8 +2,8 @@
 `engine embed`. A plan (files, labels, their sizes and times) is fingerprinted; every image is
 decoded before it is written (JPEG/PNG/WebP bytes kept, others converted to PNG, bad files
 skipped and listed); shards are written by a process pool through `engine.outputs.UnitFolder`,
-so a rerun of the same plan resumes. A Hugging Face dataset's plan is one split's rows, read in record batches (`engine.hf`).
-Recipes: docs/datasets.md; options: docs/commands.md#pack.
+so a rerun of the same plan resumes. A Hugging Face dataset's plan is one split's rows, read in
+record batches (`engine.hf`). Recipes: docs/datasets.md; options: docs/commands.md#pack.
 """
 
 from __future__ import annotations
