@@ -360,12 +360,69 @@ def list_pages(
             + bar_chart(chunk, stats, data.names, scale_max=scale, href=href)
         )
         if page == 0:
+            body.append(_noise_section(data, href))
             body.append(_heatmap_section(conf, data.names, href))
             body.append("<h2>Summary</h2>" + _summary_html(cache, data, info))
         body.append("<h2>Classes</h2>" + _class_table(chunk, stats, data.names, href) + pager)
         body.append(_footer(config))
         out[_list_name(page)] = _page(title if page == 0 else f"{title} (page {page + 1})", "\n".join(body))
     return out
+
+
+NOISE_PAIRS = 20  # swapped pairs listed in the noise section (the heatmap takes their classes, up to 30)
+
+
+def noise_structure(noise: dict, labels: np.ndarray, num_classes: int) -> tuple[list, np.ndarray]:
+    """The top swapped pairs [(given, true, count, share of the given class)] by count, and the
+    (C,) estimated noise rate of each class, from the robust selection's sparse estimate."""
+    given, true, count = (np.asarray(noise[k]) for k in ("given", "true", "count"))
+    sizes = np.bincount(labels[labels >= 0], minlength=num_classes).astype(np.float64)
+    off = given != true
+    rates = np.bincount(given[off], weights=count[off], minlength=num_classes) / np.maximum(sizes, 1)
+    order = np.argsort(-count[off], kind="stable")[:NOISE_PAIRS]
+    g, t, n = given[off][order], true[off][order], count[off][order]
+    pairs = [(int(a), int(b), float(c), float(c / max(sizes[a], 1))) for a, b, c in zip(g, t, n)]
+    return pairs, rates
+
+
+def _noise_section(data: Rows, href) -> str:
+    """Robust mode: the estimated 'given label -> true class' structure as a heatmap and a table."""
+    if not data.noise or not len(data.noise["given"]):
+        return ""
+    c = len(data.names)
+    pairs, rates = noise_structure(data.noise, data.labels, c)
+    if not pairs:
+        return '<h2>Estimated label noise</h2><p class="muted">No label is estimated to belong to another class.</p>'
+    classes: list[int] = []
+    for a, b, _, _ in pairs:
+        for k in (a, b):
+            if k not in classes and len(classes) < MAX_HEATMAP_CLASSES:
+                classes.append(k)
+    share = np.zeros((len(classes), len(classes)))
+    index = {k: i for i, k in enumerate(classes)}
+    given, true, count = (np.asarray(data.noise[k]) for k in ("given", "true", "count"))
+    sizes = np.bincount(data.labels[data.labels >= 0], minlength=c)
+    for a, b, n in zip(given, true, count):
+        if a in index and b in index:
+            share[index[a], index[b]] = n / max(sizes[a], 1)
+    grid = Confusable(classes=classes, similarity=share, source="the robust selection's estimate", pairs=[])
+    rows = "".join(
+        f'<tr><td class="l"><a href="{href(a)}">{esc(data.names[a])}</a></td><td class="l">'
+        f'<a href="{href(b)}">{esc(data.names[b])}</a></td><td>{n:.0f}</td><td>{s:.1%}</td></tr>'
+        for a, b, n, s in pairs
+    )
+    overall = float((given != true) @ count) / max(int((data.labels >= 0).sum()), 1)
+    worst = np.argsort(-rates, kind="stable")[:5]
+    return (
+        f'<h2>Estimated label noise</h2><p class="sub">Estimated from label-independent evidence: about '
+        f"{overall:.1%} of the labels belong to another class; noisiest classes: "
+        + ", ".join(f'<a href="{href(k)}">{esc(data.names[k])}</a> {rates[k]:.0%}' for k in worst)
+        + ". Row: the given label, column: the class the images look like; a cell is the share of the "
+        'given class.</p><div class="cols">'
+        + heatmap(grid, data.names, href=href)
+        + '<table class="pairs noise"><tr><th class="l">given label</th><th class="l">looks like</th>'
+        + f"<th>samples</th><th>of the class</th></tr>{rows}</table></div>"
+    )
 
 
 def _heatmap_section(conf: Confusable | None, names: list, href) -> str:

@@ -34,6 +34,7 @@ class Rows:
     attrs: dict
     names: list
     urls: list
+    noise: dict | None = None  # robust mode: given (E,), true (E,), count (E,) estimated label swaps
 
 
 def _class_names(cache: Cache, labels: np.ndarray, predictions: dict) -> list[str]:
@@ -68,6 +69,7 @@ def read_rows(cache: Cache) -> Rows:
         consistency={pair.split("/")[0]: p.score for pair, p in stored.pairs.items() if pair.endswith("/consistency")},
         passes={pair: p.passed for pair, p in stored.pairs.items()},
         attrs=stored.attrs,
+        noise=stored.noise,
         names=_class_names(cache, labels, predictions),
         urls=[s["url"] for s in cache.manifest.get("shards", [])],
     )
