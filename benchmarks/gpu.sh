@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
-# The GPU benchmark run, as one command on a lent GPU machine (see README, Benchmarks).
-# Expects wheels of the packages that machine lacks in .whl/ (open_clip_torch, webdataset,
-# braceexpand, zarr, numcodecs, donfig, google-crc32c, ftfy, wcwidth) and $OUT for results.
+# The whole GPU measurement in one go, on a lent GPU machine with no network (see
+# docs/benchmarks.md): install the wheels it lacks, run the GPU tests, then the embed, select and
+# kNN benchmarks on the GPU. Results (JSON) and the log go to $OUT.
+# Expects in .whl/ the wheels that machine lacks: open_clip_torch, webdataset, braceexpand, zarr,
+# numcodecs, donfig, google-crc32c, ftfy, wcwidth, faiss-cpu (pip download --python-version 3.12).
 set -uo pipefail
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 ENGINE_PROGRESS=0
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
-run() { echo "=== $*"; timeout "$1" "${@:2}" 2>&1 | grep -v -E "Warning|warn\(" | tail -25; }
-run 150 python3 benchmarks/bench_embed.py --gpu --shards 8 --per-shard 1000 --workers 12 --batch 512
-# select and train GPU figures: benchmarks/results/select-gpu-*.json, train-gpu-*.json
-# [ -f benchmarks/bench_select.py ] && run 200 python3 benchmarks/bench_select.py --large-only --device cuda
-# run 150 python3 benchmarks/bench_train.py --device cuda --epochs 2 --naive-iters 30
-cp benchmarks/results/*.json "$OUT"/ 2>/dev/null
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, torchvision; print('torch', torch.__version__, torchvision.__version__, torch.cuda.get_device_name(0))" \
+  | tee -a "$OUT/gpu.txt"
+run() { local limit=$1; shift; echo "=== $*"; timeout "$limit" "$@" 2>&1 | grep -v -E "Warning|warn\(" | tail -40; }
+{
+  run 200 python3 -m pytest -q -p no:cacheprovider -m gpu_test tests/test_embed.py tests/test_classifiers.py \
+    tests/test_select.py tests/test_train.py
+  run 240 python3 benchmarks/bench_embed.py --data photos --gpu --sizes 256 --images 8000 --shards 8 \
+    --workers 14 --batch 512 --repeats 2
+  run 240 python3 benchmarks/bench_select.py --large-only --device cuda --mid-n 100000 --modes clipcleaner,robust
+  run 120 python3 benchmarks/bench_knn.py --device cuda --n 1000000 --no-sklearn
+} 2>&1 | tee "$OUT/log.txt"
+cp benchmarks/results/*-gpu-*.json "$OUT"/ 2>/dev/null
 ls "$OUT"

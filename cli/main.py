@@ -19,7 +19,7 @@ from engine.index import IndexConfig
 from engine.pack import PackConfig
 from engine.report import ReportConfig
 from engine.runtime import EngineError, set_threads
-from engine.select import SelectConfig
+from engine.select import MODES, SelectConfig
 from engine.synthetic import ShapesConfig
 from engine.train import TrainConfig
 
@@ -476,6 +476,14 @@ def _names(value: str) -> tuple[str, ...]:
 @cli.command("select")
 @cache_option()
 @click.option(
+    "--mode",
+    type=click.Choice(list(MODES)),
+    default=default_of(SelectConfig, "mode"),
+    show_default=True,
+    help="clipcleaner: the paper's procedure (the options below); robust: clean posteriors from a leave-one-out "
+    "discriminant, calibrated zero-shot and an estimated noise structure (docs/method.md).",
+)
+@click.option(
     "--criteria",
     default=",".join(default_of(SelectConfig, "criteria")),
     show_default=True,
@@ -507,6 +515,7 @@ def _names(value: str) -> tuple[str, ...]:
 @handle_errors
 def select(
     cache,
+    mode,
     criteria,
     classifiers,
     theta_cons,
@@ -531,6 +540,7 @@ def select(
 
     check_table_path(out)
     config = SelectConfig(
+        mode=mode,
         criteria=_names(criteria),
         classifiers=_names(classifiers),
         theta_cons=theta_cons,
@@ -561,6 +571,11 @@ def _select_lines(s: dict):
         )
     if s.get("out"):
         yield f"  table: {s['out']}"
+    noise = s.get("noise")
+    if noise:
+        yield (f"  estimated label noise: {noise['estimated_rate']:.1%} ({noise['model']} model); most swapped: "
+               + ", ".join(f"{p.get('given_name', p['given'])} -> {p.get('true_name', p['true'])} {p['count']:.0f}"
+                           for p in noise["top_pairs"][:5]))
     for line in s.get("warnings", []):
         yield f"  warning: {line}"
 

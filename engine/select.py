@@ -28,6 +28,11 @@ from engine.runtime import DEVICES, EngineError, Timer, progress, resolve_device
 
 _logger = logging.getLogger(__name__)
 
+MODES = {
+    "clipcleaner": "the paper: zero-shot and linear classifiers, consistency and loss criteria, intersected",
+    "robust": "clean posteriors from a leave-one-out discriminant, calibrated zero-shot and an estimated noise "
+    "transition matrix (engine.robust)",
+}
 CRITERIA = {
     "consistency": "P(y|x) / max_k P(k|x) >= theta_cons",
     "loss": "per-class 2-component GMM on the normalised log P(y|x); posterior of the larger-mean "
@@ -75,6 +80,7 @@ def _check_number(
 class SelectConfig:
     """Everything that decides a selection; recorded with every result (`to_dict`)."""
 
+    mode: str = "clipcleaner"  # the paper's procedure; "robust": engine.robust (docs/method.md)
     criteria: tuple[str, ...] = ("consistency", "loss")
     classifiers: tuple[str, ...] = ("zeroshot", "linear")
     theta_cons: float = 0.8
@@ -89,11 +95,15 @@ class SelectConfig:
     gmm_tol: float = 1e-3
     gmm_reg_covar: float = 1e-6
     fill_empty: bool = True
+    robust_threshold: float = 0.5  # robust mode: select rows whose clean posterior is at least this
     block_rows: int | None = None  # None: about 16M float32 per (rows, columns) block
     device: str = "auto"
     seed: int = 0
 
     def __post_init__(self):
+        if self.mode not in MODES:
+            raise EngineError(f"mode: got {self.mode!r}, expected one of {', '.join(MODES)}")
+        _check_number("robust_threshold", self.robust_threshold, low=0.0, high=1.0)
         object.__setattr__(self, "criteria", _names("criteria", self.criteria, CRITERIA))
         object.__setattr__(self, "classifiers", _names("classifiers", self.classifiers, CLASSIFIERS))
         for name in ("theta_cons", "theta_gmm"):
@@ -534,6 +544,9 @@ class SelectionResult:
     metrics: dict | None = None
     linear_models: list = field(default_factory=list, repr=False)
     warnings: list = field(default_factory=list)
+    clean_score: np.ndarray | None = None  # robust mode: log-odds that the label is right, ranks all rows
+    noise: dict | None = None  # robust mode: estimated given -> true counts {given, true, count} (E,)
+    noise_summary: dict | None = None  # robust mode: estimated rate, per-class rates, top swapped pairs
 
     def summary(self) -> dict:
         """JSON-ready: counts, per-class figures, classifier info, metrics, timings, warnings and the config."""
@@ -544,6 +557,7 @@ class SelectionResult:
             "unlabelled": self.unlabelled,
             "classifiers": self.classifier_info,
             "metrics": self.metrics,
+            "noise": self.noise_summary,
             "warnings": self.warnings,
             "timings": self.timings,
             "config": self.config.to_dict(),
@@ -722,18 +736,8 @@ def _combine(per: dict, inputs: ClassifierInputs, groups: ClassGroups, config: S
     filled = np.zeros(len(labelled), dtype=bool)
     filled[fill_rows] = True
     selected = intersection | filled
-    final_per_class = np.bincount(inputs.labels[selected], minlength=inputs.num_classes)[groups.counts > 0]
-    before = np.bincount(inputs.labels[intersection], minlength=inputs.num_classes)
-    per_class = {
-        "min": int(final_per_class.min()),
-        "median": float(np.median(final_per_class)),
-        "max": int(final_per_class.max()),
-        "classes_with_rows": int((groups.counts > 0).sum()),
-        "empty_before_fill": int(((groups.counts > 0) & (before == 0)).sum()),
-        "filled_classes": int(len(np.unique(inputs.labels[fill_rows]))),
-        "fill_m": m,
-        "fill_ranked_by": f"{ranker}/loss_score",
-    }
+    per_class = per_class_figures(selected, intersection, filled, inputs.labels, groups, fill_m=m)
+    per_class["fill_ranked_by"] = f"{ranker}/loss_score"
     counts = {pair: int(mask.sum()) for pair, mask in masks.items()}
     counts.update(intersection=int(intersection.sum()), filled=int(filled.sum()), final=int(selected.sum()))
     return {
@@ -745,6 +749,86 @@ def _combine(per: dict, inputs: ClassifierInputs, groups: ClassGroups, config: S
         "per_class": per_class,
         "noise_score": noise_scores(scores, thresholds, labelled),
     }
+
+
+def per_class_figures(selected, before_fill, filled, labels, groups: ClassGroups, *, fill_m: int) -> dict:
+    """min/median/max of the final per-class counts over classes with labelled rows, and the fill-in."""
+    num_classes = len(groups.counts)
+    final = np.bincount(labels[selected], minlength=num_classes)[groups.counts > 0]
+    before = np.bincount(labels[before_fill], minlength=num_classes)
+    return {
+        "min": int(final.min()),
+        "median": float(np.median(final)),
+        "max": int(final.max()),
+        "classes_with_rows": int((groups.counts > 0).sum()),
+        "empty_before_fill": int(((groups.counts > 0) & (before == 0)).sum()),
+        "filled_classes": int(len(np.unique(labels[filled]))),
+        "fill_m": fill_m,
+    }
+
+
+def _select_robust(
+    inputs: ClassifierInputs, groups: ClassGroups, config: SelectConfig, timer: Timer, show_progress
+) -> SelectionResult:
+    """The robust mode (engine.robust) as a SelectionResult: one test, "robust/posterior" (the clean
+    posterior against `robust_threshold`), the likeliest true class as the prediction, and the
+    estimated noise structure."""
+    from engine.robust import RobustConfig, robust_select
+
+    robust_config = RobustConfig(
+        tau=config.tau, threshold=config.robust_threshold, fill_empty=config.fill_empty, block_rows=config.block_rows
+    )
+    with timer("robust"):
+        out = robust_select(inputs, config=robust_config, seed=config.seed, show_progress=show_progress)
+    labelled = inputs.labels >= 0
+    passed = labelled & (out.clean_prob >= config.robust_threshold)
+    info = {
+        "robust": {
+            "source": "built-in",
+            "decisions": out.decisions,
+            "labels": label_agreement(out.likely_true, inputs.labels, inputs.num_classes),
+        }
+    }
+    for name, pred in (("gda", out.pred_gda), ("zeroshot", out.pred_zeroshot)):
+        info[name] = {"source": "robust witness", "labels": label_agreement(pred, inputs.labels, inputs.num_classes)}
+    counts = {
+        "robust/posterior": int(passed.sum()),
+        "intersection": int(passed.sum()),
+        "filled": int(out.filled.sum()),
+        "final": int(out.selected.sum()),
+    }
+    names_rate = np.nan_to_num(out.noise_rate, nan=0.0)
+    noisiest = np.argsort(-names_rate, kind="stable")[:10]
+    return SelectionResult(
+        selected=out.selected,
+        filled=out.filled,
+        scores={"robust/posterior": out.clean_prob},
+        masks={"robust/posterior": passed},
+        predictions={"robust": out.likely_true},
+        confidences={"robust": out.clean_prob},
+        loss_scores={"robust": out.clean_prob},
+        noise_score=np.where(labelled, 1.0 - out.clean_prob, 1.0).astype(np.float32),
+        counts=counts,
+        per_class=per_class_figures(
+            out.selected, passed, out.filled, inputs.labels, groups, fill_m=out.decisions["fill_m"]
+        ),
+        unlabelled=int((~labelled).sum()),
+        classifier_info=info,
+        timings=timer.rounded(),
+        config=config,
+        warnings=classifier_warnings(info),
+        clean_score=out.score,
+        noise=out.noise,
+        noise_summary={
+            "model": out.decisions["noise_model"],
+            "why": out.decisions["why"],
+            "estimated_rate": round(out.decisions["estimated_noise_rate"], 4),
+            "noisiest_classes": [
+                {"class": int(k), "rate": round(float(names_rate[k]), 4)} for k in noisiest if names_rate[k] > 0
+            ],
+            "top_pairs": out.top_pairs,
+        },
+    )
 
 
 def select_samples(
@@ -780,6 +864,9 @@ def select_samples(
             features, labels, text_features, text_mask, num_classes, true_labels, neighbors, config, extra
         )
         groups = ClassGroups.build(inputs.labels, inputs.num_classes)
+    if config.mode == "robust":
+        result = _select_robust(inputs, groups, config, timer, show_progress)
+        return _finish_result(result, inputs, true)
     per, info = {}, {}
     for name in config.classifiers:
         info[name] = {"source": "extra_classifiers" if name in extra else "built-in"}
@@ -806,6 +893,11 @@ def select_samples(
     )
     for line in result.warnings:
         _logger.info("select: warning: %s", line)
+    return _finish_result(result, inputs, true)
+
+
+def _finish_result(result: SelectionResult, inputs: ClassifierInputs, true) -> SelectionResult:
+    """Metrics against the true labels when known, and a log line."""
     if true is not None:
         result.metrics = selection_metrics(result.selected, inputs.labels, true)
         result.metrics["accuracy"] = {k: classifier_accuracy(v, true) for k, v in result.predictions.items()}

@@ -95,6 +95,13 @@ def select_from_cache(
             show_progress=show_progress,
         )
     summary = {"cache": cache_path, **result.summary(), "seconds": {**timer.rounded(), **result.timings}}
+    if summary.get("noise"):
+        names = _class_names(cache, labels)
+        name = lambda k: names[k] if 0 <= k < len(names) else f"class {k}"  # noqa: E731
+        for pair in summary["noise"]["top_pairs"]:
+            pair.update(given_name=name(pair["given"]), true_name=name(pair["true"]))
+        for entry in summary["noise"]["noisiest_classes"]:
+            entry["name"] = name(entry["class"])
     stored = Selection.from_result(result, {k: v for k, v in summary.items() if k != "cache"})
     stored.write(cache)
     columns = stored.table_columns()
