@@ -573,9 +573,13 @@ def _select_lines(s: dict):
         yield f"  table: {s['out']}"
     noise = s.get("noise")
     if noise:
-        yield (f"  estimated label noise: {noise['estimated_rate']:.1%} ({noise['model']} model); most swapped: "
-               + ", ".join(f"{p.get('given_name', p['given'])} -> {p.get('true_name', p['true'])} {p['count']:.0f}"
-                           for p in noise["top_pairs"][:5]))
+        yield (
+            f"  estimated label noise: {noise['estimated_rate']:.1%} ({noise['model']} model); most swapped: "
+            + ", ".join(
+                f"{p.get('given_name', p['given'])} -> {p.get('true_name', p['true'])} {p['count']:.0f}"
+                for p in noise["top_pairs"][:5]
+            )
+        )
     for line in s.get("warnings", []):
         yield f"  warning: {line}"
 
