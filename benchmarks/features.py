@@ -262,3 +262,128 @@ def clip_features(
         features[start:stop] = x.astype(dtype)
         labels[start:stop] = corrupt(true_labels[start:stop], x, geometry, noise=noise, rate=rate, rng=rng)
     return features, labels, true_labels, geometry.text, geometry.nearest
+
+
+# ----------------------------------------------------------------------------- a second generator
+# Structurally different from `clip_features`, so that a method tuned on one is checked on the
+# other: one isotropic cluster per class (Gaussian in the tangent plane, normalised) around a centre
+# on a 3-level tree (superclass -> class -> sibling groups of 3), no shared nuisance spectrum, no
+# modes, no cone; per-class concentration; long-tailed class sizes (Zipf 0.8: the largest class
+# ~40x the smallest at C = 100); a zero-shot witness of chosen quality (`witness` "weak" ~0.4,
+# "medium" ~0.7, "strong" ~0.9 zero-shot accuracy). Noise: sym; hard (each class sends its flips to
+# one fixed class among its 3 nearest, so flips form chains and cycles, not only mutual pairs);
+# instance (flip chance grows with closeness to the nearest other class, to that class); mix.
+# `tree_features(n, C, D, noise=, rate=, seed=, witness=)` returns (features (n, D) float16, labels
+# (n,) int32 noisy, true (n,) int32, text (C, 3, D) float32).
+
+SPREAD = 3.5
+WITNESS_TARGET = {"weak": 0.4, "strong": 0.9, "medium": 0.7}
+
+
+def _tree_geometry(c: int, d: int, rng):
+    supers = max(2, int(round(c**0.5)))
+    parent = rng.integers(0, supers, size=c)
+    sup = _unit(rng.standard_normal((supers, d)))
+    own = _unit(rng.standard_normal((c, d)))
+    centres = _unit(0.9 * sup[parent] + own)
+    # sibling groups of 3 inside each superclass: pull members towards a group direction
+    order = np.argsort(parent, kind="stable")
+    for g in range(0, c - 2, 3):
+        members = order[g : g + 3]
+        if len(set(parent[members])) == 1:
+            gdir = _unit(rng.standard_normal(d))
+            centres[members] = _unit(centres[members] + 1.2 * gdir)
+    spread = np.exp(rng.normal(np.log(SPREAD), 0.2, size=c))  # tangent-noise norm per class
+    return centres.astype(np.float32), spread.astype(np.float32)
+
+
+def _tree_draw(centres, spread, y, rng):
+    d = centres.shape[1]
+    z = rng.standard_normal((len(y), d)).astype(np.float32) / np.sqrt(d)
+    mu = centres[y]
+    z -= (z * mu).sum(1, keepdims=True) * mu  # tangent plane
+    return _unit(mu + spread[y, None] * z).astype(np.float32)
+
+
+def _zeroshot_acc(x, y, text):
+    sims = np.einsum("nd,cpd->ncp", x, text) / 0.07
+    s = np.log(np.exp(sims - sims.max(axis=(1, 2), keepdims=True)).sum(2))
+    return float((s.argmax(1) == y).mean())
+
+
+def _tree_text(centres, err_dir, jitter, scale):
+    c, p, d = jitter.shape
+    t = centres[:, None, :] + scale * err_dir[:, None, :] + 0.3 * scale * jitter
+    return _unit(t).astype(np.float32)
+
+
+def tree_features(
+    n: int,
+    num_classes: int,
+    dim: int = 256,
+    *,
+    noise: str = "sym",
+    rate: float = 0.4,
+    seed: int = 0,
+    witness: str = "weak",
+    prompts: int = 3,
+):
+    rng = np.random.default_rng(seed + 7919)
+    c, d = num_classes, dim
+    centres, spread = _tree_geometry(c, d, rng)
+    weights = 1.0 / np.arange(1, c + 1) ** 0.8
+    weights = rng.permutation(weights)
+    weights /= weights.sum()
+    true = rng.choice(c, size=n, p=weights).astype(np.int32)
+    x = _tree_draw(centres, spread, true, rng)
+    # zero-shot witness: bisection on the error scale to hit the target accuracy
+    err_dir = _unit(rng.standard_normal((c, d))).astype(np.float32)
+    jitter = _unit(rng.standard_normal((c, prompts, d))).astype(np.float32)
+    target = WITNESS_TARGET[witness]
+    sample = rng.choice(n, size=min(n, 5000), replace=False)
+    lo, hi = 0.0, 20.0
+    for _ in range(20):
+        mid = 0.5 * (lo + hi)
+        acc = _zeroshot_acc(x[sample], true[sample], _tree_text(centres, err_dir, jitter, mid))
+        lo, hi = (mid, hi) if acc > target else (lo, mid)
+    text = _tree_text(centres, err_dir, jitter, 0.5 * (lo + hi))
+    # noise
+    sims = centres @ centres.T
+    np.fill_diagonal(sims, -np.inf)
+    near3 = np.argsort(-sims, axis=1)[:, :3]
+    hard_target = near3[np.arange(c), rng.integers(0, 3, size=c)]
+    labels = true.copy()
+    kinds = {"sym": 0, "hard": 1, "instance": 2}
+    if noise == "mix":
+        kind = rng.integers(0, 3, size=n)
+    elif noise in kinds:
+        kind = np.full(n, kinds[noise])
+    elif noise == "none":
+        return x.astype(np.float16), labels, true, text
+    else:
+        raise ValueError(f"noise: got {noise!r}, expected sym, hard, instance, mix or none")
+    u = rng.random(n)
+    # sym
+    m = kind == 0
+    flip = m & (u < rate)
+    labels[flip] = (true[flip] + rng.integers(1, c, size=int(flip.sum()))) % c
+    # hard
+    m = kind == 1
+    flip = m & (u < rate)
+    labels[flip] = hard_target[true[flip]]
+    # instance: closeness to nearest other centre
+    m = np.flatnonzero(kind == 2)
+    if len(m):
+        s = x[m] @ centres.T
+        own = s[np.arange(len(m)), true[m]].copy()
+        s[np.arange(len(m)), true[m]] = -np.inf
+        other = s.argmax(1)
+        amb = np.exp(-np.maximum(own - s.max(1), 0) / 0.05)
+        lo, hi = 1e-6, 100.0
+        for _ in range(50):
+            k = 0.5 * (lo + hi)
+            lo, hi = (k, hi) if np.minimum(0.95, k * amb).mean() < rate else (lo, k)
+        chance = np.minimum(0.95, 0.5 * (lo + hi) * amb)
+        flip = u[m] < chance
+        labels[m[flip]] = other[flip]
+    return x.astype(np.float16), labels.astype(np.int32), true, text
