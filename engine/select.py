@@ -130,8 +130,9 @@ class SelectConfig:
 
     @property
     def pairs(self) -> tuple[str, ...]:
-        """The (classifier, criterion) pairs as "classifier/criterion", classifier-major."""
-        return tuple(f"{c}/{k}" for c in self.classifiers for k in self.criteria)
+        """The (classifier, criterion) pairs as "classifier/criterion", classifier-major (the knn
+        classifier's only test is its vote veto, `knn/vote`)."""
+        return tuple(f"{c}/{k}" for c in self.classifiers for k in criteria_of(c, self.criteria))
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -405,13 +406,20 @@ def fill_empty_classes(
     return ranked[np.arange(len(ranked)) - first < m], m
 
 
-def noise_scores(scores: Mapping[str, np.ndarray], thresholds: Mapping[str, float], labelled: np.ndarray) -> np.ndarray:
-    """(N,) float32 in [0, 1]: max over pairs of max(0, (theta - score) / theta); 1 for unlabelled rows."""
+def noise_scores(
+    scores: Mapping[str, np.ndarray], thresholds: Mapping[str, float], labelled: np.ndarray, masks=None
+) -> np.ndarray:
+    """(N,) float32 in [0, 1]: max over pairs of max(0, (theta - score) / theta), counted only where
+    the pair failed when its `masks` are given (the knn vote fails by veto, not by threshold); 1 for
+    unlabelled rows."""
     noise = np.zeros(len(labelled), dtype=np.float32)
     for pair, score in scores.items():
         theta = thresholds[pair]
         if theta > 0:
-            np.maximum(noise, np.clip((theta - score) / theta, 0.0, 1.0).astype(np.float32), out=noise)
+            shortfall = np.clip((theta - score) / theta, 0.0, 1.0).astype(np.float32)
+            if masks is not None:
+                shortfall[masks[pair]] = 0.0
+            np.maximum(noise, shortfall, out=noise)
     noise[~labelled] = 1.0
     return noise
 
@@ -700,30 +708,48 @@ def _score_rows(name: str, fn: LogProbsFn, inputs: ClassifierInputs, *, probs_pa
     return out
 
 
+def criteria_of(classifier: str, criteria: tuple[str, ...]) -> tuple[str, ...]:
+    """The tests a classifier's probabilities go through: the configured criteria, except for
+    knn, whose 10-neighbor vote is not a confidence: it only vetoes (docs/method.md)."""
+    return ("vote",) if classifier == "knn" else criteria
+
+
 def _criterion_scores(
-    per: dict, inputs: ClassifierInputs, groups: ClassGroups, config: SelectConfig, timer: Timer, info: dict
+    name: str, per: dict, inputs: ClassifierInputs, groups: ClassGroups, config: SelectConfig, timer: Timer, info: dict
 ) -> None:
     """Adds loss_score (N,) and, with the loss criterion, posterior (N,) to one classifier's `per`."""
     with timer("normalise"):
         per["loss_score"], degenerate = normalise_loss(per["log_p"], groups)
     info["degenerate_classes"] = int((degenerate & (groups.counts > 0)).sum())
-    if "loss" in config.criteria:
+    if "loss" in criteria_of(name, config.criteria):
         with timer("gmm"):
             per["posterior"], info["gmm"] = loss_posteriors(per["loss_score"], groups, degenerate, config=config)
 
 
 def _combine(per: dict, inputs: ClassifierInputs, groups: ClassGroups, config: SelectConfig) -> dict:
     """Masks per pair, their intersection, the fill-in, the noise score and the counts."""
+    from engine.classifiers.knn import VETO_OWN, vote_veto
+
     labelled = inputs.labels >= 0
-    value_of = {"consistency": lambda p: p["consistency"], "loss": lambda p: p["posterior"]}
-    theta_of = {"consistency": config.theta_cons, "loss": config.theta_gmm}
+    value_of = {
+        "consistency": lambda p: p["consistency"],
+        "loss": lambda p: p["posterior"],
+        "vote": lambda p: np.exp(p["log_p"]),
+    }
+    theta_of = {"consistency": config.theta_cons, "loss": config.theta_gmm, "vote": VETO_OWN}
     scores, masks, thresholds = {}, {}, {}
     for name in config.classifiers:
-        for criterion in config.criteria:
+        for criterion in criteria_of(name, config.criteria):
             pair = f"{name}/{criterion}"
             scores[pair] = value_of[criterion](per[name]).astype(np.float32, copy=False)
             thresholds[pair] = theta_of[criterion]
-            masks[pair] = labelled & (scores[pair] >= thresholds[pair])
+            if criterion == "vote":
+                p = per[name]
+                masks[pair] = labelled & ~vote_veto(
+                    p["consistency"], p["log_p"], p["prediction"], p["confidence"], inputs.labels
+                )
+            else:
+                masks[pair] = labelled & (scores[pair] >= thresholds[pair])
     intersection = np.logical_and.reduce(list(masks.values()))
     ranker = "zeroshot" if "zeroshot" in per else config.classifiers[0]
     fill_rows, m = (
@@ -747,7 +773,7 @@ def _combine(per: dict, inputs: ClassifierInputs, groups: ClassGroups, config: S
         "masks": masks,
         "counts": counts,
         "per_class": per_class,
-        "noise_score": noise_scores(scores, thresholds, labelled),
+        "noise_score": noise_scores(scores, thresholds, labelled, masks),
     }
 
 
@@ -874,7 +900,7 @@ def select_samples(
         path = None if probs_dir is None else Path(probs_dir) / f"probs_{name}.npy"
         with timer(f"score:{name}"):
             per[name] = _score_rows(name, fn, inputs, probs_path=path, show_progress=show_progress)
-        _criterion_scores(per[name], inputs, groups, config, timer, info[name])
+        _criterion_scores(name, per[name], inputs, groups, config, timer, info[name])
         info[name]["labels"] = label_agreement(per[name]["prediction"], inputs.labels, inputs.num_classes)
     with timer("select"):
         combined = _combine(per, inputs, groups, config)

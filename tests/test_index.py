@@ -299,18 +299,24 @@ def test_swap_table_recovers_planted_hard_noise():
 
 
 def test_knn_log_probs_match_reference(small_neighbors):
+    """Soft votes smoothed toward the class prior (Dirichlet, alpha pseudo-votes), a row never its own
+    neighbor: against a loop."""
     sims, ids, labels, c = small_neighbors
-    got = knn_log_probs(sims, ids, labels, c, tau=0.1, smoothing=0.02)
+    ids = ids.copy()
+    ids[0, 0] = 0  # a row listing itself: dropped by the classifier
+    got = knn_log_probs(sims, ids, labels, c, tau=0.1, alpha=2.0, rows=np.arange(len(ids)))
     assert got.shape == (len(ids), c) and got.dtype == np.float32 and np.isfinite(got).all()
     np.testing.assert_allclose(np.exp(got).sum(axis=1), 1.0, atol=1e-5)
+    prior = np.bincount(labels[labels >= 0], minlength=c) / (labels >= 0).sum()
     for i in range(len(ids)):
+        ok = [(s, j) for s, j in zip(sims[i], ids[i]) if j >= 0 and j != i and labels[j] >= 0 and np.isfinite(s)]
         votes = np.zeros(c)
-        for s, j in zip(sims[i], ids[i]):
-            if j >= 0 and labels[j] >= 0:
-                votes[labels[j]] += np.exp(s / 0.1)
-        p = votes / votes.sum() if votes.sum() > 0 else np.full(c, 1.0 / c)
-        np.testing.assert_allclose(got[i], np.log(0.98 * p + 0.02 / c), atol=1e-4)
-    fn = knn_classifier(sims, ids, labels, c, tau=0.1, smoothing=0.02)
+        if ok:
+            top = max(s for s, _ in ok)
+            for s, j in ok:
+                votes[labels[j]] += np.exp((s - top) / 0.1)
+        np.testing.assert_allclose(got[i], np.log((votes + 2.0 * prior) / (votes.sum() + 2.0)), atol=1e-4)
+    fn = knn_classifier(sims, ids, labels, c, tau=0.1, alpha=2.0)
     blocks = np.concatenate([fn(a, min(a + 64, len(ids))) for a in range(0, len(ids), 64)])
     np.testing.assert_allclose(blocks, got, atol=1e-6)
 

@@ -206,14 +206,14 @@ def hand_made():
     )
     features = np.zeros((12, 4), np.float16)
     features[:, 0] = 1
-    config = SelectConfig(classifiers=("zeroshot", "knn"), criteria=("consistency",))
-    return features, labels, {"zeroshot": _fixed(a), "knn": _fixed(b)}, config
+    config = SelectConfig(classifiers=("zeroshot", "linear"), criteria=("consistency",))
+    return features, labels, {"zeroshot": _fixed(a), "linear": _fixed(b)}, config
 
 
 def test_selection_is_the_intersection_and_unlabelled_rows_are_counted(hand_made):
     features, labels, extra, config = hand_made
     res = select_samples(features, labels, config=config, extra_classifiers=extra)
-    za, kb = res.masks["zeroshot/consistency"], res.masks["knn/consistency"]
+    za, kb = res.masks["zeroshot/consistency"], res.masks["linear/consistency"]
     assert za.tolist() == [1, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0]
     assert kb.tolist() == [1, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0]
     assert res.unlabelled == 1 and not res.selected[11]
@@ -250,20 +250,20 @@ def test_fill_in_ranks_by_zeroshot_even_when_listed_second():
     knn = _log([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.65, 0.35], [0.9, 0.1]])  # knn ranks rows 2, 4
     zeroshot = _log([[0.9, 0.1], [0.9, 0.1], [0.5, 0.5], [0.3, 0.7], [0.45, 0.55], [0.2, 0.8]])  # zero-shot: 5, 3
     feats = np.ones((6, 2), np.float16)
-    config = SelectConfig(classifiers=("knn", "zeroshot"), criteria=("consistency",))
+    config = SelectConfig(classifiers=("linear", "zeroshot"), criteria=("consistency",))
     both = select_samples(
-        feats, labels, config=config, extra_classifiers={"knn": _fixed(knn), "zeroshot": _fixed(zeroshot)}
+        feats, labels, config=config, extra_classifiers={"linear": _fixed(knn), "zeroshot": _fixed(zeroshot)}
     )
     assert np.flatnonzero(both.filled).tolist() == [3, 5]
     assert both.per_class["fill_ranked_by"] == "zeroshot/loss_score" and both.per_class["fill_m"] == 2
     alone = select_samples(
         feats,
         labels,
-        config=SelectConfig(classifiers=("knn",), criteria=("consistency",)),
-        extra_classifiers={"knn": _fixed(knn)},
+        config=SelectConfig(classifiers=("linear",), criteria=("consistency",)),
+        extra_classifiers={"linear": _fixed(knn)},
     )
     assert np.flatnonzero(alone.filled).tolist() == [2, 4]
-    assert alone.per_class["fill_ranked_by"] == "knn/loss_score"
+    assert alone.per_class["fill_ranked_by"] == "linear/loss_score"
 
 
 def test_degenerate_classes_pass_the_loss_criterion():
@@ -404,11 +404,16 @@ def test_knn_classifier_from_neighbor_lists_and_as_an_extra_classifier():
     neighbors = (np.take_along_axis(sims, ids, 1), ids)
     config = SelectConfig(classifiers=("zeroshot", "linear", "knn"), device="cpu")
     res = select_samples(feats, labels, text_features=text, true_labels=truth, config=config, neighbors=neighbors)
-    assert len(res.masks) == 6 and res.classifier_info["knn"] == {
-        **res.classifier_info["knn"],
-        "source": "built-in",
-        "k": 10,
-    }
+    assert (
+        len(res.masks) == 5
+        and "knn/vote" in res.masks
+        and res.classifier_info["knn"]
+        == {
+            **res.classifier_info["knn"],
+            "source": "built-in",
+            "k": 10,
+        }
+    )
     assert res.metrics["precision"] > 0.9
     extra = select_samples(
         feats,

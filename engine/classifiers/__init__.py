@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from engine.classifiers.common import BLOCK_ELEMENTS, as_features, as_labels, auto_block_rows
-from engine.classifiers.knn import KNN_SMOOTHING, KNN_TAU, knn_classifier, knn_log_probs
+from engine.classifiers.knn import KNN_ALPHA, KNN_TAU, knn_classifier, knn_log_probs
 from engine.classifiers.linear import (
     ABSENT_BIAS,
     FTOL,
@@ -143,7 +143,7 @@ __all__ = [
     "ClassifierInputs",
     "ClassifierSpec",
     "FTOL",
-    "KNN_SMOOTHING",
+    "KNN_ALPHA",
     "KNN_TAU",
     "LinearModel",
     "LogProbsFn",
