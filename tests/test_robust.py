@@ -253,3 +253,14 @@ def test_robust_beats_the_paper_under_hard_noise_on_clip_like_features():
     assert rob.noise_summary["model"] == "structured"
     top = np.argsort(-rob.clean_score, kind="stable")[: paper.metrics["selected"]]
     assert (y[top] == true[top]).mean() >= paper.metrics["precision"] - 0.02
+
+
+def test_gda_is_a_registered_classifier_of_the_paper_mode():
+    from engine.classifiers import CLASSIFIERS
+
+    x, y, true, text = _blobs(n=600, c=5, d=12, noise=0.2, seed=6)
+    r = select_samples(
+        x, y, text_features=text, true_labels=true, config=SelectConfig(classifiers=("zeroshot", "gda"), device="cpu")
+    )
+    assert "gda" in CLASSIFIERS and {"gda/consistency", "gda/loss"} <= set(r.masks)
+    assert r.metrics["accuracy"]["gda"] > 0.9 and r.classifier_info["gda"]["shrinkage"] > 0

@@ -99,6 +99,31 @@ def _build_knn(inputs: ClassifierInputs, config, timer, info: dict) -> LogProbsF
     return lambda start, stop: torch.from_numpy(np.asarray(fn(start, stop)))
 
 
+def _build_gda(inputs: ClassifierInputs, config, timer, info: dict) -> LogProbsFn:
+    from engine.classifiers.gda import build_gda, choose_shrinkage, class_stats
+
+    labels = torch.from_numpy(np.asarray(inputs.labels, dtype=np.int64))
+    with timer("gda_fit"):
+        stats = class_stats(
+            inputs.features, labels, inputs.num_classes, block_rows=inputs.block_rows, device=inputs.device
+        )
+        rows = torch.nonzero(labels >= 0).squeeze(1)
+        pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed))[:20_000]
+        sample = rows[pick].sort().values
+        lam, scores = choose_shrinkage(
+            stats, inputs.features[sample.to(inputs.features.device)].float(), labels[sample].to(inputs.device)
+        )
+        model = build_gda(stats, lam)
+    info["shrinkage"] = lam
+    info["shrinkage_agreement"] = {str(k): round(v, 4) for k, v in scores.items()}
+
+    def log_probs(start: int, stop: int) -> torch.Tensor:
+        x = inputs.features[start:stop].float()
+        return torch.log_softmax(model.logits(x, labels[start:stop].to(x.device)), dim=1)
+
+    return log_probs
+
+
 CLASSIFIERS = {
     spec.name: spec
     for spec in (
@@ -119,6 +144,13 @@ CLASSIFIERS = {
             "similarity-weighted votes of each row's nearest other rows (FAISS neighbors)",
             ("neighbors",),
             _build_knn,
+        ),
+        ClassifierSpec(
+            "gda",
+            "a Gaussian discriminant of the given labels (shared, shrunk covariance), leave-one-out for a row's own "
+            "class: it never votes for its own label",
+            (),
+            _build_gda,
         ),
     )
 }

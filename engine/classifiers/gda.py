@@ -1,7 +1,7 @@
 """The Gaussian discriminant (shared-covariance LDA) behind the robust selection, evaluated leave-one-out
 for a row's own class: class means of the given labels and the shrunk within-class covariance from
 one pass over the features, so a row never votes for its own label (the out-of-fold idea in closed
-form, at no extra cost). Registered as the `gda` classifier. See docs/method.md#the-robust-mode.
+form, at no extra cost). Registered as the `gda` classifier. See docs/method.md (the robust mode).
 """
 
 from __future__ import annotations
