@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--noise", default="mix", help="sym, hard or mix (default)")
     parser.add_argument("--rate", type=float, default=0.4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modes", default="clipcleaner,robust", help="modes of the large runs")
     parser.add_argument("--mid-n", type=int, default=None, help="a second large run first (default 100,000)")
     parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results JSON")
     args = parser.parse_args(argv)
@@ -160,16 +161,17 @@ def compare(args) -> dict:
     }
 
 
-def large(args, n=None) -> dict:
+def large(args, n=None, mode="clipcleaner") -> dict:
     n = n or args.large_n
     feats, labels, truth, text, data_s = _data(n, args.large_classes, args.dim, args)
     start = time.perf_counter()
     result = select_samples(
-        feats, labels, text_features=text, true_labels=truth, config=SelectConfig(device=args.device)
+        feats, labels, text_features=text, true_labels=truth, config=SelectConfig(mode=mode, device=args.device)
     )
     wall = time.perf_counter() - start
     stages = {k: v for k, v in result.timings.items()}
     return {
+        "mode": mode,
         "n": n,
         "classes": args.large_classes,
         "dim": args.dim,
@@ -179,21 +181,22 @@ def large(args, n=None) -> dict:
         "timings": stages,
         "dominant_stage": max(stages, key=stages.get),
         "metrics": result.metrics,
-        "linear_fit": result.classifier_info["linear"]["fit"],
+        "linear_fit": result.classifier_info.get("linear", {}).get("fit"),
+        "noise": result.noise_summary,
         "selected": result.counts["final"],
         "warnings": result.warnings,
     }
 
 
-def _large_child(args, n, queue) -> None:
-    queue.put(large(args, n))
+def _large_child(args, n, mode, queue) -> None:
+    queue.put(large(args, n, mode))
 
 
-def large_in_child(args, n=None) -> dict:
+def large_in_child(args, n=None, mode="clipcleaner") -> dict:
     """A large run in a fresh process, so that its peak RSS is its own."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_large_child, args=(args, n, queue))
+    proc = ctx.Process(target=_large_child, args=(args, n, mode, queue))
     proc.start()
     out = queue.get()
     proc.join()
@@ -213,12 +216,17 @@ def print_table(cmp: dict | None, bigs: list) -> None:
             m = cmp[who]
             rows.append((f"{who} P / R / F1", f"{m['precision']:.4f} / {m['recall']:.4f} / {m['f1']:.4f}"))
     for big in bigs:
-        fit = big["linear_fit"][0]
         accuracy = big["metrics"]["accuracy"]
         rows += [
-            ("large", f"N={big['n']:,} C={big['classes']} D={big['dim']}"),
+            ("large", f"{big['mode']}: N={big['n']:,} C={big['classes']} D={big['dim']}"),
             ("classifier accuracy", ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items())),
-            ("linear fit", f"{fit['n_iter']} iterations, stop {fit['stop']}, max |grad| {fit['grad_max']:.3g}"),
+        ]
+        if big["linear_fit"]:
+            fit = big["linear_fit"][0]
+            rows.append(
+                ("linear fit", f"{fit['n_iter']} iterations, stop {fit['stop']}, max |grad| {fit['grad_max']:.3g}")
+            )
+        rows += [
             ("select wall", f"{big['select_s']:.1f} s (target <= {TARGET_LARGE_SECONDS:.0f} s)"),
             ("peak RSS", f"{big['peak_rss_mb']:.0f} MB (target <= {TARGET_LARGE_RSS_MB:.0f} MB)"),
             ("dominant stage", f"{big['dominant_stage']} ({big['timings'][big['dominant_stage']]:.1f} s)"),
@@ -237,11 +245,13 @@ def main(argv=None) -> int:
     bigs = []
     if not args.skip_large:
         for n in ([args.mid_n] if args.mid_n else []) + [args.large_n]:
-            bigs.append(large_in_child(args, n))
+            for mode in args.modes.split(","):
+                bigs.append(large_in_child(args, n, mode))
+                print_table(None, bigs[-1:])
     print_table(cmp, bigs)
     if not args.no_write:
         path = write_result(
-            "select",
+            "select-gpu" if args.device.startswith("cuda") else "select",
             {
                 "quick": args.quick,
                 "device": args.device,

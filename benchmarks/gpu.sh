@@ -16,12 +16,11 @@ python3 -c "import torch, torchvision; print('torch', torch.__version__, torchvi
   | tee -a "$OUT/gpu.txt"
 run() { local limit=$1; shift; echo "=== $*"; timeout "$limit" "$@" 2>&1 | grep -v -E "Warning|warn\(" | tail -40; }
 {
-  run 200 python3 -m pytest -q -p no:cacheprovider -m gpu_test tests/test_embed.py tests/test_classifiers.py \
-    tests/test_select.py tests/test_train.py
-  run 240 python3 benchmarks/bench_embed.py --data photos --gpu --sizes 256 --images 8000 --shards 8 \
-    --workers 14 --batch 512 --repeats 2
-  run 240 python3 benchmarks/bench_select.py --large-only --device cuda --mid-n 100000 --modes clipcleaner,robust
-  run 120 python3 benchmarks/bench_knn.py --device cuda --n 1000000 --no-sklearn
+  run 150 python3 -m pytest -q -p no:cacheprovider -m gpu_test tests/test_embed.py tests/test_classifiers.py \
+    tests/test_select.py tests/test_train.py tests/test_robust.py
+  run 200 python3 benchmarks/bench_embed.py --data photos --gpu --sizes 256 --images 6000 --shards 8 \
+    --workers 14 --batch 512 --repeats 1
+  run 230 python3 benchmarks/bench_select.py --large-only --device cuda --mid-n 0 --modes clipcleaner,robust
 } 2>&1 | tee "$OUT/log.txt"
-cp benchmarks/results/*-gpu-*.json "$OUT"/ 2>/dev/null
+cp benchmarks/results/*-gpu-*.json benchmarks/results/embed-photos-gpu-*.json "$OUT"/ 2>/dev/null
 ls "$OUT"

@@ -264,3 +264,12 @@ def test_gda_is_a_registered_classifier_of_the_paper_mode():
     )
     assert "gda" in CLASSIFIERS and {"gda/consistency", "gda/loss"} <= set(r.masks)
     assert r.metrics["accuracy"]["gda"] > 0.9 and r.classifier_info["gda"]["shrinkage"] > 0
+
+
+@pytest.mark.gpu_test
+def test_robust_on_gpu_matches_cpu():
+    x, y, _, text = _blobs(n=3000, c=8, d=32, noise=0.3, seed=8)
+    cpu = select_samples(x, y, text_features=text, config=SelectConfig(mode="robust", device="cpu"))
+    gpu = select_samples(x, y, text_features=text, config=SelectConfig(mode="robust", device="cuda"))
+    assert (cpu.selected == gpu.selected).mean() >= 0.99
+    assert np.corrcoef(np.nan_to_num(cpu.clean_score), np.nan_to_num(gpu.clean_score))[0, 1] > 0.99
