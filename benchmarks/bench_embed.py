@@ -22,6 +22,7 @@ and the ratios engine/naive, engine/decode_limit, engine/model_only (medians of 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -132,38 +133,47 @@ def compression_probe(features: np.ndarray):
     return out
 
 
-def write_photo_shards(out: Path, *, size: str, images: int, shards: int, seed: int = 0) -> list[str]:
-    """Photo-like JPEG shards: crops and flips of scikit-learn's sample photographs, resized to
-    `size` ("256": short side 256 at 4:3, or "WxH"), JPEG quality 75-95, labels 0-9."""
+def _photo_shard(task) -> str:
+    """One shard of photo-like JPEGs (a worker of `write_photo_shards`)."""
     import io
 
     import webdataset as wds
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    width, height = (int(size * 4 / 3), int(size)) if str(size).isdigit() else map(int, str(size).split("x"))
-    size = int(size) if str(size).isdigit() else None
+    path, shard, count, width, height, seed = task
     bases = [Image.fromarray(a) for a in load_sample_images().images]
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, shard])
+    with wds.TarWriter(path) as sink:
+        for i in range(count):
+            base = bases[int(rng.integers(len(bases)))]
+            w, h = base.size
+            cw, ch = int(w * rng.uniform(0.5, 1)), int(h * rng.uniform(0.5, 1))
+            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            image = base.crop((x, y, x + cw, y + ch))
+            if rng.random() < 0.5:
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            target = (width, height) if rng.random() < 0.7 else (height, width)  # some portrait
+            buffer = io.BytesIO()
+            image.resize(target, Image.BICUBIC).save(buffer, format="JPEG", quality=int(rng.integers(75, 96)))
+            sink.write({"__key__": f"p{shard:03d}_{i:05d}", "jpg": buffer.getvalue(), "cls": str(i % 10)})
+    return path
+
+
+def write_photo_shards(out: Path, *, size: str, images: int, shards: int, seed: int = 0) -> list[str]:
+    """Photo-like JPEG shards: crops and flips of scikit-learn's sample photographs, resized to
+    `size` ("256": short side 256 at 4:3, or "WxH"), JPEG quality 75-95, labels 0-9; one process
+    per shard."""
+    import multiprocessing
+
+    width, height = (int(int(size) * 4 / 3), int(size)) if str(size).isdigit() else map(int, str(size).split("x"))
     out.mkdir(parents=True, exist_ok=True)
-    paths, per = [], -(-images // shards)
-    for shard in range(shards):
-        path = out / f"photos-{shard:06d}.tar"
-        with wds.TarWriter(str(path)) as sink:
-            for i in range(min(per, images - shard * per)):
-                base = bases[int(rng.integers(len(bases)))]
-                w, h = base.size
-                cw, ch = int(w * rng.uniform(0.5, 1)), int(h * rng.uniform(0.5, 1))
-                x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-                image = base.crop((x, y, x + cw, y + ch))
-                if rng.random() < 0.5:
-                    image = image.transpose(Image.FLIP_LEFT_RIGHT)
-                target = (width, height) if rng.random() < 0.7 else (height, width)  # some portrait
-                buffer = io.BytesIO()
-                image.resize(target, Image.BICUBIC).save(buffer, format="JPEG", quality=int(rng.integers(75, 96)))
-                sink.write({"__key__": f"p{shard:03d}_{i:05d}", "jpg": buffer.getvalue(), "cls": str(i % 10)})
-        paths.append(str(path))
-    return paths
+    per = -(-images // shards)
+    tasks = [
+        (str(out / f"photos-{j:06d}.tar"), j, min(per, images - j * per), width, height, seed) for j in range(shards)
+    ]
+    with multiprocessing.get_context("fork").Pool(min(shards, os.cpu_count() or 1)) as pool:
+        return pool.map(_photo_shard, tasks)
 
 
 def decode_limit(shards, preprocess, *, workers: int, batch: int, draft) -> float:
@@ -252,9 +262,16 @@ def photos(args) -> dict:
                 cache = work / f"{name}-{r}.zarr"
                 summary = embed_shards(shards, str(cache), cfg, show_progress=False)
                 runs[name].append(summary["images_per_s"])
+                runs.setdefault(f"{name}_seconds", []).append(summary["seconds"])
+                runs.setdefault(f"{name}_decode", []).append(summary.get("decode"))
+                print(
+                    f"  {name}: {summary['images_per_s']} img/s, seconds {summary['seconds']}, "
+                    f"decode {summary.get('decode')}",
+                    flush=True,
+                )
                 shutil.rmtree(cache, ignore_errors=True)
             runs["model_only"].append(model_only(loaded, device, dtype, batch=args.batch, images=images))
-        med = {k: round(statistics.median(v), 1) for k, v in runs.items() if v}
+        med = {k: round(statistics.median(v), 1) for k, v in runs.items() if v and isinstance(v[0], (int, float))}
         ratios = {
             "engine/naive": round(med["engine"] / med["naive"], 2),
             "engine/decode_limit": round(med["engine"] / med["decode_limit"], 2),

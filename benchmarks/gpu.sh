@@ -20,7 +20,7 @@ run() { local limit=$1; shift; echo "=== $*"; timeout "$limit" "$@" 2>&1 | grep 
     tests/test_select.py tests/test_train.py tests/test_robust.py
   run 200 python3 benchmarks/bench_embed.py --data photos --gpu --sizes 256 --images 6000 --shards 8 \
     --workers 14 --batch 512 --repeats 1
-  run 230 python3 benchmarks/bench_select.py --large-only --device cuda --mid-n 0 --modes clipcleaner,robust
+  [ -n "${SKIP_SELECT:-}" ] || run 230 python3 benchmarks/bench_select.py --large-only --device cuda --mid-n 0 --modes clipcleaner,robust
 } 2>&1 | tee "$OUT/log.txt"
 cp benchmarks/results/*-gpu-*.json benchmarks/results/embed-photos-gpu-*.json "$OUT"/ 2>/dev/null
 ls "$OUT"

@@ -49,9 +49,14 @@ class GpuJpegDecoder:
         """(preprocessed images (n_ok, 3, H, W) float32 on the device in input order without the
         failed ones, indices of the JPEGs nvJPEG could not decode)."""
         decoded, failed = self._decode(jpegs)
-        images = [self._preprocess(image) for image in decoded if image is not None]
-        stacked = torch.stack(images) if images else torch.empty((0, 3, *self.size), device=self.device)
-        return stacked, failed
+        kept = [image for image in decoded if image is not None]
+        out = torch.empty((len(kept), 3, *self.size), device=self.device)
+        groups: dict = {}
+        for i, image in enumerate(kept):  # images of one size are resized together, in one call
+            groups.setdefault(tuple(image.shape), []).append(i)
+        for rows in groups.values():
+            out[rows] = self._preprocess(torch.stack([kept[i] for i in rows]))
+        return out, failed
 
     def _decode(self, jpegs: list[torch.Tensor]) -> tuple[list, list[int]]:
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -70,6 +75,7 @@ class GpuJpegDecoder:
         return out, failed
 
     def _preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 of one size -> (B, 3, S, S) float32, normalised."""
         import torchvision.transforms.v2.functional as TF
 
         if self.mode == "squash":
@@ -77,4 +83,4 @@ class GpuJpegDecoder:
         else:
             image = TF.resize(image, min(self.size), interpolation=self.interpolation, antialias=True)
             image = TF.center_crop(image, list(self.size))
-        return (image.float().div_(255.0) - self.mean) / self.std
+        return (image.float().div_(255.0) - self.mean[None]) / self.std[None]

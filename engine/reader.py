@@ -55,7 +55,7 @@ def expand_shards(specs: list[str] | tuple[str, ...]) -> list[str]:
     if not specs:
         raise EngineError("shards: no shard given; expected paths like shards/{000..099}.tar")
     urls: list[str] = []
-    for spec in specs:
+    for spec in map(str, specs):
         for url in braceexpand.braceexpand(spec):
             if url.startswith(_REMOTE):
                 urls.append(url)
