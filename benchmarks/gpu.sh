@@ -18,8 +18,9 @@ run() { local limit=$1; shift; echo "=== $*"; timeout "$limit" "$@" 2>&1 | grep 
 {
   run 150 python3 -m pytest -q -p no:cacheprovider -m gpu_test tests/test_embed.py tests/test_classifiers.py \
     tests/test_select.py tests/test_train.py tests/test_robust.py
-  run 200 python3 benchmarks/bench_embed.py --data photos --gpu --sizes 256 --images 6000 --shards 8 \
-    --workers 14 --batch 512 --repeats 1
+  run 60 python3 -m pytest -q -p no:cacheprovider tests/test_reader.py
+  run 330 python3 benchmarks/bench_embed.py --data photos --gpu --sizes 256 --images 40000 --shards 8 \
+    --workers 14 --batch 512 --repeats 2
   [ -n "${SKIP_SELECT:-}" ] || run 230 python3 benchmarks/bench_select.py --large-only --device cuda --mid-n 0 --modes clipcleaner,robust
 } 2>&1 | tee "$OUT/log.txt"
 cp benchmarks/results/*-gpu-*.json benchmarks/results/embed-photos-gpu-*.json "$OUT"/ 2>/dev/null

@@ -12,12 +12,13 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine import models
+from engine import gpudecode, models
 from engine.append import CacheWriter
 from engine.cache import Cache
 from engine.classes import encode_prompts, load_classes
@@ -159,6 +160,8 @@ class _Writer(threading.Thread):
                 self.error = err
 
     def _handle(self, shard: int, features, batch, outcome) -> None:
+        if isinstance(features, _InFlight):
+            features = features.numpy()
         if features is not None and len(batch.keys):
             self.parts.setdefault(shard, []).append((features, batch))
         if outcome is None:
@@ -508,8 +511,6 @@ def _embed_mine(
 
 
 def _run_loop(shards, loaded, config, device, dtype, writer, timer, show_progress, *, workers: int, should_stop) -> int:
-    from engine import gpudecode
-
     identity = with_decode(loaded.identity, config)
     gpu = config.gpu_decode and device.type == "cuda" and gpudecode.supported(identity)
     stripes = stripes_for(len(shards), workers)
@@ -552,8 +553,6 @@ class _BatchImages:
     rows no decoder can read dropped from the batch (recorded as bad samples of their shard)."""
 
     def __init__(self, loaded, identity: dict, config: EmbedConfig, device, gpu: bool):
-        from engine import gpudecode
-
         self.loaded, self.config, self.device = loaded, config, device
         self.draft = draft_size(identity, config)
         self.gpu = gpudecode.GpuJpegDecoder(identity, device) if gpu else None
@@ -563,22 +562,26 @@ class _BatchImages:
         images = batch.images.to(self.device, non_blocking=True)
         if not batch.jpegs:
             return images
-        decoded, failed = self.gpu(batch.jpegs)
-        self.counts["gpu_decoded"] += len(batch.jpegs) - len(failed)
+        jpegs = batch.jpegs
+        decoded, failed = self.gpu(jpegs)
+        self.counts["gpu_decoded"] += len(jpegs) - len(failed)
         rows = batch.jpeg_rows
+        if not failed and len(rows) == len(batch.keys):
+            return decoded  # the usual batch: all JPEGs, all read by nvJPEG
+        index = partial(gpudecode.device_index, device=self.device)
         out = torch.empty((len(batch.keys), 3, *self.gpu.size), device=self.device)
         cpu_rows = np.setdiff1d(np.arange(len(batch.keys)), rows)
         if len(cpu_rows):
-            out[torch.as_tensor(cpu_rows, device=self.device)] = images
+            out[index(cpu_rows)] = images
         ok = np.setdiff1d(np.arange(len(rows)), failed)
         if len(ok):
-            out[torch.as_tensor(rows[ok], device=self.device)] = decoded
+            out[index(rows[ok])] = decoded
         dropped = []
         for i in failed:  # nvJPEG refused it: the CPU decoder, or a bad sample
             self.counts["cpu_fallback"] += 1
             row = int(rows[i])
             try:
-                sample = {"jpg": bytes(batch.jpegs[i].numpy())}
+                sample = {"jpg": bytes(jpegs[i].numpy())}
                 image = self.loaded.preprocess(decode_image(sample, draft=self.draft))
                 out[row] = image.to(self.device)
             except ValueError as err:
@@ -593,7 +596,7 @@ class _BatchImages:
             batch.keys = [batch.keys[i] for i in keep]
             for name in ("positions", "labels", "true_labels"):
                 setattr(batch, name, getattr(batch, name)[keep])
-            out = out[torch.as_tensor(keep, device=self.device)]
+            out = out[index(keep)]
         return out
 
 
@@ -621,16 +624,36 @@ def _consume(loader, loaded, device, dtype, writer, timer, bar, should_stop, dec
                     if len(images):
                         with autocast(device, dtype):
                             out = loaded.model.encode_image(images)
-                        features = F.normalize(out.float(), dim=-1).to(torch.float16).cpu().numpy()
+                        features = _to_host(F.normalize(out.float(), dim=-1).to(torch.float16))
                 rows += len(batch.keys)
                 bar.update(len(batch.keys))
             if writer.error is not None:
                 raise writer.error
             if batch.outcome is not None and batch.outcome.fatal:
                 raise EngineError(batch.outcome.error)
-            batch.images, batch.jpegs = None, []  # the writer keeps only features and metadata
+            batch.images = batch.jpeg_data = None  # the writer keeps only features and metadata
             writer.inbox.put((batch.shard, features, batch, batch.outcome))
     return rows
+
+
+class _InFlight:
+    """Features still being copied from the GPU: the loop goes on to the next batch (so reading
+    and decoding it overlap the model's work) and the writer waits for the copy."""
+
+    def __init__(self, features: torch.Tensor):
+        self.host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+        self.host.copy_(features, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def numpy(self) -> np.ndarray:
+        self.event.synchronize()
+        return self.host.numpy().copy()
+
+
+def _to_host(features: torch.Tensor):
+    """(B, D) float16 features as numpy, or on CUDA an `_InFlight` copy."""
+    return _InFlight(features) if features.is_cuda else features.cpu().numpy()
 
 
 def _finish(summary, cache, timer, done, failed, started, *, new_rows, device, dtype) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 _logger = logging.getLogger(__name__)
@@ -24,6 +25,14 @@ def supported(identity: dict) -> bool:
         "bicubic",
         "bilinear",
     )
+
+
+def device_index(rows, device: torch.device) -> torch.Tensor:
+    """Row indices on `device`, copied from page-locked memory so that the host does not wait for
+    the GPU's queued work (a plain copy would: the next batch's decoding then could not overlap
+    this batch's model)."""
+    index = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+    return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index
 
 
 class GpuJpegDecoder:
@@ -50,12 +59,14 @@ class GpuJpegDecoder:
         failed ones, indices of the JPEGs nvJPEG could not decode)."""
         decoded, failed = self._decode(jpegs)
         kept = [image for image in decoded if image is not None]
-        out = torch.empty((len(kept), 3, *self.size), device=self.device)
         groups: dict = {}
         for i, image in enumerate(kept):  # images of one size are resized together, in one call
             groups.setdefault(tuple(image.shape), []).append(i)
+        if len(groups) == 1:
+            return self._preprocess(torch.stack(kept)), failed
+        out = torch.empty((len(kept), 3, *self.size), device=self.device)
         for rows in groups.values():
-            out[rows] = self._preprocess(torch.stack([kept[i] for i in rows]))
+            out[device_index(rows, self.device)] = self._preprocess(torch.stack([kept[i] for i in rows]))
         return out, failed
 
     def _decode(self, jpegs: list[torch.Tensor]) -> tuple[list, list[int]]:

@@ -457,6 +457,7 @@ def test_stripes_read_every_sample_once_and_merge_outcomes_in_position_order(tmp
     assert merged.bad == whole[-1].outcome.bad and [k for k, _ in merged.bad] == ["s003", "s008"]
     assert merge_outcomes([ShardOutcome(0, "u")]).stripes == 1
     assert [stripes_for(s, 16) for s in (1, 3, 8, 16, 40)] == [16, 5, 2, 1, 1]
+    assert stripes_for(8, 14) == 5 and stripes_for(2, 2) == stripes_for(0, 4) == 1 and stripes_for(1, 2) == 2
 
 
 def test_fewer_shards_than_workers_still_gives_the_same_cache(tmp_path, shard_paths):
@@ -510,3 +511,29 @@ def test_gpu_decoding_matches_the_cpu_path(tmp_path):
     b = Cache(tmp_path / "cpu.zarr").load_features().astype(np.float32)
     assert Cache(tmp_path / "gpu.zarr").keys().tolist() == Cache(tmp_path / "cpu.zarr").keys().tolist()
     assert (a * b).sum(1).mean() >= 0.995
+
+
+def test_the_gpu_preprocessing_matches_the_models_own_transform_per_image():
+    """The batched JPEG decoder (here on the CPU: same code, torchvision's CPU decoder) against
+    the model's own PIL transform, image by image, in a batch of mixed sizes (grouped by size for
+    resizing, then put back in input order); a corrupt JPEG comes back in `failed`."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from engine.gpudecode import GpuJpegDecoder
+    from engine.models import load_model
+
+    loaded = load_model("shapes-tiny", None, device="cpu")
+    sizes = [(500, 375), (375, 500), (500, 375), (320, 240), (375, 500), (90, 70)]
+    photos = [_photos(1, size, seed=i)[0] for i, size in enumerate(sizes)]
+    jpegs = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in photos]
+    jpegs.insert(3, torch.frombuffer(bytearray(b"\xff\xd8\xff" + b"\x00" * 64), dtype=torch.uint8))
+    out, failed = GpuJpegDecoder(loaded.identity, torch.device("cpu"))(jpegs)
+    assert failed == [3] and out.shape == (len(photos), 3, 64, 64)
+    ref = torch.stack([loaded.preprocess(Image.open(io.BytesIO(d)).convert("RGB")) for d in photos])
+    cos = torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1))
+    assert cos.min() > 0.99 and (out - ref).abs().mean() < 0.05
+    # each output row is closest to its own reference (the order survives the size grouping)
+    assert torch.cdist(out.flatten(1), ref.flatten(1)).argmin(1).tolist() == list(range(len(photos)))

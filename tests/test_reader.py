@@ -104,3 +104,37 @@ def test_end_of_archive_check(tmp_path, shard_paths):
     cut.write_bytes(data[:-10240])
     with pytest.raises(ValueError, match="truncated"):
         check_end_of_archive(str(cut))
+
+
+def test_gpu_jpeg_batches_carry_the_jpegs_bytes_packed_and_decode_the_rest(tmp_path):
+    """With `gpu_jpeg`, JPEGs cross from the workers as one packed byte tensor per batch (exactly
+    each sample's bytes, at its row); a PNG in the same batch is decoded on the worker."""
+    import io
+
+    from PIL import Image
+
+    def encoded(fmt, color):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 12), color).save(buf, format=fmt)
+        return buf.getvalue()
+
+    samples = [encoded("JPEG", (i * 20, 0, 0)) for i in range(5)]
+    path = tmp_path / "mixed.tar"
+    with wds.TarWriter(str(path)) as sink:
+        for i, data in enumerate(samples):
+            sink.write({"__key__": f"j{i}", "jpg": data, "cls": b"0"})
+            if i == 2:
+                sink.write({"__key__": "png", "png": encoded("PNG", (0, 255, 0)), "cls": b"1"})
+    preprocess = lambda img: torch.ones(3, 2, 2)  # noqa: E731
+    reader = ShardReader([(0, str(path))], preprocess, ReaderConfig(batch_size=4, gpu_jpeg=True))
+    loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=1)
+    got, decoded = {}, []
+    for batch in loader:
+        rows = [] if batch.jpeg_rows is None else batch.jpeg_rows.tolist()
+        assert batch.images.shape[0] == len(batch.keys) - len(rows)
+        for row, data in zip(rows, batch.jpegs):
+            assert data.dtype == torch.uint8 and data.ndim == 1 and data.is_contiguous()
+            got[batch.keys[row]] = bytes(data.numpy())
+        decoded += [k for i, k in enumerate(batch.keys) if i not in rows]
+    assert got == {f"j{i}": d for i, d in enumerate(samples)}
+    assert decoded == ["png"]
