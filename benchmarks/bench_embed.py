@@ -43,17 +43,6 @@ from engine.runtime import set_threads, worker_init_single_thread  # noqa: E402
 from engine.synthetic import ShapesConfig, write_shards  # noqa: E402
 
 
-def input_only(shards, preprocess, *, workers, batch):
-    reader = ShardReader(list(enumerate(shards)), preprocess, ReaderConfig(batch_size=batch))
-    loader = torch.utils.data.DataLoader(
-        reader, batch_size=None, num_workers=workers, worker_init_fn=worker_init_single_thread
-    )
-    start, n = time.perf_counter(), 0
-    for b in loader:
-        n += len(b.keys)
-    return n / (time.perf_counter() - start)
-
-
 def naive(shards, loaded, out_dir, *, batch, device):
     import webdataset as wds
 
@@ -177,7 +166,8 @@ def write_photo_shards(out: Path, *, size: str, images: int, shards: int, seed: 
 
 
 def decode_limit(shards, preprocess, *, workers: int, batch: int, draft) -> float:
-    """img/s of decoding + preprocessing alone with `workers` processes (the engine's decoding)."""
+    """img/s of decoding + preprocessing alone with `workers` processes, read as the engine reads
+    (the input limit: how fast the workers can feed any model)."""
     from engine.reader import stripes_for
 
     reader = ShardReader(
@@ -329,7 +319,7 @@ def main() -> None:
     from engine.embed import plan_cpu_split
 
     workers = plan_cpu_split(args.workers, device)[0]
-    rows["a_input_only"] = input_only(shards, loaded.preprocess, workers=workers, batch=args.batch)
+    rows["a_input_only"] = decode_limit(shards, loaded.preprocess, workers=workers, batch=args.batch, draft=None)
     rows["b_naive"] = naive(shards, loaded, tempfile.mkdtemp(dir=work), batch=args.batch, device=device)
     rows["c_engine"], summary = engine_run(
         shards,

@@ -102,22 +102,27 @@ def test_two_means_init_is_the_exact_optimum():
         assert (np.diff(got) >= 0).all()  # a contiguous split: the lower cluster first
 
 
+def _sklearn_mixture_from_our_init(x: np.ndarray):
+    """scikit-learn's two-component GaussianMixture on sorted scores `x`, started where ours starts
+    (the optimal contiguous two-means split; its weights, means and variances + reg_covar)."""
+    mixture = pytest.importorskip("sklearn.mixture")
+    init = two_means_init(x, np.zeros(len(x), np.int64), 1)
+    nk = np.array([(init == c).sum() for c in (0, 1)]) + 10 * np.finfo(float).eps
+    means = np.array([x[init == c].mean() for c in (0, 1)])
+    var = np.array([((x[init == c] - means[c]) ** 2).sum() for c in (0, 1)]) / nk + 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mixture.GaussianMixture(
+            2, weights_init=nk / len(x), means_init=means[:, None], precisions_init=(1 / var)[:, None, None]
+        ).fit(x[:, None])
+
+
 def test_mixtures_follow_sklearn_em_exactly_from_the_same_start():
     """Same start -> same iterations, same per-group stopping, same posteriors (float64 noise)."""
-    mixture = pytest.importorskip("sklearn.mixture")
     values, group = _realistic_scores(seed=2, groups=16)
     fit = fit_mixtures(values, group, num_groups=16)
     for k in range(16):
-        x = np.sort(values[group == k])
-        init = two_means_init(x, np.zeros(len(x), np.int64), 1)
-        nk = np.array([(init == c).sum() for c in (0, 1)]) + 10 * np.finfo(float).eps
-        means = np.array([x[init == c].mean() for c in (0, 1)])
-        var = np.array([((x[init == c] - means[c]) ** 2).sum() for c in (0, 1)]) / nk + 1e-6
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sk = mixture.GaussianMixture(
-                2, weights_init=nk / len(x), means_init=means[:, None], precisions_init=(1 / var)[:, None, None]
-            ).fit(x[:, None])
+        sk = _sklearn_mixture_from_our_init(np.sort(values[group == k]))
         raw = values[group == k]
         post = sk.predict_proba(raw[:, None])[:, np.argmax(sk.means_[:, 0])]
         assert sk.n_iter_ == fit.n_iter[k]
@@ -464,16 +469,9 @@ def test_small_class_mixtures_follow_sklearn_from_the_same_start_and_agree_with_
     agree = 0
     for k in range(200):
         raw = values[group == k]
-        x = np.sort(raw)
-        init = two_means_init(x, np.zeros(len(x), np.int64), 1)
-        nk = np.array([(init == c).sum() for c in (0, 1)]) + 10 * np.finfo(float).eps
-        means = np.array([x[init == c].mean() for c in (0, 1)])
-        var = np.array([((x[init == c] - means[c]) ** 2).sum() for c in (0, 1)]) / nk + 1e-6
+        same = _sklearn_mixture_from_our_init(np.sort(raw))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            same = mixture.GaussianMixture(
-                2, weights_init=nk / len(x), means_init=means[:, None], precisions_init=(1 / var)[:, None, None]
-            ).fit(x[:, None])
             default = mixture.GaussianMixture(n_components=2, random_state=0).fit(raw[:, None])
         post = same.predict_proba(raw[:, None])[:, np.argmax(same.means_[:, 0])]
         np.testing.assert_allclose(fit.posterior[group == k], post, atol=1e-9)
