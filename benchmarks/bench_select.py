@@ -242,27 +242,33 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     cmp = None if args.large_only else compare(args)
-    bigs = []
+    bigs, path = [], None
+
+    def save():  # after every run, so that a long run stopped later keeps what it measured
+        nonlocal path
+        if args.no_write:
+            return
+        result = {
+            "quick": args.quick,
+            "device": args.device,
+            "noise": args.noise,
+            "rate": args.rate,
+            "seed": args.seed,
+            "features": "benchmarks/features.py clip_features",
+            "comparison": cmp,
+            "large": bigs,
+        }
+        path = write_result("select-gpu" if args.device.startswith("cuda") else "select", result, path=path)
+
+    save()
     if not args.skip_large:
         for n in ([args.mid_n] if args.mid_n else []) + [args.large_n]:
             for mode in args.modes.split(","):
                 bigs.append(large_in_child(args, n, mode))
                 print_table(None, bigs[-1:])
+                save()
     print_table(cmp, bigs)
-    if not args.no_write:
-        path = write_result(
-            "select-gpu" if args.device.startswith("cuda") else "select",
-            {
-                "quick": args.quick,
-                "device": args.device,
-                "noise": args.noise,
-                "rate": args.rate,
-                "seed": args.seed,
-                "features": "benchmarks/features.py clip_features",
-                "comparison": cmp,
-                "large": bigs,
-            },
-        )
+    if path:
         print(f"wrote {path}")
     return 0
 

@@ -103,11 +103,12 @@ def machine() -> dict:
     return info
 
 
-def write_result(name: str, payload: dict) -> Path:
-    """Write `payload` (plus date and machine) to benchmarks/results/NAME-YYYYmmdd-HHMMSS.json."""
+def write_result(name: str, payload: dict, *, path: Path | None = None) -> Path:
+    """Write `payload` (plus date and machine) to benchmarks/results/NAME-YYYYmmdd-HHMMSS.json, or
+    over `path`, an earlier write of the same run (a run that saves as it goes)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = RESULTS / f"{name}-{stamp}.json"
+    stamp = path.stem[len(name) + 1 :] if path else _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = path or RESULTS / f"{name}-{stamp}.json"
     body = {"benchmark": name, "date": stamp, "machine": machine(), **payload}
     path.write_text(json.dumps(body, indent=2, default=float) + "\n")
     return path
