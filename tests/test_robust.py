@@ -12,13 +12,7 @@ from engine.classifiers.gda import build_gda, class_stats
 from engine.robust import bayes_pass, confident_joint, flat_T, structured_T
 from engine.select import SelectConfig, select_samples
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _robust(x, y, text, *, seed=0, block_rows=None, true=None):

@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from benchmarks.common import clip_like_features
 from engine.cache import Cache
@@ -13,13 +12,7 @@ from engine.runtime import EngineError
 from engine.stages import predict_from_cache, train_from_cache, write_table
 from engine.train import TrainConfig, load_head
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cache(tmp_path, name, n, seed, noise="sym", rate=0.4):
